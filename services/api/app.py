@@ -1,0 +1,314 @@
+"""The Litestar HTTP facade: `create_app(settings) -> Litestar`.
+
+Controllers only translate: validate and normalise input, send a command through the
+gateway (or read the registry / event stream), and map the outcome to a response. Errors
+become JSON `{status_code, detail}` in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Litestar, Request, Response, Router, delete, get, post
+from litestar.connection import ASGIConnection
+from litestar.exceptions import HTTPException, NotAuthorizedException
+from litestar.handlers import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+from litestar.params import FromPath, JSONBody, QueryParameter
+from nats.aio.client import Client
+
+from services.api.gateway import CommandGateway, OutcomeWaiter
+from services.api.views import (
+    Accepted,
+    CreateSandboxRequest,
+    ErrorBody,
+    EventHistory,
+    KeepaliveRequest,
+    SeedCreateRequest,
+    SeedCreateResponse,
+    SessionList,
+    SessionView,
+    StoredEventView,
+    failure_detail,
+    outcome_status,
+    session_view,
+)
+from shared.clock import Clock, SystemClock
+from shared.config import Settings
+from shared.contracts import (
+    AnyCommand,
+    AnyEvent,
+    CreateSandbox,
+    KeepaliveSandbox,
+    SandboxExtended,
+    SandboxReused,
+    SandboxRunning,
+    SandboxStopped,
+    SessionStatus,
+    StopSandbox,
+)
+from shared.errors import NatsUnavailable
+from shared.event_store import EventStore
+from shared.nats_connection import connect
+from shared.registry import Registry
+from shared.subjects import canonical_chat_id
+from shared.topology import ensure_topology, topology_missing
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+VERSION = "0.1.0"
+
+
+@dataclass
+class ApiContext:
+    settings: Settings
+    nc: Client
+    gateway: CommandGateway
+    registry: Registry
+    events: EventStore
+    clock: Clock
+
+
+def _ctx(request: Request[Any, Any, Any]) -> ApiContext:
+    ctx: ApiContext = request.app.state.ctx
+    return ctx
+
+
+def _uuid(raw: str, name: str) -> str:
+    try:
+        return canonical_chat_id(raw)
+    except ValueError:
+        raise HTTPException(status_code=400, detail=f"{name} {raw!r} is not a UUID") from None
+
+
+def _chat(raw: str) -> str:
+    return _uuid(raw, "chat_id")
+
+
+def _json(body: object, status: int) -> Response[Any]:
+    return Response(content=body, status_code=status, media_type="application/json")
+
+
+def _error(status: int, detail: str, event: AnyEvent | None = None) -> Response[Any]:
+    return _json(ErrorBody(status_code=status, detail=detail, error=event.error if event else None), status)
+
+
+def _accepted(command: AnyCommand, wait: float) -> Response[Any]:
+    chat = str(command.chat_id)
+    return _json(
+        Accepted(
+            command_id=str(command.command_id),
+            chat_id=chat,
+            detail=f"accepted; the outcome did not arrive within {wait:g}s, it will appear in the chat's events",
+            status_url=f"{API_PREFIX}/sandboxes/{chat}/events",
+        ),
+        202,
+    )
+
+
+async def _send(ctx: ApiContext, command: AnyCommand) -> AnyEvent | Response[Any]:
+    wait = ctx.settings.api.wait_seconds
+    outcome = await ctx.gateway.send(command, wait)
+    if outcome is None:
+        return _accepted(command, wait)
+    return outcome
+
+
+def _now_fields(ctx: ApiContext) -> dict[str, Any]:
+    return {"command_id": uuid.uuid4(), "requested_at": ctx.clock.now(), "requested_by": "api"}
+
+
+# --------------------------------------------------------------------------- auth
+
+
+def token_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    settings: Settings = connection.app.state.ctx.settings
+    given = connection.headers.get(settings.api.token_header)
+    expected = settings.api.token or ""
+    if not given or not expected or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise NotAuthorizedException(detail=f"missing or invalid API token (header {settings.api.token_header})")
+
+
+# --------------------------------------------------------------------------- public
+
+
+@get("/health", operation_id="health", tags=["meta"])
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/ready", operation_id="ready", tags=["meta"])
+async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+    ctx = _ctx(request)
+    if not ctx.nc.is_connected:
+        return Response({"status": "unavailable", "detail": "NATS is not connected"}, status_code=503)
+    try:
+        missing = await topology_missing(ctx.nc.jetstream(timeout=2.0))
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready, and says why
+        return Response({"status": "unavailable", "detail": f"JetStream check failed: {exc!r}"}, status_code=503)
+    if missing:
+        return Response({"status": "unavailable", "detail": f"missing: {', '.join(missing)}"}, status_code=503)
+    return Response({"status": "ready"}, status_code=200)
+
+
+# --------------------------------------------------------------------------- sandboxes
+
+
+@post("/sandboxes", operation_id="createSandbox", tags=["sandboxes"], status_code=201)
+async def create_sandbox(request: Request[Any, Any, Any], data: JSONBody[CreateSandboxRequest]) -> Response[Any]:
+    """Create the chat's sandbox, or reuse its live one: 201 created/replaced, 200 reused."""
+    ctx = _ctx(request)
+    command = CreateSandbox(
+        chat_id=uuid.UUID(_chat(data.chat_id)), ttl_seconds=data.ttl_seconds, labels=data.labels, **_now_fields(ctx)
+    )
+    outcome = await _send(ctx, command)
+    if isinstance(outcome, Response):
+        return outcome
+    return _create_response(outcome, seed=False)
+
+
+@post("/create", operation_id="createSandboxSeed", tags=["sandboxes"], status_code=201)
+async def create_seed(request: Request[Any, Any, Any], data: JSONBody[SeedCreateRequest]) -> Response[Any]:
+    """The seed service's create endpoint: same semantics, the seed's response fields."""
+    ctx = _ctx(request)
+    command = CreateSandbox(chat_id=uuid.UUID(_chat(data.chat_id)), **_now_fields(ctx))
+    outcome = await _send(ctx, command)
+    if isinstance(outcome, Response):
+        return outcome
+    return _create_response(outcome, seed=True)
+
+
+def _create_response(outcome: AnyEvent, *, seed: bool) -> Response[Any]:
+    status = outcome_status(outcome)
+    if isinstance(outcome, SandboxRunning | SandboxReused) and outcome.session is not None:
+        s = outcome.session
+        if seed:
+            body: object = SeedCreateResponse(s.session_id, s.chat_id, s.container_id, s.status, s.created_at, s.expires_at)
+        else:
+            body = session_view(s, outcome.result)
+        return _json(body, status)
+    return _error(status, failure_detail(outcome), outcome)
+
+
+@get("/sandboxes/{chat_id:str}", operation_id="getSandbox", tags=["sandboxes"])
+async def get_sandbox(request: Request[Any, Any, Any], chat_id: FromPath[str]) -> Response[Any]:
+    ctx = _ctx(request)
+    chat = _chat(chat_id)
+    # The chat's last event is the registry's source and never lags behind an answer this
+    # API already gave (the KV view is projected from it asynchronously).
+    record = (await ctx.events.read(chat)).session
+    if record is None or not record.is_live:
+        return _error(404, f"chat {chat} has no live sandbox")
+    return _json(session_view(record), 200)
+
+
+@get("/sandboxes", operation_id="listSandboxes", tags=["sandboxes"])
+async def list_sandboxes(
+    request: Request[Any, Any, Any],
+    status: Annotated[SessionStatus | None, QueryParameter(required=False)] = None,
+) -> SessionList:
+    ctx = _ctx(request)
+    records = await ctx.registry.list()
+    views = [session_view(r) for r in records if status is None or r.status == status]
+    return SessionList(sessions=views, count=len(views))
+
+
+@delete("/sandboxes/{chat_id:str}", operation_id="stopSandbox", tags=["sandboxes"], status_code=200)
+async def stop_sandbox(request: Request[Any, Any, Any], chat_id: FromPath[str]) -> Response[Any]:
+    """Stop the chat's sandbox: 200 with the final view, 404 when it has none."""
+    ctx = _ctx(request)
+    command = StopSandbox(chat_id=uuid.UUID(_chat(chat_id)), reason="api", **_now_fields(ctx))
+    outcome = await _send(ctx, command)
+    if isinstance(outcome, Response):
+        return outcome
+    if isinstance(outcome, SandboxStopped) and outcome.session is not None:
+        return _json(session_view(outcome.session), 200)
+    return _error(outcome_status(outcome), failure_detail(outcome), outcome)
+
+
+@post("/sandboxes/{chat_id:str}/keepalive", operation_id="keepaliveSandbox", tags=["sandboxes"], status_code=200)
+async def keepalive_sandbox(request: Request[Any, Any, Any], chat_id: FromPath[str], data: JSONBody[KeepaliveRequest | None] = None) -> Response[Any]:
+    """Move the live session's `expires_at` to now + ttl (default: the configured ttl)."""
+    ctx = _ctx(request)
+    body = data or KeepaliveRequest()
+    session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id else None
+    command = KeepaliveSandbox(
+        chat_id=uuid.UUID(_chat(chat_id)), ttl_seconds=body.ttl_seconds, session_id=session_id, **_now_fields(ctx)
+    )
+    outcome = await _send(ctx, command)
+    if isinstance(outcome, Response):
+        return outcome
+    if isinstance(outcome, SandboxExtended) and outcome.session is not None:
+        return _json(session_view(outcome.session), 200)
+    return _error(outcome_status(outcome), failure_detail(outcome), outcome)
+
+
+@get("/sandboxes/{chat_id:str}/events", operation_id="sandboxEvents", tags=["sandboxes"])
+async def sandbox_events(
+    request: Request[Any, Any, Any],
+    chat_id: FromPath[str],
+    limit: Annotated[int | None, QueryParameter(ge=1, le=10_000, required=False)] = None,
+) -> EventHistory:
+    """The chat's event history from the stream, oldest first (the last `limit` events)."""
+    ctx = _ctx(request)
+    chat = _chat(chat_id)
+    stored = await ctx.events.history(chat, limit=limit)
+    return EventHistory(
+        chat_id=chat, events=[StoredEventView(seq=s.seq, event=msgspec.to_builtins(s.event)) for s in stored]
+    )
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _nats_unavailable(_: Request[Any, Any, Any], exc: NatsUnavailable) -> Response[Any]:
+    return _error(503, f"NATS is unreachable, nothing was done: {exc}")
+
+
+# --------------------------------------------------------------------------- app
+
+
+def create_app(settings: Settings, *, clock: Clock | None = None) -> Litestar:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        nc = await connect(settings.nats, name="sandboxd-api")
+        js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
+        kv = await ensure_topology(js, settings.streams)
+        waiter = OutcomeWaiter()
+        await waiter.start(nc)
+        app.state.ctx = ApiContext(
+            settings=settings,
+            nc=nc,
+            gateway=CommandGateway(nc, js, waiter),
+            registry=Registry(js, kv),
+            events=EventStore(js),
+            clock=clock or SystemClock(),
+        )
+        try:
+            yield
+        finally:
+            await waiter.stop()
+            with contextlib.suppress(Exception):
+                await nc.drain()
+
+    protected = Router(
+        path="/",
+        guards=[token_guard],
+        route_handlers=[create_sandbox, create_seed, get_sandbox, list_sandboxes, stop_sandbox, keepalive_sandbox, sandbox_events],
+    )
+    api = Router(path=API_PREFIX, route_handlers=[health, ready, protected])
+    return Litestar(
+        route_handlers=[api],
+        lifespan=[lifespan],
+        exception_handlers={NatsUnavailable: _nats_unavailable},
+        openapi_config=OpenAPIConfig(title="sandboxd", version=VERSION, path=f"{API_PREFIX}/schema"),
+        debug=False,
+    )

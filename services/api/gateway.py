@@ -1,0 +1,102 @@
+"""Commands in, outcomes back: the facade's request/reply over JetStream.
+
+One core subscription on `sandbox.events.>` is opened (and flushed) before any command is
+published; each request registers its command id, publishes the command with
+`Nats-Msg-Id = command_id`, and waits for the outcome event carrying that causation id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+
+from shared.contracts import OUTCOME_TYPES, AnyCommand, AnyEvent, decode_event, encode
+from shared.errors import NatsUnavailable
+from shared.event_store import with_nats_retry
+from shared.subjects import COMMANDS_STREAM, EVENT_SUBJECTS, MSG_ID_HEADER, command_subject
+
+log = logging.getLogger(__name__)
+
+_OUTCOME_NAMES = frozenset(t.__struct_config__.tag for t in OUTCOME_TYPES)
+
+
+class _Head(msgspec.Struct):
+    """Just enough of an event to route it without decoding all of it."""
+
+    type: str
+    causation_id: str | None = None
+
+
+_head_decoder = msgspec.json.Decoder(_Head)
+
+
+class OutcomeWaiter:
+    def __init__(self) -> None:
+        self._pending: dict[str, asyncio.Future[AnyEvent]] = {}
+        self._sub: Subscription | None = None
+
+    async def start(self, nc: Client) -> None:
+        self._sub = await nc.subscribe(EVENT_SUBJECTS, cb=self._on_event, pending_msgs_limit=1_000_000)
+        await nc.flush()
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+        for fut in self._pending.values():
+            fut.cancel()
+
+    def expect(self, command_id: str) -> asyncio.Future[AnyEvent]:
+        fut: asyncio.Future[AnyEvent] = asyncio.get_running_loop().create_future()
+        self._pending[command_id] = fut
+        return fut
+
+    def forget(self, command_id: str) -> None:
+        self._pending.pop(command_id, None)
+
+    async def _on_event(self, msg: Msg) -> None:
+        if not self._pending:
+            return
+        try:
+            head = _head_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        if head.causation_id is None or head.type not in _OUTCOME_NAMES:
+            return
+        fut = self._pending.get(head.causation_id)
+        if fut is not None and not fut.done():
+            fut.set_result(decode_event(msg.data))
+
+
+class CommandGateway:
+    def __init__(self, nc: Client, js: JetStreamContext, waiter: OutcomeWaiter) -> None:
+        self._nc = nc
+        self._js = js
+        self._waiter = waiter
+
+    async def send(self, command: AnyCommand, wait_seconds: float) -> AnyEvent | None:
+        """Publish and wait for the outcome; None when it did not come in time (it will
+        still come: the command is durable in the stream)."""
+        if not self._nc.is_connected:
+            raise NatsUnavailable("NATS is not connected")
+        command_id = str(command.command_id)
+        fut = self._waiter.expect(command_id)
+        try:
+            subject = command_subject(command.kind, str(command.chat_id))
+            payload = encode(command)
+
+            async def publish() -> None:
+                await self._js.publish(subject, payload, stream=COMMANDS_STREAM, headers={MSG_ID_HEADER: command_id})
+
+            await with_nats_retry(publish, what=f"publish {subject}")
+            try:
+                return await asyncio.wait_for(fut, wait_seconds)
+            except TimeoutError:
+                return None
+        finally:
+            self._waiter.forget(command_id)

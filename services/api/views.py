@@ -1,0 +1,156 @@
+"""HTTP request and response bodies, and the mapping from outcome events to responses."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from shared.contracts import (
+    CommandRejected,
+    CreateResult,
+    ErrorInfo,
+    Event,
+    Labels,
+    SandboxExtended,
+    SandboxFailed,
+    SandboxReused,
+    SandboxRunning,
+    SandboxStopped,
+    SessionRecord,
+    SessionStatus,
+    TtlSeconds,
+)
+
+
+class CreateSandboxRequest(msgspec.Struct, forbid_unknown_fields=True):
+    chat_id: str
+    ttl_seconds: TtlSeconds | None = None
+    labels: Labels = msgspec.field(default_factory=dict)
+
+
+class SeedCreateRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """The seed service's `POST /create` body."""
+
+    chat_id: str
+
+
+class KeepaliveRequest(msgspec.Struct, forbid_unknown_fields=True):
+    ttl_seconds: TtlSeconds | None = None
+    session_id: str | None = None
+
+
+class SessionView(msgspec.Struct):
+    session_id: str
+    chat_id: str
+    container_id: str | None
+    status: SessionStatus
+    created_at: datetime
+    expires_at: datetime
+    node_id: str
+    result: CreateResult | None = None
+    updated_at: datetime | None = None
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class SeedCreateResponse(msgspec.Struct):
+    """The seed's create response fields."""
+
+    session_id: str
+    chat_id: str
+    container_id: str | None
+    status: SessionStatus
+    created_at: datetime
+    expires_at: datetime
+
+
+class SessionList(msgspec.Struct):
+    sessions: list[SessionView]
+    count: int
+
+
+class Accepted(msgspec.Struct):
+    """The command is in the stream but its outcome did not come within the wait."""
+
+    command_id: str
+    chat_id: str
+    detail: str
+    status_url: str
+
+
+class StoredEventView(msgspec.Struct):
+    seq: int
+    event: Any
+
+
+class EventHistory(msgspec.Struct):
+    chat_id: str
+    events: list[StoredEventView]
+
+
+class ErrorBody(msgspec.Struct):
+    status_code: int
+    detail: str
+    error: ErrorInfo | None = None
+
+
+def session_view(record: SessionRecord, result: CreateResult | None = None) -> SessionView:
+    return SessionView(
+        session_id=record.session_id,
+        chat_id=record.chat_id,
+        container_id=record.container_id,
+        status=record.status,
+        created_at=record.created_at,
+        expires_at=record.expires_at,
+        node_id=record.node_id,
+        result=result,
+        updated_at=record.updated_at,
+        labels=record.labels,
+    )
+
+
+# HTTP status of a refusal, by the rejection reason the runtime gives.
+_REJECTION_STATUS = {
+    "no_live_session": 404,
+    "stale_session": 409,
+    "not_running": 409,
+    "expired": 409,
+    "ttl_too_long": 422,
+}
+
+
+def rejection_status(reason: str | None) -> int:
+    return _REJECTION_STATUS.get(reason or "", 400)
+
+
+def failure_status(error: ErrorInfo | None) -> int:
+    if error is not None and error.type == "docker_unavailable":
+        return 503
+    if error is not None and error.type in ("sandbox_start_failed", "sandbox_stop_failed"):
+        return 502
+    return 500
+
+
+def outcome_status(event: Event) -> int:
+    """The HTTP status an outcome event answers with."""
+    match event:
+        case SandboxRunning():
+            return 201
+        case SandboxReused() | SandboxStopped() | SandboxExtended():
+            return 200
+        case CommandRejected():
+            return rejection_status(event.reason)
+        case SandboxFailed():
+            return failure_status(event.error)
+    return 500
+
+
+def failure_detail(event: Event) -> str:
+    error = event.error
+    what = f"{error.type}: {error.message}" if error else "no detail"
+    if isinstance(event, CommandRejected):
+        return f"refused ({event.reason}): {error.message if error else event.reason}"
+    if error is not None and error.type == "docker_unavailable":
+        return f"the Docker engine is unavailable; nothing was started ({what})"
+    return f"the sandbox operation failed ({what})"

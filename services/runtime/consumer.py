@@ -1,0 +1,140 @@
+"""The command consumer: a durable pull consumer on `SANDBOX_COMMANDS`.
+
+This is the one place that acks, naks, terms and reports progress. Handlers only raise:
+a malformed command is rejected once and terminated; a transient failure is nak'd with a
+growing delay; anything else ends the command with a `failed` outcome and is acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from services.runtime.handlers import CommandHandlers
+from shared.commands import MalformedCommand, decode_command
+from shared.errors import TransientError
+from shared.subjects import COMMAND_SUBJECTS, COMMANDS_STREAM
+
+log = logging.getLogger(__name__)
+
+RUNTIME_CONSUMER = "sandboxd-runtime"
+
+
+def nak_delay(deliveries: int) -> float:
+    return float(min(0.5 * 2 ** max(deliveries - 1, 0), 30.0))
+
+
+class CommandConsumer:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        handlers: CommandHandlers,
+        *,
+        max_in_flight: int,
+        ack_wait_seconds: float,
+        durable: str = RUNTIME_CONSUMER,
+    ) -> None:
+        self._js = js
+        self._handlers = handlers
+        self._max_in_flight = max_in_flight
+        self._ack_wait = ack_wait_seconds
+        self._durable = durable
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        sub = await self._js.pull_subscribe(
+            COMMAND_SUBJECTS,
+            durable=self._durable,
+            stream=COMMANDS_STREAM,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=self._ack_wait,
+                max_ack_pending=max(1000, self._max_in_flight * 4),
+                filter_subject=COMMAND_SUBJECTS,
+            ),
+        )
+        log.info("consuming %s as %s", COMMANDS_STREAM, self._durable)
+        try:
+            while not stopping.is_set():
+                free = self._free_slots()
+                if free == 0:
+                    await asyncio.sleep(0.005)
+                    continue
+                try:
+                    msgs = await sub.fetch(batch=free, timeout=0.5)
+                except NatsTimeoutError:
+                    continue
+                except Exception:
+                    log.exception("fetch from %s failed; retrying", COMMANDS_STREAM)
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    await self._slots.acquire()
+                    task = asyncio.create_task(self._dispatch(msg))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._done)
+        finally:
+            await self.drain()
+            await sub.unsubscribe()
+
+    def _free_slots(self) -> int:
+        return self._max_in_flight - len(self._tasks)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def drain(self) -> None:
+        """Let handlers in flight finish (each ends with an ack, nak or term)."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _dispatch(self, msg: Msg) -> None:
+        try:
+            await settle(msg, self._handlers)
+        except Exception:
+            log.exception("settling %s failed", msg.subject)
+
+
+async def settle(msg: Msg, handlers: CommandHandlers) -> None:
+    """Handle one command message and decide its ack, nak or term."""
+    deliveries = msg.metadata.num_delivered
+    try:
+        command = decode_command(msg.subject, msg.data)
+    except MalformedCommand as bad:
+        log.info("rejecting command on %s: %s", msg.subject, bad)
+        try:
+            await handlers.reject_malformed(bad)
+        except TransientError as exc:
+            await _nak(msg, deliveries, exc)
+            return
+        except Exception:
+            log.exception("could not record the rejection of %s; terminating it anyway", msg.subject)
+        await msg.term()
+        return
+    try:
+        await handlers.handle(command, msg.in_progress)
+    except TransientError as exc:
+        await _nak(msg, deliveries, exc)
+        return
+    except Exception as exc:
+        log.exception("command %s on %s failed unexpectedly", command.command_id, msg.subject)
+        try:
+            await handlers.fail_unexpected(command, exc)
+        except Exception as again:
+            await _nak(msg, deliveries, again)
+            return
+    await msg.ack()
+
+
+async def _nak(msg: Msg, deliveries: int, exc: Exception) -> None:
+    delay = nak_delay(deliveries)
+    log.warning("command on %s hit a transient error (%s); redelivery in %.1fs", msg.subject, exc, delay)
+    await msg.nak(delay=delay)

@@ -1,0 +1,239 @@
+"""Pure lifecycle decisions: (chat's last event, command, now) -> what to do.
+
+Nothing here performs I/O; the handlers carry decisions out and come back here after every
+lost race. A claim (`provisioning` or `stopping` as the chat's last event) is "in flight"
+while it is younger than the claim timeout; older ones, and claims a `failed` event left
+behind, are taken over, which is safe because every Docker step is idempotent by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import msgspec
+
+from shared.contracts import (
+    AnyEvent,
+    CreateSandbox,
+    KeepaliveSandbox,
+    PreviousSession,
+    SandboxProvisioning,
+    SandboxStopping,
+    SessionRecord,
+    SessionStatus,
+    StopSandbox,
+    is_outcome,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    node_id: str
+    image: str
+    default_ttl: timedelta
+    max_ttl: timedelta
+    claim_timeout: timedelta
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True, slots=True)
+class AlreadyHandled:
+    """The command's outcome is already in the log (a redelivery): acknowledge only."""
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Another command's claim is in flight; look again shortly."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reuse:
+    session: SessionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Extend:
+    session: SessionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimProvision:
+    """Append `provisioning` for a new session, then start its container."""
+
+    session: SessionRecord
+    previous: PreviousSession | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeProvision:
+    """Our own `provisioning` claim is the last event (a retry): start or find its container."""
+
+    session: SessionRecord
+    previous: PreviousSession | None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimReplace:
+    """A create found an expired or abandoned session: claim `stopping` on it, remove its
+    container, then provision a new session that names it as `previous`."""
+
+    old: SessionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeReplace:
+    old: SessionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimStop:
+    session: SessionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeStop:
+    session: SessionRecord
+
+
+CreateDecision = (
+    AlreadyHandled | Wait | Reject | Reuse | ClaimProvision | ResumeProvision | ClaimReplace | ResumeReplace
+)
+StopDecision = AlreadyHandled | Wait | Reject | ClaimStop | ResumeStop
+KeepaliveDecision = AlreadyHandled | Wait | Reject | Extend
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _claim_in_flight(last: AnyEvent | None, command_id: str, now: datetime, policy: Policy) -> bool:
+    return (
+        isinstance(last, SandboxProvisioning | SandboxStopping)
+        and last.causation_id != command_id
+        and now - last.occurred_at < policy.claim_timeout
+    )
+
+
+def _live(last: AnyEvent | None) -> SessionRecord | None:
+    session = last.session if last is not None else None
+    return session if session is not None and session.is_live else None
+
+
+def _ttl(requested: int | None, policy: Policy) -> timedelta | Reject:
+    ttl = timedelta(seconds=requested) if requested is not None else policy.default_ttl
+    if ttl > policy.max_ttl:
+        return Reject("ttl_too_long", f"ttl_seconds {requested} exceeds the maximum of {int(policy.max_ttl.total_seconds())}")
+    return ttl
+
+
+def stopping(session: SessionRecord, now: datetime) -> SessionRecord:
+    return msgspec.structs.replace(session, status=SessionStatus.STOPPING, updated_at=now)
+
+
+def new_session(
+    command: CreateSandbox, session_id: str, ttl: timedelta, now: datetime, policy: Policy
+) -> SessionRecord:
+    return SessionRecord(
+        session_id=session_id,
+        chat_id=str(command.chat_id),
+        node_id=policy.node_id,
+        container_id=None,
+        image=policy.image,
+        status=SessionStatus.PROVISIONING,
+        created_at=now,
+        expires_at=now + ttl,
+        updated_at=now,
+        labels=dict(command.labels),
+    )
+
+
+def provision_after_replace(
+    command: CreateSandbox, old: SessionRecord, session_id: str, now: datetime, policy: Policy
+) -> ClaimProvision | Reject:
+    """The claim of the new session once a replace has removed the old one's container."""
+    ttl = _ttl(command.ttl_seconds, policy)
+    if isinstance(ttl, Reject):
+        return ttl
+    previous = PreviousSession(old.session_id, old.container_id)
+    return ClaimProvision(new_session(command, session_id, ttl, now, policy), previous)
+
+
+# --------------------------------------------------------------------------- decide
+
+
+def decide_create(
+    last: AnyEvent | None, command: CreateSandbox, now: datetime, policy: Policy, new_session_id: str
+) -> CreateDecision:
+    command_id = str(command.command_id)
+    if last is not None and last.causation_id == command_id:
+        if is_outcome(last):
+            return AlreadyHandled()
+        if isinstance(last, SandboxStopping) and last.session is not None:
+            return ResumeReplace(last.session)
+        if isinstance(last, SandboxProvisioning) and last.session is not None:
+            return ResumeProvision(last.session, last.previous)
+    ttl = _ttl(command.ttl_seconds, policy)
+    if isinstance(ttl, Reject):
+        return ttl
+    session = _live(last)
+    if session is None:
+        return ClaimProvision(new_session(command, new_session_id, ttl, now, policy), None)
+    if _claim_in_flight(last, command_id, now, policy):
+        return Wait(f"session {session.session_id} is {session.status}")
+    if session.status == SessionStatus.RUNNING and not session.is_expired(now):
+        return Reuse(session)
+    # Expired, or a claim that was abandoned: stop what is there and start afresh.
+    return ClaimReplace(stopping(session, now))
+
+
+def decide_stop(
+    last: AnyEvent | None, command: StopSandbox, now: datetime, policy: Policy, pinned_session_id: str | None = None
+) -> StopDecision:
+    command_id = str(command.command_id)
+    if last is not None and last.causation_id == command_id:
+        if is_outcome(last):
+            return AlreadyHandled()
+        if isinstance(last, SandboxStopping) and last.session is not None:
+            return ResumeStop(last.session)
+    session = _live(last)
+    target = pinned_session_id or (str(command.session_id) if command.session_id else None)
+    if session is None:
+        return Reject("no_live_session", f"chat {command.chat_id} has no live sandbox")
+    if target is not None and session.session_id != target:
+        return Reject("stale_session", f"session {target} is not the chat's current session ({session.session_id})")
+    if _claim_in_flight(last, command_id, now, policy):
+        return Wait(f"session {session.session_id} is {session.status}")
+    return ClaimStop(stopping(session, now))
+
+
+def decide_keepalive(last: AnyEvent | None, command: KeepaliveSandbox, now: datetime, policy: Policy) -> KeepaliveDecision:
+    command_id = str(command.command_id)
+    if last is not None and last.causation_id == command_id and is_outcome(last):
+        return AlreadyHandled()
+    session = _live(last)
+    if session is None:
+        return Reject("no_live_session", f"chat {command.chat_id} has no live sandbox")
+    if command.session_id is not None and session.session_id != str(command.session_id):
+        return Reject(
+            "stale_session", f"session {command.session_id} is not the chat's current session ({session.session_id})"
+        )
+    if _claim_in_flight(last, command_id, now, policy) and session.status == SessionStatus.PROVISIONING:
+        return Wait(f"session {session.session_id} is provisioning")
+    if session.status != SessionStatus.RUNNING:
+        return Reject("not_running", f"session {session.session_id} is {session.status}")
+    if session.is_expired(now):
+        return Reject("expired", f"session {session.session_id} expired at {session.expires_at.isoformat()}")
+    ttl = _ttl(command.ttl_seconds, policy)
+    if isinstance(ttl, Reject):
+        return ttl
+    return Extend(msgspec.structs.replace(session, expires_at=now + ttl, updated_at=now))

@@ -1,0 +1,164 @@
+"""The Docker engine adapter: start a session's container (idempotently, by name) and
+remove it. docker-py is synchronous, so calls run on a small thread pool; its exceptions
+are wrapped into sandboxd's error tree here and nowhere else."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import docker
+import requests
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.types import Mount as DockerMount
+
+from services.runtime.containers import ContainerSpec
+from shared.errors import DockerUnavailable, SandboxStartFailed, SandboxStopFailed
+
+log = logging.getLogger(__name__)
+
+_HTTP_CONFLICT = 409
+_HTTP_NOT_FOUND = 404
+
+
+class ContainerDriver(Protocol):
+    """What the command handlers need from a container engine."""
+
+    async def ensure_running(self, spec: ContainerSpec) -> str:
+        """Start the spec's container (or find the one a retry already made); its id."""
+        ...
+
+    async def remove(self, ref: str, stop_timeout_seconds: int) -> None:
+        """Stop and remove a container by id or name; a missing one counts as removed."""
+        ...
+
+
+def _unavailable(exc: Exception) -> DockerUnavailable:
+    return DockerUnavailable(f"Docker engine unreachable: {exc}")
+
+
+class DockerDriver:
+    def __init__(self, client: docker.DockerClient, *, max_workers: int = 16) -> None:
+        self._client = client
+        self._api = client.api
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="docker")
+
+    @classmethod
+    def from_env(cls, timeout_seconds: float, max_workers: int = 16) -> DockerDriver:
+        try:
+            client = docker.DockerClient.from_env(timeout=int(timeout_seconds), max_pool_size=max_workers)
+        except DockerException as exc:
+            raise _unavailable(exc) from exc
+        return cls(client, max_workers=max_workers)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+    async def ping(self) -> None:
+        await self._run(self._ping)
+
+    def _ping(self) -> None:
+        try:
+            self._api.ping()
+        except (requests.exceptions.RequestException, DockerException) as exc:
+            raise _unavailable(exc) from exc
+
+    # ------------------------------------------------------------------ start
+
+    async def ensure_running(self, spec: ContainerSpec) -> str:
+        result: str = await self._run(self._ensure_running, spec)
+        return result
+
+    def _prepare_mounts(self, spec: ContainerSpec) -> list[DockerMount]:
+        mounts: list[DockerMount] = []
+        for m in spec.mounts:
+            if m.create:
+                try:
+                    m.source.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise SandboxStartFailed(f"cannot create {m.source} ({m.setting}): {exc}") from exc
+            elif not m.source.is_dir():
+                raise SandboxStartFailed(f"read-only mount source {m.source} ({m.setting}) does not exist")
+            mounts.append(DockerMount(target=m.target, source=str(m.source), type="bind", read_only=m.read_only))
+        return mounts
+
+    def _host_config(self, spec: ContainerSpec, mounts: list[DockerMount]) -> Any:
+        return self._api.create_host_config(
+            mounts=mounts,
+            network_mode=spec.network_mode,
+            cap_drop=["ALL"] if spec.cap_drop_all else None,
+            security_opt=["no-new-privileges:true"] if spec.no_new_privileges else None,
+            init=spec.init,
+            read_only=spec.read_only_root,
+            tmpfs={"/tmp": f"rw,noexec,nosuid,size={spec.tmpfs_size}"},  # noqa: S108 - the sandbox's own /tmp
+            pids_limit=spec.pids_limit,
+            mem_limit=spec.memory_limit,
+            nano_cpus=spec.nano_cpus,
+            runtime=spec.oci_runtime,
+        )
+
+    def _ensure_running(self, spec: ContainerSpec) -> str:
+        mounts = self._prepare_mounts(spec)
+        try:
+            try:
+                created = self._api.create_container(
+                    spec.image,
+                    command=spec.command,
+                    name=spec.name,
+                    labels=spec.labels,
+                    working_dir=spec.working_dir,
+                    environment=spec.extra_env,
+                    host_config=self._host_config(spec, mounts),
+                    stop_signal="SIGTERM",
+                )
+                container_id: str = created["Id"]
+            except ImageNotFound as exc:
+                raise SandboxStartFailed(f"image {spec.image!r} is not on this Docker engine: {exc.explanation}") from exc
+            except APIError as exc:
+                if exc.status_code != _HTTP_CONFLICT:
+                    raise SandboxStartFailed(f"docker create failed: {exc.explanation or exc}") from exc
+                # A retry of the same session: the container by this name is ours.
+                container_id = self._api.inspect_container(spec.name)["Id"]
+            try:
+                self._api.start(container_id)
+            except APIError as exc:
+                self._force_remove_quietly(container_id)
+                raise SandboxStartFailed(f"docker start failed: {exc.explanation or exc}") from exc
+            return container_id
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise _unavailable(exc) from exc
+
+    def _force_remove_quietly(self, ref: str) -> None:
+        try:
+            self._api.remove_container(ref, force=True)
+        except (DockerException, requests.exceptions.RequestException):
+            log.warning("could not remove container %s after a failed start", ref, exc_info=True)
+
+    # ------------------------------------------------------------------ stop
+
+    async def remove(self, ref: str, stop_timeout_seconds: int) -> None:
+        await self._run(self._remove, ref, stop_timeout_seconds)
+
+    def _remove(self, ref: str, stop_timeout_seconds: int) -> None:
+        try:
+            try:
+                self._api.stop(ref, timeout=stop_timeout_seconds)
+            except NotFound:
+                return
+            except APIError as exc:
+                log.info("stop of %s failed (%s); removing by force", ref, exc.explanation)
+            self._api.remove_container(ref, force=True)
+        except NotFound:
+            return
+        except APIError as exc:
+            if exc.status_code == _HTTP_CONFLICT and "already in progress" in str(exc.explanation):
+                return
+            raise SandboxStopFailed(f"docker remove of {ref} failed: {exc.explanation or exc}") from exc
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise _unavailable(exc) from exc

@@ -1,0 +1,342 @@
+"""Command handlers: read the chat's last event, decide (pure), carry the decision out.
+
+Every append names the sequence it was decided from, so a lost race is an AppendConflict
+and the loop decides again from the new state. Outcome events use the message id
+`<command_id>:outcome`, so a redelivered command can never get a second outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+
+from services.runtime.containers import container_name, container_spec
+from services.runtime.decisions import (
+    AlreadyHandled,
+    ClaimProvision,
+    ClaimReplace,
+    ClaimStop,
+    Extend,
+    Policy,
+    Reject,
+    ResumeProvision,
+    ResumeReplace,
+    ResumeStop,
+    Reuse,
+    Wait,
+    decide_create,
+    decide_keepalive,
+    decide_stop,
+    provision_after_replace,
+)
+from services.runtime.docker_driver import ContainerDriver
+from shared.clock import Clock
+from shared.commands import MalformedCommand
+from shared.config import SandboxSettings
+from shared.contracts import (
+    AnyCommand,
+    AnyEvent,
+    CommandRejected,
+    CreateResult,
+    CreateSandbox,
+    ErrorInfo,
+    KeepaliveSandbox,
+    PreviousSession,
+    SandboxExtended,
+    SandboxFailed,
+    SandboxProvisioning,
+    SandboxReused,
+    SandboxRunning,
+    SandboxStopped,
+    SandboxStopping,
+    SessionRecord,
+    SessionStatus,
+    StopSandbox,
+)
+from shared.errors import AppendConflict, DockerUnavailable, InfrastructureError
+from shared.event_store import ChatState, EventStore
+from shared.subjects import INVALID_EVENTS_SUBJECT
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[], Awaitable[None]]
+
+
+def outcome_msg_id(command_id: str) -> str:
+    return f"{command_id}:outcome"
+
+
+def _error(exc: Exception) -> ErrorInfo:
+    if isinstance(exc, InfrastructureError):
+        return ErrorInfo(exc.error_type, exc.message)
+    if isinstance(exc, DockerUnavailable):
+        return ErrorInfo("docker_unavailable", str(exc))
+    return ErrorInfo("internal_error", f"{type(exc).__name__}: {exc}")
+
+
+class _Backoff:
+    def __init__(self, first: float = 0.02, cap: float = 0.5) -> None:
+        self._next = first
+        self._cap = cap
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self._next)
+        self._next = min(self._next * 2, self._cap)
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerDeps:
+    store: EventStore
+    driver: ContainerDriver
+    clock: Clock
+    policy: Policy
+    sandbox: SandboxSettings
+
+
+class CommandHandlers:
+    def __init__(self, deps: HandlerDeps, new_id: Callable[[], str] = lambda: str(uuid.uuid4())) -> None:
+        self._d = deps
+        self._new_id = new_id
+
+    async def handle(self, command: AnyCommand, progress: Progress) -> None:
+        match command:
+            case CreateSandbox():
+                await self.create(command, progress)
+            case StopSandbox():
+                await self.stop(command, progress)
+            case KeepaliveSandbox():
+                await self.keepalive(command, progress)
+
+    # ------------------------------------------------------------------ appends
+
+    def _event(
+        self, cls: type[AnyEvent], chat_id: str, causation_id: str | None, session: SessionRecord | None, version: int, **fields: Any
+    ) -> AnyEvent:
+        return cls(
+            event_id=self._new_id(),
+            chat_id=chat_id,
+            session_id=session.session_id if session else None,
+            causation_id=causation_id,
+            occurred_at=self._d.clock.now(),
+            node_id=self._d.policy.node_id,
+            session=msgspec.structs.replace(session, version=version) if session else None,
+            **fields,
+        )
+
+    async def _claim(self, cls: type[AnyEvent], command: AnyCommand, session: SessionRecord, expected: int, **fields: Any) -> int | None:
+        """Append a claim; its sequence, or None when another writer got there first."""
+        event = self._event(cls, session.chat_id, str(command.command_id), session, expected, **fields)
+        try:
+            return (await self._d.store.append(event, expected_seq=expected, msg_id=event.event_id)).seq
+        except AppendConflict:
+            return None
+
+    async def _outcome(
+        self, cls: type[AnyEvent], command: AnyCommand, session: SessionRecord | None, expected: int, **fields: Any
+    ) -> bool:
+        """Append the command's one outcome; False when another writer got there first."""
+        command_id = str(command.command_id)
+        event = self._event(cls, str(command.chat_id), command_id, session, expected, **fields)
+        try:
+            await self._d.store.append(event, expected_seq=expected, msg_id=outcome_msg_id(command_id))
+        except AppendConflict:
+            return False
+        return True
+
+    async def _reject(self, command: AnyCommand, state: ChatState, decision: Reject) -> bool:
+        live = state.session if state.session is not None and state.session.is_live else None
+        return await self._outcome(
+            CommandRejected, command, live, state.seq, reason=decision.reason, error=ErrorInfo(decision.reason, decision.detail)
+        )
+
+    # ------------------------------------------------------------------ create
+
+    async def create(self, command: CreateSandbox, progress: Progress) -> None:
+        backoff = _Backoff()
+        chat_id = str(command.chat_id)
+        while True:
+            state = await self._d.store.read(chat_id)
+            decision = decide_create(state.last, command, self._d.clock.now(), self._d.policy, self._new_id())
+            match decision:
+                case AlreadyHandled():
+                    return
+                case Wait():
+                    await progress()
+                    await backoff.sleep()
+                    continue
+                case Reject():
+                    done = await self._reject(command, state, decision)
+                case Reuse(session):
+                    done = await self._outcome(SandboxReused, command, session, state.seq, result=CreateResult.REUSED)
+                case ClaimProvision(session, previous):
+                    seq = await self._claim(SandboxProvisioning, command, session, state.seq, previous=previous)
+                    done = seq is not None and await self._start(command, session, seq, previous, progress)
+                case ResumeProvision(session, previous):
+                    done = await self._start(command, session, state.seq, previous, progress)
+                case ClaimReplace(old):
+                    seq = await self._claim(SandboxStopping, command, old, state.seq, reason="replaced")
+                    done = seq is not None and await self._replace(command, old, seq, progress)
+                case ResumeReplace(old):
+                    done = await self._replace(command, old, state.seq, progress)
+            if done:
+                return
+
+    async def _replace(self, command: CreateSandbox, old: SessionRecord, claim_seq: int, progress: Progress) -> bool:
+        try:
+            await self._d.driver.remove(old.container_id or container_name(old.session_id), self._d.sandbox.stop_timeout_seconds)
+        except (InfrastructureError, DockerUnavailable) as exc:
+            log.warning("replace of session %s: removing its container failed: %s", old.session_id, exc)
+            return await self._outcome(SandboxFailed, command, old, claim_seq, error=_error(exc))
+        decision = provision_after_replace(command, old, self._new_id(), self._d.clock.now(), self._d.policy)
+        if isinstance(decision, Reject):
+            return await self._outcome(
+                CommandRejected, command, None, claim_seq, reason=decision.reason, error=ErrorInfo(decision.reason, decision.detail)
+            )
+        seq = await self._claim(SandboxProvisioning, command, decision.session, claim_seq, previous=decision.previous)
+        if seq is None:
+            return False
+        await progress()
+        return await self._start(command, decision.session, seq, decision.previous, progress)
+
+    async def _start(
+        self, command: CreateSandbox, claim: SessionRecord, claim_seq: int, previous: PreviousSession | None, progress: Progress
+    ) -> bool:
+        spec = container_spec(claim, self._d.sandbox)
+        try:
+            container_id = await self._d.driver.ensure_running(spec)
+        except (InfrastructureError, DockerUnavailable) as exc:
+            log.warning("create for chat %s failed: %s", claim.chat_id, exc)
+            await self._remove_quietly(spec.name)
+            failed = msgspec.structs.replace(claim, status=SessionStatus.FAILED, updated_at=self._d.clock.now())
+            return await self._outcome(SandboxFailed, command, failed, claim_seq, error=_error(exc), previous=previous)
+        await progress()
+        now = self._d.clock.now()
+        running = msgspec.structs.replace(
+            claim,
+            container_id=container_id,
+            status=SessionStatus.RUNNING,
+            created_at=now,
+            expires_at=now + (claim.expires_at - claim.created_at),
+            updated_at=now,
+        )
+        result = CreateResult.REPLACED if previous is not None else CreateResult.CREATED
+        # A NatsUnavailable here propagates: the append may have landed, so the container
+        # stays; the redelivered command resumes our claim and finds it by name.
+        if await self._outcome(SandboxRunning, command, running, claim_seq, result=result, previous=previous):
+            return True
+        # Our claim was overtaken: the container must not outlive the record it never got.
+        log.warning("chat %s: running append lost its claim; removing container %s", claim.chat_id, container_id)
+        await self._remove_quietly(container_id)
+        return False
+
+    async def _remove_quietly(self, ref: str) -> None:
+        try:
+            await self._d.driver.remove(ref, 0)
+        except (InfrastructureError, DockerUnavailable):
+            log.warning("could not remove container %s", ref, exc_info=True)
+
+    # ------------------------------------------------------------------ stop
+
+    async def stop(self, command: StopSandbox, progress: Progress) -> None:
+        backoff = _Backoff()
+        chat_id = str(command.chat_id)
+        pinned: str | None = None
+        while True:
+            state = await self._d.store.read(chat_id)
+            decision = decide_stop(state.last, command, self._d.clock.now(), self._d.policy, pinned)
+            match decision:
+                case AlreadyHandled():
+                    return
+                case Wait():
+                    await progress()
+                    await backoff.sleep()
+                    continue
+                case Reject():
+                    done = await self._reject(command, state, decision)
+                case ClaimStop(session):
+                    pinned = session.session_id
+                    seq = await self._claim(SandboxStopping, command, session, state.seq, reason=command.reason)
+                    done = seq is not None and await self._finish_stop(command, session, seq)
+                case ResumeStop(session):
+                    pinned = session.session_id
+                    done = await self._finish_stop(command, session, state.seq)
+            if done:
+                return
+
+    async def _finish_stop(self, command: StopSandbox, session: SessionRecord, claim_seq: int) -> bool:
+        try:
+            await self._d.driver.remove(
+                session.container_id or container_name(session.session_id), self._d.sandbox.stop_timeout_seconds
+            )
+        except (InfrastructureError, DockerUnavailable) as exc:
+            # The record keeps pointing at the container (status stopping): a later stop retries.
+            log.warning("stop of session %s failed: %s", session.session_id, exc)
+            return await self._outcome(SandboxFailed, command, session, claim_seq, error=_error(exc), reason=command.reason)
+        stopped = msgspec.structs.replace(session, status=SessionStatus.STOPPED, updated_at=self._d.clock.now())
+        return await self._outcome(SandboxStopped, command, stopped, claim_seq, reason=command.reason)
+
+    # ------------------------------------------------------------------ keepalive
+
+    async def keepalive(self, command: KeepaliveSandbox, progress: Progress) -> None:
+        backoff = _Backoff()
+        while True:
+            state = await self._d.store.read(str(command.chat_id))
+            decision = decide_keepalive(state.last, command, self._d.clock.now(), self._d.policy)
+            match decision:
+                case AlreadyHandled():
+                    return
+                case Wait():
+                    await progress()
+                    await backoff.sleep()
+                    continue
+                case Reject():
+                    done = await self._reject(command, state, decision)
+                case Extend(session):
+                    done = await self._outcome(SandboxExtended, command, session, state.seq)
+            if done:
+                return
+
+    # ------------------------------------------------------------------ refusals
+
+    async def reject_malformed(self, bad: MalformedCommand) -> None:
+        """One `rejected` event for a command that can never be carried out."""
+        error = ErrorInfo(bad.reason, bad.detail)
+        msg_id = outcome_msg_id(bad.command_id) if bad.command_id else self._new_id()
+        if bad.chat_id is None:
+            event = self._event(CommandRejected, "invalid", bad.command_id, None, 0, reason=bad.reason, error=error)
+            await self._d.store.append_to(INVALID_EVENTS_SUBJECT, event, expected_seq=None, msg_id=msg_id)
+            return
+        while True:
+            state = await self._d.store.read(bad.chat_id)
+            live = state.session if state.session is not None and state.session.is_live else None
+            event = self._event(CommandRejected, bad.chat_id, bad.command_id, live, state.seq, reason=bad.reason, error=error)
+            try:
+                await self._d.store.append(event, expected_seq=state.seq, msg_id=msg_id)
+            except AppendConflict:
+                continue
+            return
+
+    async def fail_unexpected(self, command: AnyCommand, exc: Exception) -> None:
+        """A bug must still end the command with an outcome rather than a silent loop."""
+        while True:
+            state = await self._d.store.read(str(command.chat_id))
+            live = state.session if state.session is not None and state.session.is_live else None
+            if await self._outcome(SandboxFailed, command, live, state.seq, error=_error(exc)):
+                return
+
+
+def policy_from(node_id: str, sandbox: SandboxSettings, claim_timeout_seconds: float) -> Policy:
+    return Policy(
+        node_id=node_id,
+        image=sandbox.image,
+        default_ttl=timedelta(seconds=sandbox.ttl_seconds),
+        max_ttl=timedelta(seconds=sandbox.max_ttl_seconds),
+        claim_timeout=timedelta(seconds=claim_timeout_seconds),
+    )

@@ -1,0 +1,180 @@
+"""Typed configuration: defaults, then a TOML file, then `SANDBOXD_<SECTION>_<KEY>` variables.
+
+The file is named by `SANDBOXD_CONFIG` (or passed explicitly). Every key has an environment
+variable made of its section and name, e.g. `http.port` is `SANDBOXD_HTTP_PORT` and
+`api.token` is `SANDBOXD_API_TOKEN`. A bad or unknown key fails start-up with a ConfigError
+that names it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+ENV_PREFIX = "SANDBOXD_"
+CONFIG_FILE_ENV = "SANDBOXD_CONFIG"
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ConfigError(Exception):
+    """Start-up configuration is invalid; the message names the key."""
+
+
+class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Unset: `sandboxctl up` starts an embedded nats-server on 127.0.0.1:embedded_port.
+    url: str | None = None
+    embedded_port: Port = 4222
+    connect_timeout_seconds: PositiveSeconds = 5.0
+    request_timeout_seconds: PositiveSeconds = 5.0
+
+
+class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    commands_duplicate_window_seconds: Annotated[float, msgspec.Meta(ge=120)] = 120.0
+    commands_max_age_seconds: PositiveSeconds = 24 * 3600.0
+    events_duplicate_window_seconds: Annotated[float, msgspec.Meta(ge=120)] = 600.0
+    events_max_age_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30 * 24 * 3600.0
+    events_max_bytes: Annotated[int, msgspec.Meta(ge=-1)] = -1
+
+
+class HttpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: Port = 8123
+
+
+class ApiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    token: str | None = None
+    token_header: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9-]+$")] = "X-API-Token"
+    wait_seconds: PositiveSeconds = 30.0
+
+
+class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    image: str = "sandboxd-sandbox:latest"
+    command: list[str] = msgspec.field(default_factory=lambda: ["sleep", "infinity"])
+    ttl_seconds: PositiveInt = 3600
+    max_ttl_seconds: PositiveInt = 7 * 24 * 3600
+    chats_root: str = ".sandboxd/chats"
+    dependencies_host_path: str = ".sandboxd/dependencies"
+    lambda_tools_host_path: str = ".sandboxd/lambda-tools"
+    chat_mount_path: str = "/workspace/chat"
+    dependencies_mount_path: str = "/opt/dependencies"
+    lambda_tools_mount_path: str = "/opt/lambda-tools"
+    network_mode: str = "none"
+    cap_drop_all: bool = True
+    no_new_privileges: bool = True
+    init: bool = True
+    read_only_root: bool = True
+    tmpfs_size: str = "64m"
+    pids_limit: PositiveInt = 256
+    memory_limit: str = "512m"
+    cpus: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    oci_runtime: str | None = None
+    stop_timeout_seconds: Annotated[int, msgspec.Meta(ge=0)] = 2
+
+
+class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    node_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] = msgspec.field(
+        default_factory=lambda: re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname())[:64] or "node"
+    )
+    max_in_flight: PositiveInt = 32
+    # A claim (provisioning/stopping) older than this is presumed abandoned and taken over.
+    claim_timeout_seconds: PositiveSeconds = 120.0
+    ack_wait_seconds: PositiveSeconds = 30.0
+    docker_timeout_seconds: PositiveSeconds = 60.0
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    nats: NatsSettings = msgspec.field(default_factory=NatsSettings)
+    streams: StreamSettings = msgspec.field(default_factory=StreamSettings)
+    http: HttpSettings = msgspec.field(default_factory=HttpSettings)
+    api: ApiSettings = msgspec.field(default_factory=ApiSettings)
+    sandbox: SandboxSettings = msgspec.field(default_factory=SandboxSettings)
+    runtime: RuntimeSettings = msgspec.field(default_factory=RuntimeSettings)
+
+
+def env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section}_{key}".upper()
+
+
+def _sections() -> dict[str, type[msgspec.Struct]]:
+    return {f.name: f.type for f in msgspec.structs.fields(Settings)}
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    known: dict[str, tuple[str, str]] = {}
+    for section, struct in _sections().items():
+        for field in msgspec.structs.fields(struct):
+            known[env_name(section, field.name)] = (section, field.name)
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV:
+            continue
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else " (the README's configuration table lists them)"
+            raise ConfigError(f"unknown configuration variable {name}{hint}")
+        section, key = known[name]
+        overrides.setdefault(section, {})[key] = _parse_env_value(raw)
+    return overrides
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Lists and objects are written as JSON; everything else is taken as a string and
+    converted by the field's type (so `8123` becomes an int where an int is expected)."""
+    text = raw.strip()
+    if text.startswith(("[", "{")):
+        try:
+            return msgspec.json.decode(text)
+        except msgspec.DecodeError:
+            return raw
+    return raw
+
+
+def _source_of(path: str, environ: Mapping[str, str], file: Path | None) -> str:
+    """'SANDBOXD_HTTP_PORT (http.port)' for a msgspec error path like '$.http.port'."""
+    parts = [p for p in re.split(r"[.\[\]]", path.removeprefix("$")) if p]
+    if len(parts) >= 2:  # noqa: PLR2004 - section and key
+        var = env_name(parts[0], parts[1])
+        dotted = ".".join(parts)
+        where = var if var in environ else (f"{file}" if file else "defaults")
+        return f"{dotted} (from {where}; variable {var})"
+    return path
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    file = Path(path) if path is not None else (Path(env[CONFIG_FILE_ENV]) if env.get(CONFIG_FILE_ENV) else None)
+    data: dict[str, dict[str, Any]] = {}
+    if file is not None:
+        try:
+            loaded = tomllib.loads(file.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{CONFIG_FILE_ENV}: cannot read config file {file}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from exc
+        for section, values in loaded.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"config file {file}: {section} must be a [section] table")
+            data[section] = dict(values)
+    for section, values in _env_overrides(env).items():
+        data.setdefault(section, {}).update(values)
+    try:
+        return msgspec.convert(data, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = re.search(r" - at `(\$[^`]*)`", message)
+        if match is None:
+            raise ConfigError(f"invalid configuration: {message}") from exc
+        where = _source_of(match.group(1), env, file)
+        raise ConfigError(f"invalid configuration value for {where}: {message[: match.start()]}") from exc

@@ -1,0 +1,247 @@
+"""The public message contracts: commands, lifecycle events and the session record.
+
+Everything here is serialised as JSON on NATS and exported to `schemas/`; renaming a field
+is a contract change. Commands are decoded per subject kind (their kind is in the subject,
+not the payload); events are one tagged union on the `type` field.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Annotated, ClassVar, Literal
+
+import msgspec
+
+LabelKey = Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+LabelValue = Annotated[str, msgspec.Meta(max_length=256)]
+Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=32)]
+TtlSeconds = Annotated[int, msgspec.Meta(ge=1, le=30 * 24 * 3600)]
+Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class SessionStatus(enum.StrEnum):
+    PROVISIONING = "provisioning"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    LOST = "lost"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({SessionStatus.STOPPED, SessionStatus.FAILED, SessionStatus.LOST})
+
+
+class CreateResult(enum.StrEnum):
+    CREATED = "created"
+    REUSED = "reused"
+    REPLACED = "replaced"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+class Command(msgspec.Struct, frozen=True, kw_only=True):
+    """Fields every command carries; an agent typing one by hand needs only the ids."""
+
+    kind: ClassVar[str]
+    command_id: uuid.UUID
+    chat_id: uuid.UUID
+    requested_at: datetime | None = None
+    requested_by: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+
+
+class CreateSandbox(Command, frozen=True, kw_only=True):
+    """Create the chat's sandbox, or reuse the live one (replace it when expired)."""
+
+    kind: ClassVar[str] = "create"
+    ttl_seconds: TtlSeconds | None = None
+    labels: Labels = msgspec.field(default_factory=dict)
+
+
+class StopSandbox(Command, frozen=True, kw_only=True):
+    """Stop the chat's sandbox; with `session_id`, only if that is still the current one."""
+
+    kind: ClassVar[str] = "stop"
+    session_id: uuid.UUID | None = None
+    reason: Reason = "api"
+
+
+class KeepaliveSandbox(Command, frozen=True, kw_only=True):
+    """Move the live session's `expires_at` to now + ttl."""
+
+    kind: ClassVar[str] = "keepalive"
+    session_id: uuid.UUID | None = None
+    ttl_seconds: TtlSeconds | None = None
+
+
+AnyCommand = CreateSandbox | StopSandbox | KeepaliveSandbox
+COMMAND_TYPES: dict[str, type[AnyCommand]] = {
+    CreateSandbox.kind: CreateSandbox,
+    StopSandbox.kind: StopSandbox,
+    KeepaliveSandbox.kind: KeepaliveSandbox,
+}
+
+
+# --------------------------------------------------------------------------- session record
+
+
+class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A chat's session as the registry (`sandbox_sessions`) holds it.
+
+    `version` is the stream sequence of the event that produced this record. Inside an event
+    payload the event's own sequence is not known yet, so there it is the sequence of the
+    chat's previous event (the state the event was decided from); the projector and replay
+    write the event's own sequence.
+    """
+
+    session_id: str
+    chat_id: str
+    node_id: str
+    container_id: str | None
+    image: str
+    status: SessionStatus
+    created_at: datetime
+    expires_at: datetime
+    updated_at: datetime
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    version: int = 0
+
+    @property
+    def is_live(self) -> bool:
+        return not self.status.is_terminal
+
+    def is_expired(self, now: datetime) -> bool:
+        return self.expires_at <= now
+
+
+# --------------------------------------------------------------------------- events
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    type: str
+    message: str
+
+
+class PreviousSession(msgspec.Struct, frozen=True):
+    session_id: str
+    container_id: str | None
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """A lifecycle event; `session` is the chat's whole session after it (null when none)."""
+
+    event_id: str
+    chat_id: str
+    session_id: str | None
+    causation_id: str | None
+    occurred_at: datetime
+    node_id: str | None
+    result: CreateResult | None = None
+    reason: str | None = None
+    error: ErrorInfo | None = None
+    previous: PreviousSession | None = None
+    session: SessionRecord | None = None
+
+    @property
+    def type(self) -> str:
+        tag = self.__struct_config__.tag
+        assert isinstance(tag, str)
+        return tag
+
+
+class SandboxProvisioning(Event, frozen=True, kw_only=True, tag="provisioning"):
+    """The claim: a create owns the chat before any container exists."""
+
+
+class SandboxRunning(Event, frozen=True, kw_only=True, tag="running"):
+    """Outcome of a create: a new container runs (`result` created or replaced)."""
+
+
+class SandboxReused(Event, frozen=True, kw_only=True, tag="reused"):
+    """Outcome of a create that found a live, unexpired session; nothing changed."""
+
+
+class SandboxExtended(Event, frozen=True, kw_only=True, tag="extended"):
+    """Outcome of a keepalive: `expires_at` moved."""
+
+
+class SandboxStopping(Event, frozen=True, kw_only=True, tag="stopping"):
+    """The claim of a stop, before the container is removed."""
+
+
+class SandboxStopped(Event, frozen=True, kw_only=True, tag="stopped"):
+    """Outcome of a stop: the container is gone; the session is terminal."""
+
+
+class SandboxFailed(Event, frozen=True, kw_only=True, tag="failed"):
+    """A command could not be carried out; `error` says why, `session` what is left."""
+
+
+class SandboxLost(Event, frozen=True, kw_only=True, tag="lost"):
+    """The container of a running session disappeared behind our back."""
+
+
+class CommandRejected(Event, frozen=True, kw_only=True, tag="rejected"):
+    """The command was refused (`reason`); nothing changed."""
+
+
+AnyEvent = (
+    SandboxProvisioning
+    | SandboxRunning
+    | SandboxReused
+    | SandboxExtended
+    | SandboxStopping
+    | SandboxStopped
+    | SandboxFailed
+    | SandboxLost
+    | CommandRejected
+)
+EVENT_TYPES: tuple[type[Event], ...] = (
+    SandboxProvisioning,
+    SandboxRunning,
+    SandboxReused,
+    SandboxExtended,
+    SandboxStopping,
+    SandboxStopped,
+    SandboxFailed,
+    SandboxLost,
+    CommandRejected,
+)
+OUTCOME_TYPES: tuple[type[Event], ...] = (
+    SandboxRunning,
+    SandboxReused,
+    SandboxExtended,
+    SandboxStopped,
+    SandboxFailed,
+    CommandRejected,
+)
+
+EventTypeName = Literal[
+    "provisioning", "running", "reused", "extended", "stopping", "stopped", "failed", "lost", "rejected"
+]
+
+_event_decoder = msgspec.json.Decoder(AnyEvent)
+_record_decoder = msgspec.json.Decoder(SessionRecord)
+_encoder = msgspec.json.Encoder()
+
+
+def encode(value: object) -> bytes:
+    return _encoder.encode(value)
+
+
+def decode_event(data: bytes) -> AnyEvent:
+    return _event_decoder.decode(data)
+
+
+def decode_record(data: bytes) -> SessionRecord:
+    return _record_decoder.decode(data)
+
+
+def is_outcome(event: Event) -> bool:
+    return isinstance(event, OUTCOME_TYPES)

@@ -1,0 +1,44 @@
+"""The one error tree; nats-py and docker-py exceptions are wrapped into it at the adapters."""
+
+from __future__ import annotations
+
+
+class SandboxdError(Exception):
+    """Root of every error sandboxd raises on purpose."""
+
+
+class TransientError(SandboxdError):
+    """Worth retrying: a dependency is briefly unreachable or busy."""
+
+
+class NatsUnavailable(TransientError):
+    """NATS (or the stream's leader) did not answer."""
+
+
+class AppendConflict(SandboxdError):
+    """Another writer appended to the chat's subject first: re-read and decide again."""
+
+
+class InfrastructureError(SandboxdError):
+    """A dependency answered with a definite failure."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+class DockerUnavailable(TransientError):
+    """The Docker engine could not be reached."""
+
+
+class SandboxStartFailed(InfrastructureError):
+    """The container could not be created or started."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("sandbox_start_failed", message)
+
+
+class SandboxStopFailed(InfrastructureError):
+    def __init__(self, message: str) -> None:
+        super().__init__("sandbox_stop_failed", message)

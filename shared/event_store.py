@@ -1,0 +1,143 @@
+"""The chat-keyed event log on `SANDBOX_EVENTS`: read a chat's last event, append with
+optimistic concurrency, read a chat's history."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import msgspec
+from nats.errors import ConnectionClosedError, NoRespondersError, TimeoutError as NatsTimeoutError
+from nats.errors import ConnectionReconnectingError, OutboundBufferLimitError
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+
+from shared.contracts import AnyEvent, SessionRecord, decode_event, encode
+from shared.errors import AppendConflict, NatsUnavailable
+from shared.subjects import (
+    EVENT_TYPE_HEADER,
+    EVENTS_STREAM,
+    EXPECTED_LAST_SUBJECT_SEQ_HEADER,
+    MSG_ID_HEADER,
+    event_subject,
+)
+
+log = logging.getLogger(__name__)
+
+# 10071: wrong last subject sequence; 10164: wrong last sequence (constant form).
+CONFLICT_CODES = frozenset({10071, 10164})
+_UNAVAILABLE = (
+    NatsTimeoutError,
+    NoRespondersError,
+    ServiceUnavailableError,
+    ConnectionClosedError,
+    ConnectionReconnectingError,
+    OutboundBufferLimitError,
+    asyncio.TimeoutError,
+)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatState:
+    """The chat's last event and its stream sequence (0 and None when it has none)."""
+
+    seq: int
+    last: AnyEvent | None
+
+    @property
+    def session(self) -> SessionRecord | None:
+        return self.last.session if self.last is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    seq: int
+    event: AnyEvent
+
+
+async def with_nats_retry(call: Callable[[], Awaitable[T]], *, attempts: int = 4, what: str = "nats") -> T:
+    """Retry a request across a leader election or a reconnect; NatsUnavailable after that."""
+    delay = 0.05
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except _UNAVAILABLE as exc:
+            if attempt == attempts - 1:
+                raise NatsUnavailable(f"{what}: NATS did not answer ({type(exc).__name__})") from exc
+            await asyncio.sleep(delay)
+            delay *= 3
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class EventStore:
+    def __init__(self, js: JetStreamContext, stream: str = EVENTS_STREAM) -> None:
+        self._js = js
+        self._stream = stream
+
+    async def read(self, chat_id: str) -> ChatState:
+        subject = event_subject(chat_id)
+
+        async def get() -> ChatState:
+            try:
+                raw = await self._js.get_last_msg(self._stream, subject, direct=True)
+            except NotFoundError:
+                return ChatState(0, None)
+            return ChatState(raw.seq or 0, decode_event(raw.data or b""))
+
+        return await with_nats_retry(get, what=f"read {subject}")
+
+    async def append(self, event: AnyEvent, *, expected_seq: int | None, msg_id: str) -> Appended:
+        """Append to the event's chat subject; AppendConflict when `expected_seq` is not the
+        subject's last sequence any more. `expected_seq=None` appends unconditionally."""
+        return await self.append_to(event_subject(event.chat_id), event, expected_seq=expected_seq, msg_id=msg_id)
+
+    async def append_to(self, subject: str, event: AnyEvent, *, expected_seq: int | None, msg_id: str) -> Appended:
+        headers = {MSG_ID_HEADER: msg_id, EVENT_TYPE_HEADER: event.type}
+        if expected_seq is not None:
+            headers[EXPECTED_LAST_SUBJECT_SEQ_HEADER] = str(expected_seq)
+        payload = encode(event)
+
+        async def publish() -> Appended:
+            try:
+                ack = await self._js.publish(subject, payload, stream=self._stream, headers=headers)
+            except APIError as exc:
+                if exc.err_code in CONFLICT_CODES:
+                    raise AppendConflict(f"{subject}: last sequence is not {expected_seq}") from exc
+                raise
+            return Appended(ack.seq, bool(ack.duplicate))
+
+        return await with_nats_retry(publish, what=f"append to {subject}")
+
+    async def history(self, chat_id: str, *, limit: int | None = None) -> list[StoredEvent]:
+        """The chat's events in order (the last `limit` of them when given)."""
+        subject = event_subject(chat_id)
+        last = await self.read(chat_id)
+        if last.last is None:
+            return []
+        sub = await self._js.subscribe(
+            subject, stream=self._stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        out: list[StoredEvent] = []
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=5.0)
+                try:
+                    out.append(StoredEvent(msg.metadata.sequence.stream, decode_event(msg.data)))
+                except msgspec.DecodeError:
+                    log.warning("skipping an undecodable message on %s", subject)
+                if msg.metadata.sequence.stream >= last.seq or msg.metadata.num_pending == 0:
+                    break
+        finally:
+            await sub.unsubscribe()
+        return out[-limit:] if limit else out

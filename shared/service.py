@@ -1,0 +1,49 @@
+"""What every process's entry point shares: logging, config errors, signal handling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from shared.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_service(name: str, main: Callable[[Settings, asyncio.Event], Awaitable[None]]) -> int:
+    """Load settings, run `main` until SIGINT/SIGTERM sets its stop event; an exit code."""
+    setup_logging()
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"{name}: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+    async def runner() -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        await main(settings, stopping)
+
+    try:
+        asyncio.run(runner())
+    except StartupError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class StartupError(Exception):
+    """A dependency is missing at start-up; the message tells the operator what to do."""

@@ -1,0 +1,41 @@
+"""Names of the public NATS topology: streams, subjects, the KV bucket and headers."""
+
+from __future__ import annotations
+
+import uuid
+
+COMMANDS_STREAM = "SANDBOX_COMMANDS"
+EVENTS_STREAM = "SANDBOX_EVENTS"
+SESSIONS_BUCKET = "sandbox_sessions"
+
+COMMAND_PREFIX = "sandbox.cmd"
+EVENT_PREFIX = "sandbox.events"
+COMMAND_SUBJECTS = f"{COMMAND_PREFIX}.>"
+EVENT_SUBJECTS = f"{EVENT_PREFIX}.>"
+# Rejections of commands whose subject names no valid chat id land here.
+INVALID_EVENTS_SUBJECT = f"{EVENT_PREFIX}.invalid"
+
+EVENT_TYPE_HEADER = "Sandbox-Event"
+MSG_ID_HEADER = "Nats-Msg-Id"
+EXPECTED_LAST_SUBJECT_SEQ_HEADER = "Nats-Expected-Last-Subject-Sequence"
+
+
+def canonical_chat_id(raw: str) -> str:
+    """The canonical (lowercase, hyphenated) spelling of a UUID; ValueError if it is none."""
+    return str(uuid.UUID(raw.strip()))
+
+
+def command_subject(kind: str, chat_id: str) -> str:
+    return f"{COMMAND_PREFIX}.{kind}.{chat_id}"
+
+
+def event_subject(chat_id: str) -> str:
+    return f"{EVENT_PREFIX}.{chat_id}"
+
+
+def split_command_subject(subject: str) -> tuple[str, str]:
+    """(kind, chat token) of a command subject, tokens as published (not validated)."""
+    prefix = COMMAND_PREFIX + "."
+    rest = subject[len(prefix) :] if subject.startswith(prefix) else ""
+    kind, _, chat = rest.partition(".")
+    return kind, chat

@@ -1,0 +1,98 @@
+"""Shared fixtures: a real nats-server per test, the real Docker engine, the sandbox image.
+
+A test that needs Docker or NATS skips when they are missing on a developer machine, and
+fails under CI=true: CI must never pass by skipping the parts that matter.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import docker
+import pytest
+from docker.errors import DockerException
+
+from services.runtime.image import ensure_sandbox_image
+from shared.config import Settings, load_settings
+from tests.support.nats_server import NatsServer, nats_server
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+TEST_IMAGE = "sandboxd-sandbox:latest"
+TEST_TOKEN = "test-token-" + uuid.uuid4().hex
+
+
+def require(ok: bool, what: str) -> None:
+    if ok:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} (CI=true: missing infrastructure fails the run)")
+    pytest.skip(what)
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    try:
+        client = docker.from_env()
+        client.ping()
+    except DockerException as exc:
+        require(False, f"no Docker engine: {exc}")
+        raise
+    ensure_sandbox_image(client, TEST_IMAGE)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def nats(tmp_path: Path) -> Iterator[NatsServer]:
+    try:
+        with nats_server(tmp_path / "nats") as server:
+            yield server
+    except (OSError, RuntimeError) as exc:
+        require(False, f"cannot run nats-server: {exc}")
+
+
+@pytest.fixture
+def node_id() -> str:
+    return f"test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(nats: NatsServer, tmp_path: Path, node_id: str) -> Settings:
+    for sub in ("chats", "deps", "tools"):
+        (tmp_path / sub).mkdir()
+    return settings_for(nats.url, tmp_path, node_id)
+
+
+def settings_for(url: str, root: Path, node_id: str, **extra: str) -> Settings:
+    env = {
+        "SANDBOXD_NATS_URL": url,
+        "SANDBOXD_API_TOKEN": TEST_TOKEN,
+        "SANDBOXD_API_WAIT_SECONDS": "20",
+        "SANDBOXD_RUNTIME_NODE_ID": node_id,
+        "SANDBOXD_SANDBOX_IMAGE": TEST_IMAGE,
+        "SANDBOXD_SANDBOX_CHATS_ROOT": str(root / "chats"),
+        "SANDBOXD_SANDBOX_DEPENDENCIES_HOST_PATH": str(root / "deps"),
+        "SANDBOXD_SANDBOX_LAMBDA_TOOLS_HOST_PATH": str(root / "tools"),
+        "SANDBOXD_SANDBOX_STOP_TIMEOUT_SECONDS": "1",
+        **extra,
+    }
+    return load_settings(environ=env)
+
+
+@pytest.fixture
+def node_containers(docker_client: docker.DockerClient, node_id: str) -> Iterator[None]:
+    """Remove whatever containers this test's node left behind."""
+    yield
+    for c in docker_client.containers.list(all=True, filters={"label": f"sandboxd.node_id={node_id}"}):
+        c.remove(force=True)
+
+
+@pytest.fixture
+async def runtime(settings: Settings, docker_client: docker.DockerClient, node_containers: None) -> AsyncIterator[None]:
+    from services.runtime.service import running_runtime  # noqa: PLC0415 - keeps unit runs light
+
+    async with running_runtime(settings):
+        yield
