@@ -283,7 +283,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> Litestar:
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
         kv = await ensure_topology(js, settings.streams)
         waiter = OutcomeWaiter()
-        await waiter.start(nc)
+        await waiter.start(js)
         app.state.ctx = ApiContext(
             settings=settings,
             nc=nc,

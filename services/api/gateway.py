@@ -1,8 +1,10 @@
 """Commands in, outcomes back: the facade's request/reply over JetStream.
 
-One core subscription on `sandbox.events.>` is opened (and flushed) before any command is
-published; each request registers its command id, publishes the command with
+One ordered JetStream consumer on `SANDBOX_EVENTS` (new messages only) is opened before any
+command is published; each request registers its command id, publishes the command with
 `Nats-Msg-Id = command_id`, and waits for the outcome event carrying that causation id.
+It must be a stream consumer, not a core subscription: a core subscriber on
+`sandbox.events.>` also sees appends the stream refused (lost optimistic-concurrency races).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
 
 from shared.contracts import OUTCOME_TYPES, AnyCommand, AnyEvent, decode_event, encode
 from shared.errors import NatsUnavailable
 from shared.event_store import with_nats_retry
-from shared.subjects import COMMANDS_STREAM, EVENT_SUBJECTS, MSG_ID_HEADER, command_subject
+from shared.subjects import COMMANDS_STREAM, EVENT_SUBJECTS, EVENTS_STREAM, MSG_ID_HEADER, command_subject
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +44,15 @@ class OutcomeWaiter:
         self._pending: dict[str, asyncio.Future[AnyEvent]] = {}
         self._sub: Subscription | None = None
 
-    async def start(self, nc: Client) -> None:
-        self._sub = await nc.subscribe(EVENT_SUBJECTS, cb=self._on_event, pending_msgs_limit=1_000_000)
-        await nc.flush()
+    async def start(self, js: JetStreamContext) -> None:
+        self._sub = await js.subscribe(
+            EVENT_SUBJECTS,
+            stream=EVENTS_STREAM,
+            cb=self._on_event,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW,
+            pending_msgs_limit=1_000_000,
+        )
 
     async def stop(self) -> None:
         if self._sub is not None:
