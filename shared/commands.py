@@ -19,6 +19,7 @@ class MalformedCommand(Exception):
         self.command_id = command_id
 
 
+_MAX_ID_LENGTH = 64
 _decoders = {kind: msgspec.json.Decoder(cls) for kind, cls in COMMAND_TYPES.items()}
 
 
@@ -29,7 +30,7 @@ def _loose_command_id(data: bytes) -> str | None:
     except msgspec.DecodeError:
         return None
     value = raw.get("command_id") if isinstance(raw, dict) else None
-    return value if isinstance(value, str) and len(value) <= 64 else None
+    return value if isinstance(value, str) and len(value) <= _MAX_ID_LENGTH else None
 
 
 def decode_command(subject: str, data: bytes) -> AnyCommand:

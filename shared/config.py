@@ -55,7 +55,7 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 class ApiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     token: str | None = None
-    token_header: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9-]+$")] = "X-API-Token"
+    token_header: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9-]+$")] = "X-API-Token"  # noqa: S105 - a header name
     wait_seconds: PositiveSeconds = 30.0
 
 

@@ -150,9 +150,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 
     @property
     def type(self) -> str:
-        tag = self.__struct_config__.tag
-        assert isinstance(tag, str)
-        return tag
+        return str(self.__struct_config__.tag)
 
 
 class SandboxProvisioning(Event, frozen=True, kw_only=True, tag="provisioning"):
@@ -226,7 +224,7 @@ EventTypeName = Literal[
     "provisioning", "running", "reused", "extended", "stopping", "stopped", "failed", "lost", "rejected"
 ]
 
-_event_decoder = msgspec.json.Decoder(AnyEvent)
+_event_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
 _record_decoder = msgspec.json.Decoder(SessionRecord)
 _encoder = msgspec.json.Encoder()
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import msgspec
-from nats.errors import ConnectionClosedError, NoRespondersError, TimeoutError as NatsTimeoutError
-from nats.errors import ConnectionReconnectingError, OutboundBufferLimitError
+from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRespondersError, OutboundBufferLimitError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError

@@ -60,7 +60,7 @@ class Registry:
                     if entry.value:
                         records.append(decode_record(entry.value))
             finally:
-                await watcher.stop()
+                await watcher.stop()  # type: ignore[no-untyped-call]
             return records
 
         return await with_nats_retry(read_all, what="registry list")

@@ -58,25 +58,25 @@ def events_stream_config(settings: StreamSettings) -> StreamConfig:
 
 
 async def _ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
-    assert wanted.name is not None
+    name = wanted.name or ""
     try:
-        info = await js.stream_info(wanted.name)
+        info = await js.stream_info(name)
     except NotFoundError:
         await js.add_stream(wanted)
-        log.info("created stream %s", wanted.name)
+        log.info("created stream %s", name)
         return
     have = info.config
     if have.retention != wanted.retention:
         raise TopologyError(
-            f"stream {wanted.name} exists with retention {have.retention}, the contract needs "
+            f"stream {name} exists with retention {have.retention}, the contract needs "
             f"{wanted.retention}; it cannot be changed in place (delete or rename the old stream)"
         )
     if set(have.subjects or []) != set(wanted.subjects or []):
-        raise TopologyError(f"stream {wanted.name} exists with subjects {have.subjects}, expected {wanted.subjects}")
+        raise TopologyError(f"stream {name} exists with subjects {have.subjects}, expected {wanted.subjects}")
     mutable = ("duplicate_window", "max_age", "max_bytes", "num_replicas", "allow_direct", "description")
     if any(getattr(have, f) != getattr(wanted, f) for f in mutable):
         await js.update_stream(wanted)
-        log.info("updated stream %s settings", wanted.name)
+        log.info("updated stream %s settings", name)
 
 
 async def ensure_topology(js: JetStreamContext, settings: StreamSettings) -> KeyValue:

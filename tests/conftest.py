@@ -24,9 +24,8 @@ TEST_IMAGE = "sandboxd-sandbox:latest"
 TEST_TOKEN = "test-token-" + uuid.uuid4().hex
 
 
-def require(ok: bool, what: str) -> None:
-    if ok:
-        return
+def missing(what: str) -> None:
+    """Skip on a developer machine without the dependency; fail under CI=true."""
     if IN_CI:
         pytest.fail(f"{what} (CI=true: missing infrastructure fails the run)")
     pytest.skip(what)
@@ -38,7 +37,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
         client = docker.from_env()
         client.ping()
     except DockerException as exc:
-        require(False, f"no Docker engine: {exc}")
+        missing(f"no Docker engine: {exc}")
         raise
     ensure_sandbox_image(client, TEST_IMAGE)
     yield client
@@ -51,7 +50,7 @@ def nats(tmp_path: Path) -> Iterator[NatsServer]:
         with nats_server(tmp_path / "nats") as server:
             yield server
     except (OSError, RuntimeError) as exc:
-        require(False, f"cannot run nats-server: {exc}")
+        missing(f"cannot run nats-server: {exc}")
 
 
 @pytest.fixture

@@ -15,10 +15,11 @@ def main() -> int:
     setup_logging()
     try:
         settings = load_settings()
-        if not settings.api.token:
-            raise ConfigError("api.token (SANDBOXD_API_TOKEN) must be set: the API refuses to run without a token")
     except ConfigError as exc:
         print(f"sandboxd-api: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if not settings.api.token:
+        print("sandboxd-api: configuration error: api.token (SANDBOXD_API_TOKEN) must be set", file=sys.stderr)
         return 2
     app = create_app(settings)
     uvicorn.run(app, host=settings.http.host, port=settings.http.port, log_level="info", access_log=False)

@@ -34,7 +34,6 @@ from services.api.views import (
     SeedCreateRequest,
     SeedCreateResponse,
     SessionList,
-    SessionView,
     StoredEventView,
     failure_detail,
     outcome_status,
@@ -191,7 +190,9 @@ def _create_response(outcome: AnyEvent, *, seed: bool) -> Response[Any]:
     if isinstance(outcome, SandboxRunning | SandboxReused) and outcome.session is not None:
         s = outcome.session
         if seed:
-            body: object = SeedCreateResponse(s.session_id, s.chat_id, s.container_id, s.status, s.created_at, s.expires_at)
+            body: object = SeedCreateResponse(
+                s.session_id, s.chat_id, s.container_id, s.status, s.created_at, s.expires_at
+            )
         else:
             body = session_view(s, outcome.result)
         return _json(body, status)
@@ -235,7 +236,9 @@ async def stop_sandbox(request: Request[Any, Any, Any], chat_id: FromPath[str]) 
 
 
 @post("/sandboxes/{chat_id:str}/keepalive", operation_id="keepaliveSandbox", tags=["sandboxes"], status_code=200)
-async def keepalive_sandbox(request: Request[Any, Any, Any], chat_id: FromPath[str], data: JSONBody[KeepaliveRequest | None] = None) -> Response[Any]:
+async def keepalive_sandbox(
+    request: Request[Any, Any, Any], chat_id: FromPath[str], data: JSONBody[KeepaliveRequest | None] = None
+) -> Response[Any]:
     """Move the live session's `expires_at` to now + ttl (default: the configured ttl)."""
     ctx = _ctx(request)
     body = data or KeepaliveRequest()
@@ -302,7 +305,15 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> Litestar:
     protected = Router(
         path="/",
         guards=[token_guard],
-        route_handlers=[create_sandbox, create_seed, get_sandbox, list_sandboxes, stop_sandbox, keepalive_sandbox, sandbox_events],
+        route_handlers=[
+            create_sandbox,
+            create_seed,
+            get_sandbox,
+            list_sandboxes,
+            stop_sandbox,
+            keepalive_sandbox,
+            sandbox_events,
+        ],
     )
     api = Router(path=API_PREFIX, route_handlers=[health, ready, protected])
     return Litestar(

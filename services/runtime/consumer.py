@@ -128,7 +128,7 @@ async def settle(msg: Msg, handlers: CommandHandlers) -> None:
         log.exception("command %s on %s failed unexpectedly", command.command_id, msg.subject)
         try:
             await handlers.fail_unexpected(command, exc)
-        except Exception as again:
+        except Exception as again:  # noqa: BLE001 - the last resort must not lose the message
             await _nak(msg, deliveries, again)
             return
     await msg.ack()

@@ -65,9 +65,25 @@ def container_spec(session: SessionRecord, settings: SandboxSettings) -> Contain
     }
     labels.update({f"{USER_LABEL_PREFIX}{k}": v for k, v in session.labels.items()})
     mounts = [
-        Mount(Path(settings.chats_root).resolve() / session.chat_id, settings.chat_mount_path, False, "sandbox.chats_root", create=True),
-        Mount(Path(settings.dependencies_host_path).resolve(), settings.dependencies_mount_path, True, "sandbox.dependencies_host_path"),
-        Mount(Path(settings.lambda_tools_host_path).resolve(), settings.lambda_tools_mount_path, True, "sandbox.lambda_tools_host_path"),
+        Mount(
+            Path(settings.chats_root).resolve() / session.chat_id,
+            settings.chat_mount_path,
+            read_only=False,
+            setting="sandbox.chats_root",
+            create=True,
+        ),
+        Mount(
+            Path(settings.dependencies_host_path).resolve(),
+            settings.dependencies_mount_path,
+            read_only=True,
+            setting="sandbox.dependencies_host_path",
+        ),
+        Mount(
+            Path(settings.lambda_tools_host_path).resolve(),
+            settings.lambda_tools_mount_path,
+            read_only=True,
+            setting="sandbox.lambda_tools_host_path",
+        ),
     ]
     return ContainerSpec(
         name=container_name(session.session_id),

@@ -132,7 +132,9 @@ def _live(last: AnyEvent | None) -> SessionRecord | None:
 def _ttl(requested: int | None, policy: Policy) -> timedelta | Reject:
     ttl = timedelta(seconds=requested) if requested is not None else policy.default_ttl
     if ttl > policy.max_ttl:
-        return Reject("ttl_too_long", f"ttl_seconds {requested} exceeds the maximum of {int(policy.max_ttl.total_seconds())}")
+        return Reject(
+            "ttl_too_long", f"ttl_seconds {requested} exceeds the maximum of {int(policy.max_ttl.total_seconds())}"
+        )
     return ttl
 
 
@@ -216,7 +218,9 @@ def decide_stop(
     return ClaimStop(stopping(session, now))
 
 
-def decide_keepalive(last: AnyEvent | None, command: KeepaliveSandbox, now: datetime, policy: Policy) -> KeepaliveDecision:
+def decide_keepalive(
+    last: AnyEvent | None, command: KeepaliveSandbox, now: datetime, policy: Policy
+) -> KeepaliveDecision:
     command_id = str(command.command_id)
     if last is not None and last.causation_id == command_id and is_outcome(last):
         return AlreadyHandled()

@@ -119,7 +119,9 @@ class DockerDriver:
                 )
                 container_id: str = created["Id"]
             except ImageNotFound as exc:
-                raise SandboxStartFailed(f"image {spec.image!r} is not on this Docker engine: {exc.explanation}") from exc
+                raise SandboxStartFailed(
+                    f"image {spec.image!r} is not on this Docker engine: {exc.explanation}"
+                ) from exc
             except APIError as exc:
                 if exc.status_code != _HTTP_CONFLICT:
                     raise SandboxStartFailed(f"docker create failed: {exc.explanation or exc}") from exc

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 
@@ -117,7 +117,13 @@ class CommandHandlers:
     # ------------------------------------------------------------------ appends
 
     def _event(
-        self, cls: type[AnyEvent], chat_id: str, causation_id: str | None, session: SessionRecord | None, version: int, **fields: Any
+        self,
+        cls: type[AnyEvent],
+        chat_id: str,
+        causation_id: str | None,
+        session: SessionRecord | None,
+        version: int,
+        **fields: Any,
     ) -> AnyEvent:
         return cls(
             event_id=self._new_id(),
@@ -130,7 +136,9 @@ class CommandHandlers:
             **fields,
         )
 
-    async def _claim(self, cls: type[AnyEvent], command: AnyCommand, session: SessionRecord, expected: int, **fields: Any) -> int | None:
+    async def _claim(
+        self, cls: type[AnyEvent], command: AnyCommand, session: SessionRecord, expected: int, **fields: Any
+    ) -> int | None:
         """Append a claim; its sequence, or None when another writer got there first."""
         event = self._event(cls, session.chat_id, str(command.command_id), session, expected, **fields)
         try:
@@ -153,12 +161,17 @@ class CommandHandlers:
     async def _reject(self, command: AnyCommand, state: ChatState, decision: Reject) -> bool:
         live = state.session if state.session is not None and state.session.is_live else None
         return await self._outcome(
-            CommandRejected, command, live, state.seq, reason=decision.reason, error=ErrorInfo(decision.reason, decision.detail)
+            CommandRejected,
+            command,
+            live,
+            state.seq,
+            reason=decision.reason,
+            error=ErrorInfo(decision.reason, decision.detail),
         )
 
     # ------------------------------------------------------------------ create
 
-    async def create(self, command: CreateSandbox, progress: Progress) -> None:
+    async def create(self, command: CreateSandbox, progress: Progress) -> None:  # noqa: C901 - one case per decision
         backoff = _Backoff()
         chat_id = str(command.chat_id)
         while True:
@@ -185,19 +198,28 @@ class CommandHandlers:
                     done = seq is not None and await self._replace(command, old, seq, progress)
                 case ResumeReplace(old):
                     done = await self._replace(command, old, state.seq, progress)
+                case _:
+                    assert_never(decision)
             if done:
                 return
 
     async def _replace(self, command: CreateSandbox, old: SessionRecord, claim_seq: int, progress: Progress) -> bool:
         try:
-            await self._d.driver.remove(old.container_id or container_name(old.session_id), self._d.sandbox.stop_timeout_seconds)
+            await self._d.driver.remove(
+                old.container_id or container_name(old.session_id), self._d.sandbox.stop_timeout_seconds
+            )
         except (InfrastructureError, DockerUnavailable) as exc:
             log.warning("replace of session %s: removing its container failed: %s", old.session_id, exc)
             return await self._outcome(SandboxFailed, command, old, claim_seq, error=_error(exc))
         decision = provision_after_replace(command, old, self._new_id(), self._d.clock.now(), self._d.policy)
         if isinstance(decision, Reject):
             return await self._outcome(
-                CommandRejected, command, None, claim_seq, reason=decision.reason, error=ErrorInfo(decision.reason, decision.detail)
+                CommandRejected,
+                command,
+                None,
+                claim_seq,
+                reason=decision.reason,
+                error=ErrorInfo(decision.reason, decision.detail),
             )
         seq = await self._claim(SandboxProvisioning, command, decision.session, claim_seq, previous=decision.previous)
         if seq is None:
@@ -206,7 +228,12 @@ class CommandHandlers:
         return await self._start(command, decision.session, seq, decision.previous, progress)
 
     async def _start(
-        self, command: CreateSandbox, claim: SessionRecord, claim_seq: int, previous: PreviousSession | None, progress: Progress
+        self,
+        command: CreateSandbox,
+        claim: SessionRecord,
+        claim_seq: int,
+        previous: PreviousSession | None,
+        progress: Progress,
     ) -> bool:
         spec = container_spec(claim, self._d.sandbox)
         try:
@@ -217,14 +244,9 @@ class CommandHandlers:
             failed = msgspec.structs.replace(claim, status=SessionStatus.FAILED, updated_at=self._d.clock.now())
             return await self._outcome(SandboxFailed, command, failed, claim_seq, error=_error(exc), previous=previous)
         await progress()
-        now = self._d.clock.now()
+        # created_at/expires_at stay as claimed: the container's labels carry the same values.
         running = msgspec.structs.replace(
-            claim,
-            container_id=container_id,
-            status=SessionStatus.RUNNING,
-            created_at=now,
-            expires_at=now + (claim.expires_at - claim.created_at),
-            updated_at=now,
+            claim, container_id=container_id, status=SessionStatus.RUNNING, updated_at=self._d.clock.now()
         )
         result = CreateResult.REPLACED if previous is not None else CreateResult.CREATED
         # A NatsUnavailable here propagates: the append may have landed, so the container
@@ -267,6 +289,8 @@ class CommandHandlers:
                 case ResumeStop(session):
                     pinned = session.session_id
                     done = await self._finish_stop(command, session, state.seq)
+                case _:
+                    assert_never(decision)
             if done:
                 return
 
@@ -278,7 +302,9 @@ class CommandHandlers:
         except (InfrastructureError, DockerUnavailable) as exc:
             # The record keeps pointing at the container (status stopping): a later stop retries.
             log.warning("stop of session %s failed: %s", session.session_id, exc)
-            return await self._outcome(SandboxFailed, command, session, claim_seq, error=_error(exc), reason=command.reason)
+            return await self._outcome(
+                SandboxFailed, command, session, claim_seq, error=_error(exc), reason=command.reason
+            )
         stopped = msgspec.structs.replace(session, status=SessionStatus.STOPPED, updated_at=self._d.clock.now())
         return await self._outcome(SandboxStopped, command, stopped, claim_seq, reason=command.reason)
 
@@ -300,6 +326,8 @@ class CommandHandlers:
                     done = await self._reject(command, state, decision)
                 case Extend(session):
                     done = await self._outcome(SandboxExtended, command, session, state.seq)
+                case _:
+                    assert_never(decision)
             if done:
                 return
 
@@ -316,7 +344,9 @@ class CommandHandlers:
         while True:
             state = await self._d.store.read(bad.chat_id)
             live = state.session if state.session is not None and state.session.is_live else None
-            event = self._event(CommandRejected, bad.chat_id, bad.command_id, live, state.seq, reason=bad.reason, error=error)
+            event = self._event(
+                CommandRejected, bad.chat_id, bad.command_id, live, state.seq, reason=bad.reason, error=error
+            )
             try:
                 await self._d.store.append(event, expected_seq=state.seq, msg_id=msg_id)
             except AppendConflict:

@@ -29,7 +29,9 @@ _CAS_ATTEMPTS = 10
 
 
 class Projector:
-    def __init__(self, js: JetStreamContext, store: EventStore, registry: Registry, durable: str = PROJECTOR_CONSUMER) -> None:
+    def __init__(
+        self, js: JetStreamContext, store: EventStore, registry: Registry, durable: str = PROJECTOR_CONSUMER
+    ) -> None:
         self._js = js
         self._store = store
         self._registry = registry
@@ -83,7 +85,9 @@ class Projector:
                     continue
                 chats = {m.subject[len(prefix) :] for m in msgs if m.subject != INVALID_EVENTS_SUBJECT}
                 results = await asyncio.gather(*(self.project_chat(c) for c in chats), return_exceptions=True)
-                failed = {c for c, r in zip(chats, results, strict=True) if isinstance(r, BaseException) or r == "contended"}
+                failed = {
+                    c for c, r in zip(chats, results, strict=True) if isinstance(r, BaseException) or r == "contended"
+                }
                 for chat, result in zip(chats, results, strict=True):
                     if isinstance(result, BaseException):
                         log.warning("projecting chat %s failed: %s", chat, result)

@@ -55,7 +55,10 @@ async def running_runtime(
         policy = policy_from(settings.runtime.node_id, settings.sandbox, settings.runtime.claim_timeout_seconds)
         handlers = CommandHandlers(HandlerDeps(store, driver, clock or SystemClock(), policy, settings.sandbox))
         consumer = CommandConsumer(
-            js, handlers, max_in_flight=settings.runtime.max_in_flight, ack_wait_seconds=settings.runtime.ack_wait_seconds
+            js,
+            handlers,
+            max_in_flight=settings.runtime.max_in_flight,
+            ack_wait_seconds=settings.runtime.ack_wait_seconds,
         )
         projector = Projector(js, store, Registry(js, kv))
         stopping = asyncio.Event()

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def api(settings: Settings, runtime: None) -> AsyncIterator[httpx.AsyncClient]:
-    async with serving_api(settings) as base_url, httpx.AsyncClient(
-        base_url=base_url, headers={"X-API-Token": TEST_TOKEN}, timeout=30
-    ) as client:
+    async with (
+        serving_api(settings) as base_url,
+        httpx.AsyncClient(base_url=base_url, headers={"X-API-Token": TEST_TOKEN}, timeout=30) as client,
+    ):
         yield client

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import docker
-import nats
 import httpx
+import nats
 
 from shared.config import Settings
 from shared.contracts import decode_record
@@ -82,7 +82,9 @@ async def test_create_reuse_stop_over_http(
     assert container.exec_run(["sh", "-c", "echo hi > /workspace/chat/f"]).exit_code == 0
     assert (tmp_path / "chats" / chat / "f").read_text() == "hi\n"
     assert container.exec_run(["sh", "-c", "echo x > /opt/dependencies/f"]).exit_code != 0
-    await eventually_kv(settings, chat, {"session_id": view["session_id"], "status": "running", "container_id": view["container_id"]})
+    await eventually_kv(
+        settings, chat, {"session_id": view["session_id"], "status": "running", "container_id": view["container_id"]}
+    )
 
     reused = await api.post("/api/v1/sandboxes", json={"chat_id": chat})
     assert reused.status_code == 200, reused.text
@@ -154,7 +156,9 @@ async def test_auth(api: Client) -> None:
     assert (await api.get("/api/v1/ready", headers={"X-API-Token": ""})).status_code == 200
 
 
-async def test_bad_input_is_refused_and_changes_nothing(api: Client, docker_client: docker.DockerClient, node_id: str) -> None:
+async def test_bad_input_is_refused_and_changes_nothing(
+    api: Client, docker_client: docker.DockerClient, node_id: str
+) -> None:
     cases: list[tuple[dict[str, Any], int, str]] = [
         ({"chat_id": "not-a-uuid"}, 400, "not a UUID"),
         ({"chat_id": str(uuid.uuid4()), "ttl_seconds": "soon"}, 400, "ttl_seconds"),
@@ -172,7 +176,9 @@ async def test_bad_input_is_refused_and_changes_nothing(api: Client, docker_clie
     assert not docker_client.containers.list(all=True, filters={"label": f"sandboxd.node_id={node_id}"})
 
 
-async def test_docker_failure_is_an_error_that_says_so(nats: Any, tmp_path: Path, docker_client: docker.DockerClient, node_id: str, node_containers: None) -> None:
+async def test_docker_failure_is_an_error_that_says_so(
+    nats: Any, tmp_path: Path, docker_client: docker.DockerClient, node_id: str, node_containers: None
+) -> None:
     from services.runtime.service import running_runtime  # noqa: PLC0415
     from tests.conftest import TEST_TOKEN, settings_for  # noqa: PLC0415
     from tests.support.api_server import serving_api  # noqa: PLC0415

@@ -62,7 +62,9 @@ async def agent(settings: Settings, runtime: None) -> AsyncIterator[tuple[Client
     nc = await nats.connect(settings.nats.url or "")
     log = EventLog()
     # A stream consumer, not a core subscription: it sees only events the stream stored.
-    await nc.jetstream().subscribe("sandbox.events.>", cb=log.on_msg, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
+    await nc.jetstream().subscribe(
+        "sandbox.events.>", cb=log.on_msg, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
+    )
     yield nc, log
     await nc.close()
 
@@ -99,7 +101,9 @@ async def test_create_reuse_stop_by_hand(agent: tuple[Client, EventLog], docker_
     assert docker_client.containers.get(session["container_id"]).status == "running"
 
     stop = str(uuid.uuid4())
-    await publish(nc, "stop", chat, {"command_id": stop, "chat_id": chat, "session_id": session["session_id"], "reason": "done"})
+    await publish(
+        nc, "stop", chat, {"command_id": stop, "chat_id": chat, "session_id": session["session_id"], "reason": "done"}
+    )
     stopped = await log.outcome(stop)
     assert (stopped["type"], stopped["reason"], stopped["session"]["status"]) == ("stopped", "done", "stopped")
     assert not docker_client.containers.list(all=True, filters={"id": session["container_id"]})
@@ -116,7 +120,10 @@ async def test_many_concurrent_creates_make_one_container(
     from tests.support.api_server import serving_api  # noqa: PLC0415
 
     over_nats = [str(uuid.uuid4()) for _ in range(15)]
-    async with serving_api(settings) as url, httpx.AsyncClient(base_url=url, headers={"X-API-Token": TEST_TOKEN}, timeout=30) as http:
+    async with (
+        serving_api(settings) as url,
+        httpx.AsyncClient(base_url=url, headers={"X-API-Token": TEST_TOKEN}, timeout=30) as http,
+    ):
         responses, _ = await asyncio.gather(
             asyncio.gather(*(http.post("/api/v1/sandboxes", json={"chat_id": chat}) for _ in range(15))),
             asyncio.gather(*(publish(nc, "create", chat, {"command_id": c, "chat_id": chat}) for c in over_nats)),
@@ -143,7 +150,12 @@ async def test_malformed_commands_are_rejected_once_and_never_redelivered(
     other = str(uuid.uuid4())
     cases = [
         ("create", chat, b"{not json", "invalid_json"),
-        ("create", chat, json.dumps({"command_id": str(uuid.uuid4()), "chat_id": chat, "ttl_seconds": "x"}).encode(), "invalid_payload"),
+        (
+            "create",
+            chat,
+            json.dumps({"command_id": str(uuid.uuid4()), "chat_id": chat, "ttl_seconds": "x"}).encode(),
+            "invalid_payload",
+        ),
         ("create", chat, json.dumps({"chat_id": chat}).encode(), "invalid_payload"),
         ("stop", chat, json.dumps({"command_id": str(uuid.uuid4()), "chat_id": other}).encode(), "subject_mismatch"),
         ("explode", chat, json.dumps({"command_id": str(uuid.uuid4()), "chat_id": chat}).encode(), "unknown_command"),
@@ -161,7 +173,9 @@ async def test_malformed_commands_are_rejected_once_and_never_redelivered(
     assert sorted(e["reason"] for e in on_chat) == sorted(c[3] for c in cases)
     assert all(e["type"] == "rejected" and e["session"] is None for e in on_chat)
     assert [e["reason"] for e in invalid] == ["invalid_subject"]
-    assert "ttl_seconds" in next(e for e in on_chat if e["error"]["message"].find("ttl_seconds") >= 0)["error"]["message"]
+    assert (
+        "ttl_seconds" in next(e for e in on_chat if e["error"]["message"].find("ttl_seconds") >= 0)["error"]["message"]
+    )
 
     js = nc.jetstream()
     info = await js.stream_info(COMMANDS_STREAM)
@@ -195,7 +209,12 @@ async def test_keepalive_moves_expiry(agent: tuple[Client, EventLog]) -> None:
     await publish(nc, "create", chat, {"command_id": create, "chat_id": chat, "ttl_seconds": 60})
     first = (await log.outcome(create))["session"]
     keep = str(uuid.uuid4())
-    await publish(nc, "keepalive", chat, {"command_id": keep, "chat_id": chat, "ttl_seconds": 3600, "session_id": first["session_id"]})
+    await publish(
+        nc,
+        "keepalive",
+        chat,
+        {"command_id": keep, "chat_id": chat, "ttl_seconds": 3600, "session_id": first["session_id"]},
+    )
     extended = await log.outcome(keep)
     assert extended["type"] == "extended"
     assert extended["session"]["expires_at"] > first["expires_at"]

