@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import nats
-from nats.aio.client import Client
 import pytest
+from nats.aio.client import Client
 from nats.js.api import RetentionPolicy, StreamConfig
 
 from shared.config import StreamSettings
