@@ -83,33 +83,28 @@ def test_up_serves_the_readme_flow_and_stops_cleanly(
         httpx.get(f"{base}/api/v1/health", timeout=1)
 
 
-def test_up_without_docker_says_what_to_do(tmp_path: Path) -> None:
-    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
-    result = subprocess.run(
+def run_up(cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`sandboxctl up` expected to refuse to start (it returns instead of serving)."""
+    return subprocess.run(
         [sys.executable, "-m", "services.ctl", "up"],
-        cwd=tmp_path,
-        env=env,
+        cwd=cwd,
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_up_without_docker_says_what_to_do(tmp_path: Path) -> None:
+    result = run_up(tmp_path, DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock")
     assert result.returncode == 1
     assert "no Docker engine" in result.stderr
     assert "dockerd --bridge=none --iptables=false" in result.stderr
 
 
 def test_bad_config_names_the_key(tmp_path: Path) -> None:
-    env = {**os.environ, "SANDBOXD_HTTP_PORT": "eighty"}
-    result = subprocess.run(
-        [sys.executable, "-m", "services.ctl", "up"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_up(tmp_path, SANDBOXD_HTTP_PORT="eighty")
     assert result.returncode == 2
     assert "SANDBOXD_HTTP_PORT" in result.stderr
     assert "http.port" in result.stderr
