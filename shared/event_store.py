@@ -125,19 +125,22 @@ class EventStore:
         last = await self.read(chat_id)
         if last.last is None:
             return []
-        sub = await self._js.subscribe(
-            subject, stream=self._stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-        )
         out: list[StoredEvent] = []
         try:
-            while True:
-                msg = await sub.next_msg(timeout=5.0)
-                try:
-                    out.append(StoredEvent(msg.metadata.sequence.stream, decode_event(msg.data)))
-                except msgspec.DecodeError:
-                    log.warning("skipping an undecodable message on %s", subject)
-                if msg.metadata.sequence.stream >= last.seq or msg.metadata.num_pending == 0:
-                    break
-        finally:
-            await sub.unsubscribe()
+            sub = await self._js.subscribe(
+                subject, stream=self._stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+            )
+            try:
+                while True:
+                    msg = await sub.next_msg(timeout=5.0)
+                    try:
+                        out.append(StoredEvent(msg.metadata.sequence.stream, decode_event(msg.data)))
+                    except msgspec.DecodeError:
+                        log.warning("skipping an undecodable message on %s", subject)
+                    if msg.metadata.sequence.stream >= last.seq or msg.metadata.num_pending == 0:
+                        break
+            finally:
+                await sub.unsubscribe()
+        except _UNAVAILABLE as exc:
+            raise NatsUnavailable(f"history of {subject}: NATS did not answer ({type(exc).__name__})") from exc
         return out[-limit:] if limit else out

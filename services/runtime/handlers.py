@@ -23,6 +23,7 @@ from services.runtime.decisions import (
     ClaimProvision,
     ClaimReplace,
     ClaimStop,
+    CreateDecision,
     Extend,
     Policy,
     Reject,
@@ -59,6 +60,7 @@ from shared.contracts import (
     SessionRecord,
     SessionStatus,
     StopSandbox,
+    is_outcome,
 )
 from shared.errors import AppendConflict, DockerUnavailable, InfrastructureError
 from shared.event_store import ChatState, EventStore
@@ -113,6 +115,23 @@ class CommandHandlers:
                 await self.stop(command, progress)
             case KeepaliveSandbox():
                 await self.keepalive(command, progress)
+
+    async def _handled_before(self, command: AnyCommand, state: ChatState) -> bool:
+        """Whether the chat's history already holds this command's outcome.
+
+        Asked once, before a command's first claim, on chats with history. An outcome append
+        is de-duplicated by its message id, but a claim is not: without this, a command seen
+        again (a redelivery after a lost ack, or a client resending it) whose outcome is no
+        longer the chat's last event would claim and start a container whose `running` the
+        stream then drops as a duplicate."""
+        if state.seq == 0:
+            return False
+        command_id = str(command.command_id)
+        history = await self._d.store.history(str(command.chat_id))
+        found = any(s.event.causation_id == command_id and is_outcome(s.event) for s in history)
+        if found:
+            log.info("command %s already has its outcome; not handling it again", command_id)
+        return found
 
     # ------------------------------------------------------------------ appends
 
@@ -171,37 +190,48 @@ class CommandHandlers:
 
     # ------------------------------------------------------------------ create
 
-    async def create(self, command: CreateSandbox, progress: Progress) -> None:  # noqa: C901 - one case per decision
+    async def create(self, command: CreateSandbox, progress: Progress) -> None:
         backoff = _Backoff()
         chat_id = str(command.chat_id)
+        checked = False
         while True:
             state = await self._d.store.read(chat_id)
             decision = decide_create(state.last, command, self._d.clock.now(), self._d.policy, self._new_id())
-            match decision:
-                case AlreadyHandled():
+            if isinstance(decision, ClaimProvision | ClaimReplace) and not checked:
+                checked = True
+                if await self._handled_before(command, state):
                     return
-                case Wait():
-                    await progress()
-                    await backoff.sleep()
-                    continue
-                case Reject():
-                    done = await self._reject(command, state, decision)
-                case Reuse(session):
-                    done = await self._outcome(SandboxReused, command, session, state.seq, result=CreateResult.REUSED)
-                case ClaimProvision(session, previous):
-                    seq = await self._claim(SandboxProvisioning, command, session, state.seq, previous=previous)
-                    done = seq is not None and await self._start(command, session, seq, previous, progress)
-                case ResumeProvision(session, previous):
-                    done = await self._start(command, session, state.seq, previous, progress)
-                case ClaimReplace(old):
-                    seq = await self._claim(SandboxStopping, command, old, state.seq, reason="replaced")
-                    done = seq is not None and await self._replace(command, old, seq, progress)
-                case ResumeReplace(old):
-                    done = await self._replace(command, old, state.seq, progress)
-                case _:
-                    assert_never(decision)
-            if done:
+            if isinstance(decision, Wait):
+                await progress()
+                await backoff.sleep()
+            elif await self._carry_out_create(command, state, decision, progress):
                 return
+
+    async def _carry_out_create(
+        self, command: CreateSandbox, state: ChatState, decision: CreateDecision, progress: Progress
+    ) -> bool:
+        """True when the command is finished; False to read the chat again and re-decide."""
+        match decision:
+            case AlreadyHandled():
+                return True
+            case Wait():
+                return False
+            case Reject():
+                return await self._reject(command, state, decision)
+            case Reuse(session):
+                return await self._outcome(SandboxReused, command, session, state.seq, result=CreateResult.REUSED)
+            case ClaimProvision(session, previous):
+                seq = await self._claim(SandboxProvisioning, command, session, state.seq, previous=previous)
+                return seq is not None and await self._start(command, session, seq, previous, progress)
+            case ResumeProvision(session, previous):
+                return await self._start(command, session, state.seq, previous, progress)
+            case ClaimReplace(old):
+                seq = await self._claim(SandboxStopping, command, old, state.seq, reason="replaced")
+                return seq is not None and await self._replace(command, old, seq, progress)
+            case ResumeReplace(old):
+                return await self._replace(command, old, state.seq, progress)
+            case _:
+                assert_never(decision)
 
     async def _replace(self, command: CreateSandbox, old: SessionRecord, claim_seq: int, progress: Progress) -> bool:
         try:
@@ -270,9 +300,14 @@ class CommandHandlers:
         backoff = _Backoff()
         chat_id = str(command.chat_id)
         pinned: str | None = None
+        checked = False
         while True:
             state = await self._d.store.read(chat_id)
             decision = decide_stop(state.last, command, self._d.clock.now(), self._d.policy, pinned)
+            if isinstance(decision, ClaimStop) and not checked:
+                checked = True
+                if await self._handled_before(command, state):
+                    return
             match decision:
                 case AlreadyHandled():
                     return

@@ -221,3 +221,23 @@ async def test_keepalive_moves_expiry(agent: tuple[Client, EventLog]) -> None:
     stale = str(uuid.uuid4())
     await publish(nc, "keepalive", chat, {"command_id": stale, "chat_id": chat, "session_id": str(uuid.uuid4())})
     assert (await log.outcome(stale))["reason"] == "stale_session"
+
+
+async def test_a_resent_create_whose_outcome_is_not_last_starts_nothing(
+    agent: tuple[Client, EventLog], docker_client: docker.DockerClient
+) -> None:
+    nc, log = agent
+    chat = str(uuid.uuid4())
+    create = str(uuid.uuid4())
+    body = {"command_id": create, "chat_id": chat}
+    await publish(nc, "create", chat, body, msg_id=create)
+    await log.outcome(create)
+    stop = str(uuid.uuid4())
+    await publish(nc, "stop", chat, {"command_id": stop, "chat_id": chat})
+    await log.outcome(stop)
+    # The same create again (a redelivery after a lost ack looks the same to the runtime):
+    # its outcome is in the history, though no longer the chat's last event.
+    await publish(nc, "create", chat, body, msg_id=create + "-again")
+    await asyncio.sleep(1.5)
+    assert [e["type"] for e in log.caused_by(create)] == ["provisioning", "running"]
+    assert not docker_client.containers.list(all=True, filters={"label": f"sandboxd.chat_id={chat}"})
