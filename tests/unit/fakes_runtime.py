@@ -1,0 +1,98 @@
+"""In-memory stand-ins for the event store, the Docker driver and the clock (unit tests only).
+
+FakeStore keeps the real store's semantics that the handlers rely on: per-subject expected
+sequences (AppendConflict), one global sequence, and message-id de-duplication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from services.runtime.containers import ContainerSpec
+from shared.contracts import AnyEvent
+from shared.errors import AppendConflict, SandboxdError
+from shared.event_store import Appended, ChatState, StoredEvent
+from shared.subjects import event_subject
+
+
+class FakeClock:
+    def __init__(self, now: datetime | None = None) -> None:
+        self._now = now or datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        self._now += timedelta(seconds=seconds)
+
+
+@dataclass
+class FakeStore:
+    seq: int = 0
+    subjects: dict[str, list[StoredEvent]] = field(default_factory=lambda: defaultdict(list))
+    msg_ids: dict[str, int] = field(default_factory=dict)
+    # event type -> errors to raise on the next appends of that type
+    fail_next: dict[str, list[Exception]] = field(default_factory=lambda: defaultdict(list))
+
+    async def read(self, chat_id: str) -> ChatState:
+        await asyncio.sleep(0)
+        events = self.subjects[event_subject(chat_id)]
+        return ChatState(events[-1].seq, events[-1].event) if events else ChatState(0, None)
+
+    async def append(self, event: AnyEvent, *, expected_seq: int | None, msg_id: str) -> Appended:
+        return await self.append_to(event_subject(event.chat_id), event, expected_seq=expected_seq, msg_id=msg_id)
+
+    async def append_to(self, subject: str, event: AnyEvent, *, expected_seq: int | None, msg_id: str) -> Appended:
+        await asyncio.sleep(0)
+        if self.fail_next[event.type]:
+            raise self.fail_next[event.type].pop(0)
+        events = self.subjects[subject]
+        last = events[-1].seq if events else 0
+        if expected_seq is not None and expected_seq != last:
+            raise AppendConflict(f"{subject}: last is {last}, not {expected_seq}")
+        if msg_id in self.msg_ids:
+            return Appended(self.msg_ids[msg_id], duplicate=True)
+        self.seq += 1
+        self.msg_ids[msg_id] = self.seq
+        events.append(StoredEvent(self.seq, event))
+        return Appended(self.seq, duplicate=False)
+
+    async def history(self, chat_id: str, *, limit: int | None = None) -> list[StoredEvent]:
+        events = list(self.subjects[event_subject(chat_id)])
+        return events[-limit:] if limit else events
+
+    def events(self, chat_id: str) -> list[AnyEvent]:
+        return [s.event for s in self.subjects[event_subject(chat_id)]]
+
+    def types(self, chat_id: str) -> list[str]:
+        return [e.type for e in self.events(chat_id)]
+
+
+@dataclass
+class FakeDriver:
+    running: dict[str, str] = field(default_factory=dict)  # name -> id
+    started: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    start_errors: list[SandboxdError] = field(default_factory=list)
+    remove_errors: list[SandboxdError] = field(default_factory=list)
+
+    async def ensure_running(self, spec: ContainerSpec) -> str:
+        await asyncio.sleep(0)
+        if self.start_errors:
+            raise self.start_errors.pop(0)
+        if spec.name not in self.running:
+            self.running[spec.name] = f"id-{spec.name}"
+            self.started.append(spec.name)
+        return self.running[spec.name]
+
+    async def remove(self, ref: str, stop_timeout_seconds: int) -> None:  # noqa: ARG002 - the protocol's signature
+        await asyncio.sleep(0)
+        if self.remove_errors:
+            raise self.remove_errors.pop(0)
+        self.removed.append(ref)
+        for name, container_id in list(self.running.items()):
+            if ref in (name, container_id):
+                del self.running[name]

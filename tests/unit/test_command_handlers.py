@@ -1,0 +1,234 @@
+"""The command handlers over in-memory fakes: the seed's use cases, translated."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from datetime import timedelta
+
+import msgspec
+import pytest
+
+from services.runtime.containers import container_name
+from services.runtime.decisions import Policy
+from services.runtime.handlers import CommandHandlers, HandlerDeps
+from shared.commands import MalformedCommand
+from shared.config import SandboxSettings
+from shared.contracts import (
+    AnyEvent,
+    CommandRejected,
+    CreateResult,
+    CreateSandbox,
+    PreviousSession,
+    SandboxFailed,
+    SandboxRunning,
+    SessionStatus,
+    StopSandbox,
+    is_outcome,
+)
+from shared.errors import AppendConflict, DockerUnavailable, NatsUnavailable, SandboxStartFailed, SandboxStopFailed
+from shared.subjects import INVALID_EVENTS_SUBJECT
+from tests.unit.fakes_runtime import FakeClock, FakeDriver, FakeStore
+
+POLICY = Policy("node-a", "img", timedelta(minutes=5), timedelta(hours=1), timedelta(seconds=60))
+
+
+class World:
+    def __init__(self) -> None:
+        self.store = FakeStore()
+        self.driver = FakeDriver()
+        self.clock = FakeClock()
+        ids = itertools.count(1)
+        self.handlers = CommandHandlers(
+            HandlerDeps(self.store, self.driver, self.clock, POLICY, SandboxSettings()),  # type: ignore[arg-type]
+            new_id=lambda: f"id-{next(ids)}",
+        )
+        self.progress_calls = 0
+
+    async def progress(self) -> None:
+        self.progress_calls += 1
+
+    async def create(self, chat: uuid.UUID, **kw: object) -> CreateSandbox:
+        command = msgspec.convert({"command_id": str(uuid.uuid4()), "chat_id": str(chat), **kw}, CreateSandbox)
+        await self.handlers.handle(command, self.progress)
+        return command
+
+    async def stop(self, chat: uuid.UUID, **kw: object) -> StopSandbox:
+        command = msgspec.convert({"command_id": str(uuid.uuid4()), "chat_id": str(chat), **kw}, StopSandbox)
+        await self.handlers.handle(command, self.progress)
+        return command
+
+    def outcome(self, chat: uuid.UUID, command_id: uuid.UUID) -> AnyEvent:
+        found = [e for e in self.store.events(str(chat)) if e.causation_id == str(command_id) and is_outcome(e)]
+        assert len(found) == 1, found
+        return found[0]
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+async def test_create_then_reuse(world: World) -> None:
+    chat = uuid.uuid4()
+    first = await world.create(chat)
+    running = world.outcome(chat, first.command_id)
+    assert isinstance(running, SandboxRunning)
+    assert running.result == CreateResult.CREATED
+    assert running.session is not None
+    assert running.session.status == SessionStatus.RUNNING
+    assert running.session.container_id == f"id-{container_name(running.session.session_id)}"
+    assert running.session.version == 1, "an event's session names the sequence it was decided from"
+    second = await world.create(chat)
+    reused = world.outcome(chat, second.command_id)
+    assert reused.type == "reused"
+    assert reused.session == running.session.__class__(**{**msgspec.structs.asdict(running.session), "version": 2})
+    assert world.store.types(str(chat)) == ["provisioning", "running", "reused"]
+    assert len(world.driver.started) == 1
+
+
+async def test_concurrent_duplicate_creates_make_one_container(world: World) -> None:
+    chat = uuid.uuid4()
+    commands = await asyncio.gather(*(world.create(chat) for _ in range(20)))
+    outcomes = [world.outcome(chat, c.command_id) for c in commands]
+    assert sorted(o.type for o in outcomes) == ["reused"] * 19 + ["running"]
+    assert len(world.driver.started) == 1
+    assert len({o.session.session_id for o in outcomes if o.session}) == 1
+
+
+async def test_expired_session_is_replaced_and_the_old_container_removed(world: World) -> None:
+    chat = uuid.uuid4()
+    first = world.outcome(chat, (await world.create(chat, ttl_seconds=60)).command_id)
+    assert first.session is not None
+    world.clock.advance(60)  # expires_at == now: expired
+    replaced = world.outcome(chat, (await world.create(chat)).command_id)
+    assert isinstance(replaced, SandboxRunning)
+    assert replaced.result == CreateResult.REPLACED
+    assert replaced.previous == PreviousSession(first.session.session_id, first.session.container_id)
+    assert replaced.session is not None
+    assert replaced.session.session_id != first.session.session_id
+    assert first.session.container_id in world.driver.removed
+    assert list(world.driver.running.values()) == [replaced.session.container_id]
+    assert world.store.types(str(chat)) == ["provisioning", "running", "stopping", "provisioning", "running"]
+
+
+async def test_a_lost_running_append_removes_the_started_container(world: World) -> None:
+    """The seed's 'save failed after create' case: the untracked container is removed."""
+    chat = uuid.uuid4()
+    world.store.fail_next["running"].append(AppendConflict("someone else wrote first"))
+    command = await world.create(chat)
+    assert len(world.driver.started) == 2, "the lost container was removed, then the retry made a new one"
+    assert world.driver.removed == [f"id-{world.driver.started[0]}"]
+    outcome = world.outcome(chat, command.command_id)
+    assert isinstance(outcome, SandboxRunning)
+    assert outcome.session is not None
+    assert list(world.driver.running.values()) == [outcome.session.container_id]
+
+
+async def test_nats_failing_after_the_start_keeps_the_container_for_the_retry(world: World) -> None:
+    chat = uuid.uuid4()
+    world.store.fail_next["running"].append(NatsUnavailable("gone"))
+    command = msgspec.convert({"command_id": str(uuid.uuid4()), "chat_id": str(chat)}, CreateSandbox)
+    with pytest.raises(NatsUnavailable):
+        await world.handlers.handle(command, world.progress)
+    assert len(world.driver.running) == 1
+    # The redelivery resumes its own claim and finds the same container by name.
+    await world.handlers.handle(command, world.progress)
+    assert len(world.driver.started) == 1
+    assert world.outcome(chat, command.command_id).type == "running"
+
+
+async def test_a_docker_failure_is_a_failed_outcome_and_leaves_nothing(world: World) -> None:
+    chat = uuid.uuid4()
+    world.driver.start_errors.append(SandboxStartFailed("image 'x' is not on this Docker engine"))
+    outcome = world.outcome(chat, (await world.create(chat)).command_id)
+    assert isinstance(outcome, SandboxFailed)
+    assert outcome.error is not None
+    assert outcome.error.type == "sandbox_start_failed"
+    assert outcome.session is not None
+    assert outcome.session.status == SessionStatus.FAILED
+    assert world.driver.running == {}
+    world.driver.start_errors.append(DockerUnavailable("no engine"))
+    second = world.outcome(chat, (await world.create(chat)).command_id)
+    assert second.error is not None
+    assert second.error.type == "docker_unavailable"
+
+
+async def test_stop_removes_the_container(world: World) -> None:
+    chat = uuid.uuid4()
+    running = world.outcome(chat, (await world.create(chat)).command_id)
+    stopped = world.outcome(chat, (await world.stop(chat, reason="done")).command_id)
+    assert stopped.type == "stopped"
+    assert stopped.reason == "done"
+    assert stopped.session is not None
+    assert stopped.session.status == SessionStatus.STOPPED
+    assert running.session is not None
+    assert running.session.container_id in world.driver.removed
+    assert world.driver.running == {}
+
+
+async def test_a_failed_stop_keeps_the_record_on_the_container_and_is_retried(world: World) -> None:
+    chat = uuid.uuid4()
+    running = world.outcome(chat, (await world.create(chat)).command_id)
+    assert running.session is not None
+    world.driver.remove_errors.append(SandboxStopFailed("device busy"))
+    failed = world.outcome(chat, (await world.stop(chat)).command_id)
+    assert isinstance(failed, SandboxFailed)
+    assert failed.session is not None
+    assert failed.session.status == SessionStatus.STOPPING
+    assert failed.session.container_id == running.session.container_id
+    assert len(world.driver.running) == 1
+    retried = world.outcome(chat, (await world.stop(chat)).command_id)
+    assert retried.type == "stopped"
+    assert world.driver.running == {}
+
+
+async def test_a_stale_stop_changes_nothing(world: World) -> None:
+    chat = uuid.uuid4()
+    await world.create(chat)
+    refused = world.outcome(chat, (await world.stop(chat, session_id=str(uuid.uuid4()))).command_id)
+    assert isinstance(refused, CommandRejected)
+    assert refused.reason == "stale_session"
+    assert len(world.driver.running) == 1
+
+
+async def test_handling_a_command_twice_gives_one_outcome(world: World) -> None:
+    chat = uuid.uuid4()
+    command = await world.create(chat)
+    await world.stop(chat)
+    await world.handlers.handle(command, world.progress)  # redelivered after its chat moved on
+    assert len([e for e in world.store.events(str(chat)) if e.causation_id == str(command.command_id)]) == 2
+    assert world.driver.running == {}
+
+
+async def test_a_create_waits_for_a_claim_in_flight(world: World) -> None:
+    chat = uuid.uuid4()
+    gate = asyncio.Event()
+    original = world.driver.ensure_running
+
+    async def slow(spec: object) -> str:
+        await gate.wait()
+        return await original(spec)  # type: ignore[arg-type]
+
+    world.driver.ensure_running = slow  # type: ignore[method-assign]
+    first = asyncio.create_task(world.create(chat))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(world.create(chat))
+    await asyncio.sleep(0.05)
+    assert not second.done()
+    assert world.progress_calls > 0, "a waiting command keeps its message in progress"
+    gate.set()
+    await asyncio.gather(first, second)
+    assert sorted(world.store.types(str(chat))) == ["provisioning", "reused", "running"]
+
+
+async def test_malformed_commands_are_rejected_once(world: World) -> None:
+    chat = str(uuid.uuid4())
+    await world.handlers.reject_malformed(MalformedCommand("invalid_json", "bad", chat_id=chat, command_id=None))
+    await world.handlers.reject_malformed(MalformedCommand("invalid_subject", "bad", chat_id=None, command_id="c-1"))
+    assert world.store.types(chat) == ["rejected"]
+    invalid = world.store.subjects[INVALID_EVENTS_SUBJECT]
+    assert [(s.event.type, s.event.reason, s.event.causation_id) for s in invalid] == [
+        ("rejected", "invalid_subject", "c-1")
+    ]

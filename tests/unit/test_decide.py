@@ -1,0 +1,255 @@
+"""The pure lifecycle decisions, including the seed service's use-case edge cases."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+
+from services.runtime.decisions import (
+    AlreadyHandled,
+    ClaimProvision,
+    ClaimReplace,
+    ClaimStop,
+    Extend,
+    Policy,
+    Reject,
+    ResumeProvision,
+    ResumeReplace,
+    ResumeStop,
+    Reuse,
+    Wait,
+    decide_create,
+    decide_keepalive,
+    decide_stop,
+    provision_after_replace,
+)
+from shared.contracts import (
+    AnyEvent,
+    CreateSandbox,
+    KeepaliveSandbox,
+    PreviousSession,
+    SandboxFailed,
+    SandboxProvisioning,
+    SandboxReused,
+    SandboxRunning,
+    SandboxStopped,
+    SandboxStopping,
+    SessionRecord,
+    SessionStatus,
+    StopSandbox,
+)
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+CHAT = uuid.UUID("6f1c2a9e-4b7d-4e8a-9c3f-2d5e8b1a7c40")
+POLICY = Policy(
+    node_id="node-a",
+    image="img",
+    default_ttl=timedelta(minutes=5),
+    max_ttl=timedelta(hours=1),
+    claim_timeout=timedelta(seconds=60),
+)
+
+
+def session(status: SessionStatus = SessionStatus.RUNNING, *, expires_at: datetime | None = None) -> SessionRecord:
+    return SessionRecord(
+        session_id="sess-old",
+        chat_id=str(CHAT),
+        node_id="node-a",
+        container_id="container-old",
+        image="img",
+        status=status,
+        created_at=NOW - timedelta(minutes=1),
+        expires_at=expires_at or NOW + timedelta(minutes=4),
+        updated_at=NOW - timedelta(minutes=1),
+    )
+
+
+def last(cls: type[AnyEvent], s: SessionRecord | None, *, cause: str = "other", at: datetime = NOW) -> AnyEvent:
+    return cls(
+        event_id="e",
+        chat_id=str(CHAT),
+        session_id=s.session_id if s else None,
+        causation_id=cause,
+        occurred_at=at,
+        node_id="node-a",
+        session=s,
+    )
+
+
+def create(**kw: object) -> CreateSandbox:
+    return msgspec.convert({"command_id": str(uuid.uuid4()), "chat_id": str(CHAT), **kw}, CreateSandbox)
+
+
+def stop(**kw: object) -> StopSandbox:
+    return msgspec.convert({"command_id": str(uuid.uuid4()), "chat_id": str(CHAT), **kw}, StopSandbox)
+
+
+def keepalive(**kw: object) -> KeepaliveSandbox:
+    return msgspec.convert({"command_id": str(uuid.uuid4()), "chat_id": str(CHAT), **kw}, KeepaliveSandbox)
+
+
+# --------------------------------------------------------------------------- create
+
+
+def test_a_new_chat_gets_a_provisioning_claim_with_the_ttl() -> None:
+    decision = decide_create(None, create(ttl_seconds=90, labels={"a": "b"}), NOW, POLICY, "sess-new")
+    assert isinstance(decision, ClaimProvision)
+    assert decision.previous is None
+    s = decision.session
+    assert (s.session_id, s.status, s.node_id, s.container_id) == (
+        "sess-new",
+        SessionStatus.PROVISIONING,
+        "node-a",
+        None,
+    )
+    assert (s.created_at, s.expires_at, s.labels) == (NOW, NOW + timedelta(seconds=90), {"a": "b"})
+
+
+def test_default_ttl_applies_when_none_is_asked() -> None:
+    decision = decide_create(None, create(), NOW, POLICY, "s")
+    assert isinstance(decision, ClaimProvision)
+    assert decision.session.expires_at == NOW + POLICY.default_ttl
+
+
+def test_a_live_session_is_reused_without_changing_its_ttl() -> None:
+    live = session()
+    decision = decide_create(last(SandboxRunning, live), create(ttl_seconds=3000), NOW, POLICY, "s")
+    assert decision == Reuse(live)
+
+
+def test_expiry_boundary_expires_at_equal_to_now_is_expired() -> None:
+    boundary = session(expires_at=NOW)
+    decision = decide_create(last(SandboxRunning, boundary), create(), NOW, POLICY, "s")
+    assert isinstance(decision, ClaimReplace)
+    assert decision.old.session_id == "sess-old"
+    assert decision.old.status == SessionStatus.STOPPING
+    just_alive = session(expires_at=NOW + timedelta(microseconds=1))
+    assert isinstance(decide_create(last(SandboxRunning, just_alive), create(), NOW, POLICY, "s"), Reuse)
+
+
+def test_after_a_terminal_session_a_new_one_is_claimed() -> None:
+    for cls, status in ((SandboxStopped, SessionStatus.STOPPED), (SandboxFailed, SessionStatus.FAILED)):
+        decision = decide_create(last(cls, session(status)), create(), NOW, POLICY, "sess-new")
+        assert isinstance(decision, ClaimProvision)
+        assert decision.session.session_id == "sess-new"
+
+
+def test_a_claim_in_flight_makes_others_wait_and_an_old_one_is_taken_over() -> None:
+    claim = session(SessionStatus.PROVISIONING)
+    fresh = last(SandboxProvisioning, claim, at=NOW - timedelta(seconds=59))
+    assert isinstance(decide_create(fresh, create(), NOW, POLICY, "s"), Wait)
+    stale = last(SandboxProvisioning, claim, at=NOW - timedelta(seconds=60))
+    decision = decide_create(stale, create(), NOW, POLICY, "s")
+    assert isinstance(decision, ClaimReplace)
+    assert decision.old.session_id == claim.session_id
+
+
+def test_a_stop_in_flight_makes_a_create_wait() -> None:
+    stopping = last(SandboxStopping, session(SessionStatus.STOPPING), at=NOW)
+    assert isinstance(decide_create(stopping, create(), NOW, POLICY, "s"), Wait)
+
+
+def test_a_failed_stop_leaves_a_session_that_the_next_create_replaces() -> None:
+    left = last(SandboxFailed, session(SessionStatus.STOPPING), at=NOW)
+    assert isinstance(decide_create(left, create(), NOW, POLICY, "s"), ClaimReplace)
+
+
+def test_a_command_resumes_its_own_claims() -> None:
+    command = create()
+    own = str(command.command_id)
+    claim = session(SessionStatus.PROVISIONING)
+    provisioning = last(SandboxProvisioning, claim, cause=own)
+    previous = PreviousSession("p", "c")
+    provisioning = msgspec.structs.replace(provisioning, previous=previous)
+    assert decide_create(provisioning, command, NOW, POLICY, "s") == ResumeProvision(claim, previous)
+    old = session(SessionStatus.STOPPING)
+    assert decide_create(last(SandboxStopping, old, cause=own), command, NOW, POLICY, "s") == ResumeReplace(old)
+
+
+def test_a_command_whose_outcome_is_last_is_already_handled() -> None:
+    command = create()
+    for cls in (SandboxRunning, SandboxReused, SandboxFailed):
+        assert isinstance(
+            decide_create(last(cls, session(), cause=str(command.command_id)), command, NOW, POLICY, "s"),
+            AlreadyHandled,
+        )
+
+
+def test_a_ttl_above_the_maximum_is_refused() -> None:
+    decision = decide_create(None, create(ttl_seconds=3601), NOW, POLICY, "s")
+    assert isinstance(decision, Reject)
+    assert decision.reason == "ttl_too_long"
+
+
+def test_replace_keeps_old_and_new_identities_apart() -> None:
+    old = session(SessionStatus.STOPPING)
+    decision = provision_after_replace(create(), old, "sess-new", NOW, POLICY)
+    assert isinstance(decision, ClaimProvision)
+    assert decision.session.session_id == "sess-new"
+    assert decision.session.container_id is None
+    assert decision.previous == PreviousSession("sess-old", "container-old")
+
+
+# --------------------------------------------------------------------------- stop
+
+
+def test_stop_claims_the_running_session() -> None:
+    decision = decide_stop(last(SandboxRunning, session()), stop(), NOW, POLICY)
+    assert isinstance(decision, ClaimStop)
+    assert decision.session.status == SessionStatus.STOPPING
+    assert decision.session.container_id == "container-old"
+
+
+def test_stop_without_a_live_session_is_refused() -> None:
+    for event in (None, last(SandboxStopped, session(SessionStatus.STOPPED))):
+        decision = decide_stop(event, stop(), NOW, POLICY)
+        assert isinstance(decision, Reject)
+        assert decision.reason == "no_live_session"
+
+
+def test_a_stale_stop_is_refused_as_in_the_seeds_stale_snapshot_case() -> None:
+    decision = decide_stop(last(SandboxRunning, session()), stop(session_id=str(uuid.uuid4())), NOW, POLICY)
+    assert isinstance(decision, Reject)
+    assert decision.reason == "stale_session"
+
+
+def test_a_stop_pinned_to_its_claimed_session_does_not_stop_a_newer_one() -> None:
+    newer = msgspec.structs.replace(session(), session_id="sess-newer")
+    decision = decide_stop(last(SandboxRunning, newer), stop(), NOW, POLICY, pinned_session_id="sess-old")
+    assert isinstance(decision, Reject)
+
+
+def test_stop_waits_for_a_claim_in_flight_and_resumes_its_own() -> None:
+    command = stop()
+    claim = session(SessionStatus.STOPPING)
+    assert isinstance(decide_stop(last(SandboxStopping, claim), command, NOW, POLICY), Wait)
+    own = last(SandboxStopping, claim, cause=str(command.command_id))
+    assert decide_stop(own, command, NOW, POLICY) == ResumeStop(claim)
+    retry_after_failure = last(SandboxFailed, claim)
+    assert isinstance(decide_stop(retry_after_failure, command, NOW, POLICY), ClaimStop)
+
+
+# --------------------------------------------------------------------------- keepalive
+
+
+def test_keepalive_moves_expiry_to_now_plus_ttl() -> None:
+    decision = decide_keepalive(last(SandboxRunning, session()), keepalive(ttl_seconds=600), NOW, POLICY)
+    assert isinstance(decision, Extend)
+    assert decision.session.expires_at == NOW + timedelta(seconds=600)
+    assert decision.session.updated_at == NOW
+
+
+def test_keepalive_refusals() -> None:
+    cases: list[tuple[AnyEvent | None, KeepaliveSandbox, str]] = [
+        (None, keepalive(), "no_live_session"),
+        (last(SandboxRunning, session()), keepalive(session_id=str(uuid.uuid4())), "stale_session"),
+        (last(SandboxRunning, session(expires_at=NOW)), keepalive(), "expired"),
+        (last(SandboxStopping, session(SessionStatus.STOPPING)), keepalive(), "not_running"),
+        (last(SandboxRunning, session()), keepalive(ttl_seconds=7200), "ttl_too_long"),
+    ]
+    for event, command, reason in cases:
+        decision = decide_keepalive(event, command, NOW, POLICY)
+        assert isinstance(decision, Reject), reason
+        assert decision.reason == reason

@@ -1,0 +1,66 @@
+"""Configuration: defaults, a TOML file, SANDBOXD_* variables, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.config import ConfigError, load_settings
+
+
+def test_defaults() -> None:
+    settings = load_settings(environ={})
+    assert (settings.http.host, settings.http.port) == ("127.0.0.1", 8123)
+    assert settings.api.token_header == "X-API-Token"
+    assert settings.nats.url is None
+    assert settings.sandbox.network_mode == "none"
+
+
+def test_variables_are_converted_to_the_fields_types() -> None:
+    settings = load_settings(
+        environ={
+            "SANDBOXD_HTTP_PORT": "9000",
+            "SANDBOXD_SANDBOX_COMMAND": '["sleep", "5"]',
+            "SANDBOXD_SANDBOX_INIT": "false",
+            "SANDBOXD_API_TOKEN": "t",
+        }
+    )
+    assert settings.http.port == 9000
+    assert settings.sandbox.command == ["sleep", "5"]
+    assert settings.sandbox.init is False
+    assert settings.api.token == "t"
+
+
+def test_a_file_is_read_and_variables_win(tmp_path: Path) -> None:
+    file = tmp_path / "sandboxd.toml"
+    file.write_text('[http]\nport = 9100\nhost = "0.0.0.0"\n[sandbox]\nttl_seconds = 42\n')
+    settings = load_settings(environ={"SANDBOXD_CONFIG": str(file), "SANDBOXD_HTTP_PORT": "9200"})
+    assert (settings.http.host, settings.http.port, settings.sandbox.ttl_seconds) == ("0.0.0.0", 9200, 42)
+
+
+@pytest.mark.parametrize(
+    ("environ", "needles"),
+    [
+        ({"SANDBOXD_HTTP_PORT": "eighty"}, ["http.port", "SANDBOXD_HTTP_PORT", "int"]),
+        ({"SANDBOXD_HTTP_PORT": "70000"}, ["http.port", "65535"]),
+        ({"SANDBOXD_SANDBOX_CPUS": "0"}, ["sandbox.cpus"]),
+        ({"SANDBOXD_HTTP_PROT": "1"}, ["SANDBOXD_HTTP_PROT", "did you mean SANDBOXD_HTTP_PORT"]),
+        ({"SANDBOXD_CONFIG": "/nonexistent/sandboxd.toml"}, ["SANDBOXD_CONFIG", "/nonexistent/sandboxd.toml"]),
+    ],
+)
+def test_errors_name_the_key(environ: dict[str, str], needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ=environ)
+    for needle in needles:
+        assert needle in str(caught.value)
+
+
+def test_a_bad_file_value_names_the_file_and_key(tmp_path: Path) -> None:
+    file = tmp_path / "sandboxd.toml"
+    file.write_text("[runtime]\nmax_in_flight = 0\n")
+    with pytest.raises(ConfigError, match=r"runtime\.max_in_flight.*sandboxd\.toml"):
+        load_settings(environ={"SANDBOXD_CONFIG": str(file)})
+    file.write_text("[runtime]\nno_such_key = 1\n")
+    with pytest.raises(ConfigError, match="no_such_key"):
+        load_settings(environ={"SANDBOXD_CONFIG": str(file)})
