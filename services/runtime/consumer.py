@@ -8,6 +8,7 @@ growing delay; anything else ends the command with a `failed` outcome and is ack
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from nats.aio.msg import Msg
@@ -91,10 +92,18 @@ class CommandConsumer:
         self._tasks.discard(task)
         self._slots.release()
 
-    async def drain(self) -> None:
-        """Let handlers in flight finish (each ends with an ack, nak or term)."""
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Let handlers in flight finish (each ends with an ack, nak or term); cancel what is
+        still running after `timeout` (a command waiting on another's claim, say): its
+        message stays unacknowledged and is redelivered, and its claim, if any, is resumed."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("cancelled %d command(s) still in flight at shutdown; they will be redelivered", len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _dispatch(self, msg: Msg) -> None:
         try:
@@ -119,8 +128,13 @@ async def settle(msg: Msg, handlers: CommandHandlers) -> None:
             log.exception("could not record the rejection of %s; terminating it anyway", msg.subject)
         await msg.term()
         return
+    async def progress() -> None:
+        # Best effort: a lost in-progress only risks an early redelivery, which is harmless.
+        with contextlib.suppress(Exception):
+            await msg.in_progress()
+
     try:
-        await handlers.handle(command, msg.in_progress)
+        await handlers.handle(command, progress)
     except TransientError as exc:
         await _nak(msg, deliveries, exc)
         return
