@@ -31,6 +31,10 @@ class ConfigError(Exception):
     """Start-up configuration is invalid; the message names the key."""
 
 
+def _hostname() -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname())[:48] or "node"
+
+
 class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Unset: `sandboxctl up` starts an embedded nats-server on 127.0.0.1:embedded_port.
     url: str | None = None
@@ -84,14 +88,32 @@ class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
 
 class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    node_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] = msgspec.field(
-        default_factory=lambda: re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname())[:64] or "node"
-    )
+    node_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] = msgspec.field(default_factory=_hostname)
     max_in_flight: PositiveInt = 32
     # A claim (provisioning/stopping) older than this is presumed abandoned and taken over.
     claim_timeout_seconds: PositiveSeconds = 120.0
     ack_wait_seconds: PositiveSeconds = 30.0
     docker_timeout_seconds: PositiveSeconds = 60.0
+    # Rebuild sandbox_sessions from the event stream before consuming commands.
+    replay_on_start: bool = True
+    # Node reconciliation (Docker containers of this node against the registry).
+    reconcile_enabled: bool = True
+    reconcile_interval_seconds: PositiveSeconds = 30.0
+    # Consecutive observations before a destructive reconciliation step (lost, orphan).
+    reconcile_confirmations: PositiveInt = 2
+
+
+class ReaperSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    reaper_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] = msgspec.field(
+        default_factory=lambda: f"{_hostname()}-{os.getpid()}"
+    )
+    # Kill switches, one per mechanism.
+    expiry_enabled: bool = True
+    redrive_enabled: bool = True
+    # A provisioning/stopping session unchanged for this long is re-driven with a stop.
+    redrive_grace_seconds: PositiveSeconds = 180.0
+    tick_seconds: PositiveSeconds = 1.0
+    status_interval_seconds: PositiveSeconds = 5.0
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -101,6 +123,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     api: ApiSettings = msgspec.field(default_factory=ApiSettings)
     sandbox: SandboxSettings = msgspec.field(default_factory=SandboxSettings)
     runtime: RuntimeSettings = msgspec.field(default_factory=RuntimeSettings)
+    reaper: ReaperSettings = msgspec.field(default_factory=ReaperSettings)
 
 
 def env_name(section: str, key: str) -> str:

@@ -7,6 +7,7 @@ import uuid
 COMMANDS_STREAM = "SANDBOX_COMMANDS"
 EVENTS_STREAM = "SANDBOX_EVENTS"
 SESSIONS_BUCKET = "sandbox_sessions"
+STATUS_BUCKET = "sandbox_status"
 
 COMMAND_PREFIX = "sandbox.cmd"
 EVENT_PREFIX = "sandbox.events"

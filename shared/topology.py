@@ -16,6 +16,7 @@ from shared.subjects import (
     EVENT_SUBJECTS,
     EVENTS_STREAM,
     SESSIONS_BUCKET,
+    STATUS_BUCKET,
 )
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,19 @@ async def ensure_topology(js: JetStreamContext, settings: StreamSettings) -> Key
         )
         log.info("created KV bucket %s", SESSIONS_BUCKET)
         return kv
+
+
+async def ensure_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    """The bucket where processes publish their status blocks (e.g. `reaper.<id>`)."""
+    try:
+        return await js.key_value(STATUS_BUCKET)
+    except BucketNotFoundError:
+        return await js.create_key_value(
+            bucket=STATUS_BUCKET,
+            description="sandboxd process status blocks (reaper.<id>, ...)",
+            history=1,
+            replicas=settings.replicas,
+        )
 
 
 async def topology_missing(js: JetStreamContext) -> list[str]:

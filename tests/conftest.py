@@ -16,6 +16,7 @@ import pytest
 from docker.errors import DockerException
 
 from services.runtime.image import ensure_sandbox_image
+from services.runtime.service import RuntimeHandle, running_runtime
 from shared.config import Settings, load_settings
 from tests.support.nats_server import NatsServer, nats_server
 
@@ -76,6 +77,9 @@ def settings_for(url: str, root: Path, node_id: str, **extra: str) -> Settings:
         "SANDBOXD_SANDBOX_DEPENDENCIES_HOST_PATH": str(root / "deps"),
         "SANDBOXD_SANDBOX_LAMBDA_TOOLS_HOST_PATH": str(root / "tools"),
         "SANDBOXD_SANDBOX_STOP_TIMEOUT_SECONDS": "1",
+        # Tests drive reconciliation passes themselves (RuntimeHandle.reconciler.run_once).
+        "SANDBOXD_RUNTIME_RECONCILE_ENABLED": "false",
+        "SANDBOXD_REAPER_TICK_SECONDS": "0.2",
         **extra,
     }
     return load_settings(environ=env)
@@ -90,8 +94,8 @@ def node_containers(docker_client: docker.DockerClient, node_id: str) -> Iterato
 
 
 @pytest.fixture
-async def runtime(settings: Settings, docker_client: docker.DockerClient, node_containers: None) -> AsyncIterator[None]:
-    from services.runtime.service import running_runtime  # noqa: PLC0415 - keeps unit runs light
-
-    async with running_runtime(settings):
-        yield
+async def runtime(
+    settings: Settings, docker_client: docker.DockerClient, node_containers: None
+) -> AsyncIterator[RuntimeHandle]:
+    async with running_runtime(settings) as handle:
+        yield handle

@@ -7,6 +7,7 @@ import asyncio
 import sys
 
 import docker
+import msgspec
 
 from shared.config import ConfigError, Settings, load_settings
 from shared.nats_connection import connect
@@ -70,6 +71,57 @@ def cmd_declare(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from services.runtime.projector import Projector  # noqa: PLC0415
+    from services.runtime.replay import replay  # noqa: PLC0415
+    from shared.event_store import EventStore  # noqa: PLC0415
+    from shared.registry import Registry  # noqa: PLC0415
+    from shared.topology import ensure_topology  # noqa: PLC0415
+
+    settings = _settings()
+
+    async def run() -> int:
+        nc = await connect(settings.nats, name="sandboxctl-replay")
+        try:
+            js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
+            kv = await ensure_topology(js, settings.streams)
+            registry = Registry(js, kv)
+            report = await replay(js, registry, Projector(js, EventStore(js), registry), repair=not args.dry_run)
+        finally:
+            await nc.close()
+        print(msgspec.json.format(msgspec.json.encode(report)).decode())
+        return 1 if args.dry_run and report.drift else 0
+
+    return asyncio.run(run())
+
+
+def cmd_status(_: argparse.Namespace) -> int:
+    from shared.topology import ensure_status_bucket, ensure_topology  # noqa: PLC0415
+
+    settings = _settings()
+
+    async def run() -> None:
+        nc = await connect(settings.nats, name="sandboxctl-status")
+        try:
+            js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
+            sessions = await ensure_topology(js, settings.streams)
+            status = await ensure_status_bucket(js, settings.streams)
+            out: dict[str, object] = {"registry": {"sessions": (await sessions.status()).values}}
+            watcher = await status.watchall()
+            async for entry in watcher:
+                if entry is None:
+                    break
+                if entry.value:
+                    out[entry.key] = msgspec.json.decode(entry.value)
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        finally:
+            await nc.close()
+        print(msgspec.json.format(msgspec.json.encode(out)).decode())
+
+    asyncio.run(run())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging("WARNING")
     parser = argparse.ArgumentParser(prog="sandboxctl", description=__doc__)
@@ -80,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     schemas.add_argument("--check", action="store_true", help="only report stale files (exit 1 if any)")
     schemas.set_defaults(fn=cmd_schemas)
     sub.add_parser("declare", help="declare the streams and the KV bucket").set_defaults(fn=cmd_declare)
+    replay_cmd = sub.add_parser("replay", help="rebuild sandbox_sessions from the event stream, report drift")
+    replay_cmd.add_argument("--dry-run", action="store_true", help="only report drift (exit 1 if there is any)")
+    replay_cmd.set_defaults(fn=cmd_replay)
+    sub.add_parser("status", help="registry size and the reapers' status blocks").set_defaults(fn=cmd_status)
     args = parser.parse_args(argv)
     result: int = args.fn(args)
     return result

@@ -1,8 +1,8 @@
 """`sandboxctl up`: the whole stack on one machine, stopped cleanly on Ctrl-C / SIGTERM.
 
 Order: check the Docker engine, build the default sandbox image if it is missing, start an
-embedded nats-server (unless `nats.url` names one), declare the topology, then the runtime
-and the API as child processes; stop in reverse order.
+embedded nats-server (unless `nats.url` names one), declare the topology, then the runtime,
+the reaper and the API as child processes; stop in reverse order.
 """
 
 from __future__ import annotations
@@ -186,6 +186,7 @@ async def up(settings: Settings) -> int:
         token = settings.api.token or secrets.token_urlsafe(24)
         env = {**os.environ, "SANDBOXD_NATS_URL": url, "SANDBOXD_API_TOKEN": token}
         children.append(("runtime", await _spawn("services.runtime", env)))
+        children.append(("reaper", await _spawn("services.reaper", env)))
         children.append(("api", await _spawn("services.api", env)))
         base = f"http://{settings.http.host}:{settings.http.port}"
         await _wait_ready(base, [p for _, p in children])

@@ -1,0 +1,1 @@
+"""The reaper process: expiry and re-drive of stuck sessions, through stop commands."""

@@ -128,6 +128,7 @@ async def settle(msg: Msg, handlers: CommandHandlers) -> None:
             log.exception("could not record the rejection of %s; terminating it anyway", msg.subject)
         await msg.term()
         return
+
     async def progress() -> None:
         # Best effort: a lost in-progress only risks an early redelivery, which is harmless.
         with contextlib.suppress(Exception):

@@ -26,6 +26,8 @@ from shared.contracts import (
     is_outcome,
 )
 
+EXPIRED = "expired"  # the stop reason that makes a stop conditional on expiry
+
 
 @dataclass(frozen=True, slots=True)
 class Policy:
@@ -213,6 +215,9 @@ def decide_stop(
         return Reject("no_live_session", f"chat {command.chat_id} has no live sandbox")
     if target is not None and session.session_id != target:
         return Reject("stale_session", f"session {target} is not the chat's current session ({session.session_id})")
+    if command.reason == EXPIRED and session.status == SessionStatus.RUNNING and not session.is_expired(now):
+        # The reaper's stop raced a keepalive: an expiry stop only stops an expired session.
+        return Reject("not_expired", f"session {session.session_id} now expires at {session.expires_at.isoformat()}")
     if _claim_in_flight(last, command_id, now, policy):
         return Wait(f"session {session.session_id} is {session.status}")
     return ClaimStop(stopping(session, now))

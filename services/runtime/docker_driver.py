@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import docker
@@ -14,13 +15,25 @@ import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import Mount as DockerMount
 
-from services.runtime.containers import ContainerSpec
+from services.runtime.containers import LABEL_CHAT, LABEL_MANAGED, LABEL_NODE, LABEL_SESSION, ContainerSpec
 from shared.errors import DockerUnavailable, SandboxStartFailed, SandboxStopFailed
 
 log = logging.getLogger(__name__)
 
 _HTTP_CONFLICT = 409
 _HTTP_NOT_FOUND = 404
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedContainer:
+    """A managed container as `docker ps -a` shows it."""
+
+    container_id: str
+    name: str
+    chat_id: str
+    session_id: str
+    state: str  # created, running, exited, dead, ...
+    status: str  # Docker's human-readable status, e.g. "Exited (137) 3 seconds ago"
 
 
 class ContainerDriver(Protocol):
@@ -32,6 +45,10 @@ class ContainerDriver(Protocol):
 
     async def remove(self, ref: str, stop_timeout_seconds: int) -> None:
         """Stop and remove a container by id or name; a missing one counts as removed."""
+        ...
+
+    async def list_managed(self, node_id: str) -> list[ObservedContainer]:
+        """This node's managed containers, in any state."""
         ...
 
 
@@ -164,3 +181,30 @@ class DockerDriver:
             raise SandboxStopFailed(f"docker remove of {ref} failed: {exc.explanation or exc}") from exc
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
             raise _unavailable(exc) from exc
+
+    # ------------------------------------------------------------------ inspection
+
+    async def list_managed(self, node_id: str) -> list[ObservedContainer]:
+        result: list[ObservedContainer] = await self._run(self._list_managed, node_id)
+        return result
+
+    def _list_managed(self, node_id: str) -> list[ObservedContainer]:
+        try:
+            rows: list[dict[str, Any]] = self._api.containers(
+                all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_NODE}={node_id}"]}
+            )
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise _unavailable(exc) from exc
+        except APIError as exc:
+            raise DockerUnavailable(f"listing containers failed: {exc.explanation or exc}") from exc
+        return [
+            ObservedContainer(
+                container_id=row["Id"],
+                name=(row.get("Names") or ["?"])[0].lstrip("/"),
+                chat_id=row["Labels"].get(LABEL_CHAT, ""),
+                session_id=row["Labels"].get(LABEL_SESSION, ""),
+                state=row.get("State", ""),
+                status=row.get("Status", ""),
+            )
+            for row in rows
+        ]

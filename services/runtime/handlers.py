@@ -283,6 +283,9 @@ class CommandHandlers:
         # stays; the redelivered command resumes our claim and finds it by name.
         if await self._outcome(SandboxRunning, command, running, claim_seq, result=result, previous=previous):
             return True
+        now_state = await self._d.store.read(claim.chat_id)
+        if isinstance(now_state.last, SandboxRunning) and now_state.last.causation_id == str(command.command_id):
+            return True  # node reconciliation adopted our container for this very command
         # Our claim was overtaken: the container must not outlive the record it never got.
         log.warning("chat %s: running append lost its claim; removing container %s", claim.chat_id, container_id)
         await self._remove_quietly(container_id)

@@ -8,11 +8,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 from services.runtime.consumer import CommandConsumer
 from services.runtime.docker_driver import ContainerDriver, DockerDriver
 from services.runtime.handlers import CommandHandlers, HandlerDeps, policy_from
 from services.runtime.projector import Projector
+from services.runtime.reconcile import NodeReconciler
+from services.runtime.replay import replay
 from shared.clock import Clock, SystemClock
 from shared.config import Settings
 from shared.errors import DockerUnavailable
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class RuntimeHandle:
     handlers: CommandHandlers
+    reconciler: NodeReconciler
     tasks: list[asyncio.Task[None]]
 
 
@@ -60,15 +64,35 @@ async def running_runtime(
             max_in_flight=settings.runtime.max_in_flight,
             ack_wait_seconds=settings.runtime.ack_wait_seconds,
         )
-        projector = Projector(js, store, Registry(js, kv))
+        registry = Registry(js, kv)
+        projector = Projector(js, store, registry)
+        runtime_settings = settings.runtime
+        if runtime_settings.replay_on_start:
+            await replay(js, registry, projector)
+        reconciler = NodeReconciler(
+            store,
+            registry,
+            driver,
+            clock or SystemClock(),
+            node_id=runtime_settings.node_id,
+            claim_timeout=timedelta(seconds=runtime_settings.claim_timeout_seconds),
+            confirmations=runtime_settings.reconcile_confirmations,
+            stop_timeout_seconds=settings.sandbox.stop_timeout_seconds,
+        )
         stopping = asyncio.Event()
         tasks = [
             asyncio.create_task(consumer.run(stopping), name="commands"),
             asyncio.create_task(projector.run(stopping), name="projector"),
         ]
+        if runtime_settings.reconcile_enabled:
+            tasks.append(
+                asyncio.create_task(
+                    reconciler.run(stopping, runtime_settings.reconcile_interval_seconds), name="reconciliation"
+                )
+            )
         log.info("runtime %s started", settings.runtime.node_id)
         try:
-            yield RuntimeHandle(handlers, tasks)
+            yield RuntimeHandle(handlers, reconciler, tasks)
         finally:
             stopping.set()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
+from services.runtime.service import RuntimeHandle
 from shared.config import Settings
 from shared.subjects import COMMANDS_STREAM, command_subject
 
@@ -58,7 +59,7 @@ class EventLog:
 
 
 @pytest.fixture
-async def agent(settings: Settings, runtime: None) -> AsyncIterator[tuple[Client, EventLog]]:
+async def agent(settings: Settings, runtime: RuntimeHandle) -> AsyncIterator[tuple[Client, EventLog]]:
     nc = await nats.connect(settings.nats.url or "")
     log = EventLog()
     # A stream consumer, not a core subscription: it sees only events the stream stored.

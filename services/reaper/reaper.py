@@ -1,0 +1,222 @@
+"""The reaper: watches `sandbox_sessions`, publishes `stop` commands, never touches Docker.
+
+- expiry: an in-memory schedule of `expires_at`, fed by a KV watch (which replays every
+  current record first, so a restarted reaper rebuilds it), wakes at the earliest expiry and
+  publishes `stop {reason: expired, session_id}`;
+- re-drive: a session left `provisioning` or `stopping` longer than the grace gets
+  `stop {reason: stuck_<status>}`.
+Each mechanism has a kill switch. A failure of one item or one tick is logged and counted,
+never fatal; the status block (`last_run_ts`, counts, last action) is written to the
+`sandbox_status` bucket under `reaper.<reaper_id>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from services.reaper.decisions import ExpirySchedule, StopOrder, expiry_order, redrive_order
+from shared.clock import Clock
+from shared.config import ReaperSettings
+from shared.contracts import StopSandbox, decode_record, encode
+from shared.event_store import with_nats_retry
+from shared.subjects import COMMANDS_STREAM, MSG_ID_HEADER, command_subject
+
+log = logging.getLogger(__name__)
+
+
+class LastAction(msgspec.Struct):
+    at: datetime
+    chat_id: str
+    session_id: str
+    reason: str
+    command_id: str
+
+
+class ReaperStatus(msgspec.Struct):
+    """What an operator reads with `nats kv get sandbox_status reaper.<id>`."""
+
+    reaper_id: str
+    started_at: datetime
+    last_run_ts: datetime | None = None
+    sessions_tracked: int = 0
+    next_expiry: datetime | None = None
+    expiry_enabled: bool = True
+    redrive_enabled: bool = True
+    expired_published: int = 0
+    redrive_published: int = 0
+    item_errors: int = 0
+    tick_errors: int = 0
+    last_action: LastAction | None = None
+    last_error: str | None = None
+
+
+@dataclass
+class Reaper:
+    js: JetStreamContext
+    sessions: KeyValue
+    status_bucket: KeyValue
+    settings: ReaperSettings
+    clock: Clock
+    schedule: ExpirySchedule = field(default_factory=ExpirySchedule)
+    status: ReaperStatus = field(init=False)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _redriven: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.status = ReaperStatus(
+            reaper_id=self.settings.reaper_id,
+            started_at=self.clock.now(),
+            expiry_enabled=self.settings.expiry_enabled,
+            redrive_enabled=self.settings.redrive_enabled,
+        )
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        tasks = [
+            asyncio.create_task(self._watch(stopping), name="reaper-watch"),
+            asyncio.create_task(self._ticks(stopping), name="reaper-ticks"),
+            asyncio.create_task(self._publish_status(stopping), name="reaper-status"),
+        ]
+        try:
+            await stopping.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self._write_status()
+
+    async def ready(self) -> None:
+        """Returns once the watch has replayed every current record."""
+        await self._ready.wait()
+
+    # ------------------------------------------------------------------ the schedule
+
+    async def _watch(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                watcher = await self.sessions.watchall()
+                async for entry in watcher:
+                    if entry is None:
+                        self._ready.set()
+                        continue
+                    if entry.operation in ("DEL", "PURGE") or not entry.value:
+                        self.schedule.remove(entry.key)
+                    else:
+                        try:
+                            self.schedule.put(decode_record(entry.value))
+                        except msgspec.DecodeError:
+                            log.warning("reaper ignores an undecodable registry entry %s", entry.key)
+                            continue
+                    self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("registry watch failed; watching again")
+                await asyncio.sleep(1.0)
+
+    async def _ticks(self, stopping: asyncio.Event) -> None:
+        await self._ready.wait()
+        while not stopping.is_set():
+            try:
+                await self.tick()
+            except Exception as exc:
+                self.status.tick_errors += 1
+                self.status.last_error = f"tick: {exc!r}"
+                log.exception("reaper tick failed")
+            await self._sleep_until_due()
+
+    async def _sleep_until_due(self) -> None:
+        timeout = self.settings.tick_seconds
+        due = self.schedule.next_due() if self.settings.expiry_enabled else None
+        if due is not None:
+            timeout = min(timeout, max((due - self.clock.now()).total_seconds(), 0.0))
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def tick(self) -> list[StopOrder]:
+        """One pass: publish what is due. What was published, for tests and logs."""
+        now = self.clock.now()
+        orders: list[StopOrder] = []
+        if self.settings.expiry_enabled:
+            orders += [expiry_order(s) for s in self.schedule.pop_due(now)]
+        if self.settings.redrive_enabled:
+            grace = timedelta(seconds=self.settings.redrive_grace_seconds)
+            for session in list(self.schedule.sessions.values()):
+                order = redrive_order(session, now, grace)
+                if order is not None and order.command_id not in self._redriven:
+                    orders.append(order)
+        published: list[StopOrder] = []
+        for order in orders:
+            try:
+                await self._publish(order)
+            except Exception as exc:  # noqa: BLE001 - one item's failure must not stop the others
+                self.status.item_errors += 1
+                self.status.last_error = f"{order.reason} {order.session_id}: {exc!r}"
+                log.warning("reaper could not publish %s for %s: %s", order.reason, order.session_id, exc)
+                held = self.schedule.sessions.get(order.chat_id)
+                if order.reason == "expired" and held is not None:
+                    self.schedule.put(held)  # try again on the next tick
+                continue
+            published.append(order)
+        self.status.last_run_ts = now
+        self.status.sessions_tracked = len(self.schedule)
+        self.status.next_expiry = self.schedule.next_due()
+        return published
+
+    async def _publish(self, order: StopOrder) -> None:
+        command = StopSandbox(
+            command_id=uuid.UUID(order.command_id),
+            chat_id=uuid.UUID(order.chat_id),
+            session_id=uuid.UUID(order.session_id),
+            reason=order.reason,
+            requested_at=self.clock.now(),
+            requested_by=f"reaper:{self.settings.reaper_id}",
+        )
+        subject = command_subject("stop", order.chat_id)
+        payload = encode(command)
+
+        async def publish() -> None:
+            await self.js.publish(subject, payload, stream=COMMANDS_STREAM, headers={MSG_ID_HEADER: order.command_id})
+
+        await with_nats_retry(publish, what=f"publish {subject}")
+        if order.reason == "expired":
+            self.status.expired_published += 1
+        else:
+            self.status.redrive_published += 1
+            self._redriven.add(order.command_id)
+        self.status.last_action = LastAction(
+            at=self.clock.now(),
+            chat_id=order.chat_id,
+            session_id=order.session_id,
+            reason=order.reason,
+            command_id=order.command_id,
+        )
+        log.info("reaper: stop %s for session %s of chat %s", order.reason, order.session_id, order.chat_id)
+
+    # ------------------------------------------------------------------ status
+
+    def status_key(self) -> str:
+        return f"reaper.{self.settings.reaper_id}"
+
+    async def _write_status(self) -> None:
+        await self.status_bucket.put(self.status_key(), encode(self.status))
+
+    async def _publish_status(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                await self._write_status()
+            except Exception as exc:  # noqa: BLE001 - status is best effort and must not stop the reaper
+                log.warning("reaper status not written: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.settings.status_interval_seconds)

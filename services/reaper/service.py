@@ -1,0 +1,51 @@
+"""The reaper's composition root."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from services.reaper.reaper import Reaper
+from shared.clock import Clock, SystemClock
+from shared.config import Settings
+from shared.nats_connection import connect, nats_url
+from shared.service import StartupError
+from shared.topology import ensure_status_bucket, ensure_topology
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def running_reaper(settings: Settings, *, clock: Clock | None = None) -> AsyncIterator[Reaper]:
+    try:
+        nc = await connect(settings.nats, name=f"sandboxd-reaper:{settings.reaper.reaper_id}")
+    except Exception as exc:
+        raise StartupError(f"cannot connect to NATS at {nats_url(settings.nats)}: {exc}") from exc
+    try:
+        js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
+        sessions = await ensure_topology(js, settings.streams)
+        status = await ensure_status_bucket(js, settings.streams)
+        reaper = Reaper(js, sessions, status, settings.reaper, clock or SystemClock())
+        stopping = asyncio.Event()
+        task = asyncio.create_task(reaper.run(stopping), name="reaper")
+        log.info(
+            "reaper %s started (expiry %s, re-drive %s)",
+            settings.reaper.reaper_id,
+            "on" if settings.reaper.expiry_enabled else "OFF",
+            "on" if settings.reaper.redrive_enabled else "OFF",
+        )
+        try:
+            yield reaper
+        finally:
+            stopping.set()
+            await task
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.drain()
+
+
+async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+    async with running_reaper(settings):
+        await stopping.wait()

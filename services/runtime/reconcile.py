@@ -1,0 +1,288 @@
+"""Node reconciliation: this node's Docker containers against the chats' last events.
+
+- a `running` session whose container is gone or not running becomes `lost` (Docker's state
+  in the event), after `confirmations` consecutive observations;
+- a container that belongs to an abandoned `provisioning` claim (a crash mid-create) is
+  adopted: the claim's command gets its `running` outcome;
+- a managed container that no live session owns (an orphan) is removed after
+  `confirmations` consecutive observations, and a `stopped` event with reason
+  `orphan_removed` records it (carrying the chat's current session unchanged).
+
+Every action is an append with the expected sequence it was decided from, so a command
+handled meanwhile simply wins. Decisions are pure (`decide_for_chat`); the loop never raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import msgspec
+
+from services.runtime.docker_driver import ContainerDriver, ObservedContainer
+from services.runtime.handlers import outcome_msg_id
+from shared.clock import Clock
+from shared.contracts import (
+    AnyEvent,
+    CreateResult,
+    ErrorInfo,
+    SandboxLost,
+    SandboxProvisioning,
+    SandboxRunning,
+    SandboxStopped,
+    SandboxStopping,
+    SessionRecord,
+    SessionStatus,
+)
+from shared.errors import AppendConflict, SandboxdError
+from shared.event_store import ChatState, EventStore
+from shared.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True, slots=True)
+class MarkLost:
+    session: SessionRecord
+    reason: str
+    docker_state: str
+    container_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    claim: SandboxProvisioning
+    session: SessionRecord
+    container: ObservedContainer
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveOrphan:
+    container: ObservedContainer
+
+
+Action = MarkLost | Adopt | RemoveOrphan
+
+
+def decide_for_chat(
+    state: ChatState,
+    containers: list[ObservedContainer],
+    node_id: str,
+    now: datetime,
+    claim_timeout: timedelta,
+) -> list[Action]:
+    """What reconciliation would do for one chat, given one observation."""
+    last = state.last
+    session = state.session if state.session is not None and state.session.is_live else None
+    mine = session if session is not None and session.node_id == node_id else None
+    by_session = {c.session_id: c for c in containers}
+    actions: list[Action] = []
+    claim_in_flight = isinstance(last, SandboxProvisioning | SandboxStopping) and now - last.occurred_at < claim_timeout
+    if mine is not None and mine.status == SessionStatus.RUNNING and not claim_in_flight:
+        container = by_session.get(mine.session_id)
+        if container is None:
+            actions.append(MarkLost(mine, "container_missing", "no such container", None))
+        elif container.state != "running":
+            actions.append(
+                MarkLost(
+                    mine, "container_not_running", f"{container.state}: {container.status}", container.container_id
+                )
+            )
+    if mine is not None and isinstance(last, SandboxProvisioning) and not claim_in_flight:
+        container = by_session.get(mine.session_id)
+        if container is not None and container.state == "running":
+            actions.append(Adopt(last, mine, container))
+    owner = session.session_id if session is not None else None
+    actions += [RemoveOrphan(c) for c in containers if c.session_id != owner]
+    return actions
+
+
+def _key(action: Action) -> tuple[str, str]:
+    match action:
+        case MarkLost():
+            return ("lost", action.session.session_id)
+        case Adopt():
+            return ("adopt", action.claim.session_id or "")
+        case RemoveOrphan():
+            return ("orphan", action.container.container_id)
+
+
+# --------------------------------------------------------------------------- effects
+
+
+@dataclass
+class ReconcileReport:
+    containers: int = 0
+    chats: int = 0
+    lost: int = 0
+    adopted: int = 0
+    orphans_removed: int = 0
+    pending_confirmation: int = 0
+    errors: int = 0
+    actions: list[str] = field(default_factory=list)
+
+
+class NodeReconciler:
+    def __init__(
+        self,
+        store: EventStore,
+        registry: Registry,
+        driver: ContainerDriver,
+        clock: Clock,
+        *,
+        node_id: str,
+        claim_timeout: timedelta,
+        confirmations: int = 2,
+        stop_timeout_seconds: int = 2,
+        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._driver = driver
+        self._clock = clock
+        self._node_id = node_id
+        self._claim_timeout = claim_timeout
+        self._confirmations = confirmations
+        self._stop_timeout = stop_timeout_seconds
+        self._new_id = new_id
+        self._seen: Counter[tuple[str, str]] = Counter()
+
+    async def run_once(self) -> ReconcileReport:
+        report = ReconcileReport()
+        containers = await self._driver.list_managed(self._node_id)
+        report.containers = len(containers)
+        by_chat: dict[str, list[ObservedContainer]] = {}
+        for c in containers:
+            by_chat.setdefault(c.chat_id, []).append(c)
+        chats = set(by_chat)
+        chats |= {r.chat_id for r in await self._registry.list() if r.node_id == self._node_id}
+        report.chats = len(chats)
+        seen_now: Counter[tuple[str, str]] = Counter()
+        for chat in sorted(chats):
+            try:
+                await self._reconcile_chat(chat, by_chat.get(chat, []), seen_now, report)
+            except (SandboxdError, OSError) as exc:
+                report.errors += 1
+                log.warning("reconciling chat %s failed: %s", chat, exc)
+        self._seen = seen_now
+        return report
+
+    async def _reconcile_chat(
+        self,
+        chat: str,
+        containers: list[ObservedContainer],
+        seen_now: Counter[tuple[str, str]],
+        report: ReconcileReport,
+    ) -> None:
+        state = await self._store.read(chat)
+        actions = decide_for_chat(state, containers, self._node_id, self._clock.now(), self._claim_timeout)
+        for action in actions:
+            key = _key(action)
+            seen_now[key] = self._seen[key] + 1
+            if seen_now[key] < self._confirmations:
+                report.pending_confirmation += 1
+                continue
+            try:
+                await self._carry_out(chat, state, action, report)
+            except AppendConflict:
+                log.info("chat %s changed while reconciling; it is looked at again next time", chat)
+                return
+            del seen_now[key]
+            state = await self._store.read(chat)
+
+    def _event(
+        self,
+        cls: type[AnyEvent],
+        chat: str,
+        session_id: str | None,
+        session: SessionRecord | None,
+        version: int,
+        **fields: object,
+    ) -> AnyEvent:
+        return cls(
+            event_id=self._new_id(),
+            chat_id=chat,
+            session_id=session_id,
+            occurred_at=self._clock.now(),
+            node_id=self._node_id,
+            session=msgspec.structs.replace(session, version=version) if session is not None else None,
+            **fields,  # type: ignore[arg-type]
+        )
+
+    async def _carry_out(self, chat: str, state: ChatState, action: Action, report: ReconcileReport) -> None:
+        now = self._clock.now()
+        match action:
+            case MarkLost(session, reason, docker_state, container_id):
+                lost = msgspec.structs.replace(session, status=SessionStatus.LOST, updated_at=now)
+                event = self._event(
+                    SandboxLost,
+                    chat,
+                    session.session_id,
+                    lost,
+                    state.seq,
+                    causation_id=None,
+                    reason=reason,
+                    error=ErrorInfo("container_state", docker_state),
+                )
+                await self._store.append(event, expected_seq=state.seq, msg_id=event.event_id)
+                if container_id is not None:
+                    await self._driver.remove(container_id, self._stop_timeout)
+                report.lost += 1
+                report.actions.append(f"lost {session.session_id} ({reason}: {docker_state})")
+            case Adopt(claim, claimed, container):
+                running = msgspec.structs.replace(
+                    claimed, container_id=container.container_id, status=SessionStatus.RUNNING, updated_at=now
+                )
+                result = CreateResult.REPLACED if claim.previous is not None else CreateResult.CREATED
+                event = self._event(
+                    SandboxRunning,
+                    chat,
+                    running.session_id,
+                    running,
+                    state.seq,
+                    causation_id=claim.causation_id,
+                    result=result,
+                    previous=claim.previous,
+                    reason="adopted",
+                )
+                msg_id = outcome_msg_id(claim.causation_id) if claim.causation_id else event.event_id
+                await self._store.append(event, expected_seq=state.seq, msg_id=msg_id)
+                report.adopted += 1
+                report.actions.append(f"adopted {container.name} for session {running.session_id}")
+            case RemoveOrphan(container):
+                await self._driver.remove(container.container_id, self._stop_timeout)
+                current = state.session if state.session is not None and state.session.is_live else None
+                event = self._event(
+                    SandboxStopped,
+                    chat,
+                    container.session_id,
+                    current,
+                    state.seq,
+                    causation_id=None,
+                    reason="orphan_removed",
+                )
+                await self._store.append(event, expected_seq=state.seq, msg_id=event.event_id)
+                report.orphans_removed += 1
+                report.actions.append(f"removed orphan {container.name} ({container.state})")
+
+    async def run(self, stopping: asyncio.Event, interval_seconds: float) -> None:
+        """Reconcile every `interval_seconds` until stopped; a failed pass is logged, not fatal."""
+        while not stopping.is_set():
+            try:
+                report = await self.run_once()
+                if report.actions or report.errors:
+                    log.info("reconciliation: %s", report)
+            except Exception:
+                log.exception("reconciliation pass failed; trying again in %.0fs", interval_seconds)
+            try:
+                await asyncio.wait_for(stopping.wait(), interval_seconds)
+            except TimeoutError:
+                continue
