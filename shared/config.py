@@ -19,6 +19,8 @@ from typing import Annotated, Any
 
 import msgspec
 
+from shared.failpoints import FAILPOINT_ENV
+
 ENV_PREFIX = "SANDBOXD_"
 CONFIG_FILE_ENV = "SANDBOXD_CONFIG"
 
@@ -141,7 +143,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
             known[env_name(section, field.name)] = (section, field.name)
     overrides: dict[str, dict[str, Any]] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV:
+        if not name.startswith(ENV_PREFIX) or name in (CONFIG_FILE_ENV, FAILPOINT_ENV):
             continue
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)

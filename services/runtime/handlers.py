@@ -64,6 +64,7 @@ from shared.contracts import (
 )
 from shared.errors import AppendConflict, DockerUnavailable, InfrastructureError
 from shared.event_store import ChatState, EventStore
+from shared.failpoints import failpoint
 from shared.subjects import INVALID_EVENTS_SUBJECT
 
 log = logging.getLogger(__name__)
@@ -161,9 +162,11 @@ class CommandHandlers:
         """Append a claim; its sequence, or None when another writer got there first."""
         event = self._event(cls, session.chat_id, str(command.command_id), session, expected, **fields)
         try:
-            return (await self._d.store.append(event, expected_seq=expected, msg_id=event.event_id)).seq
+            seq = (await self._d.store.append(event, expected_seq=expected, msg_id=event.event_id)).seq
         except AppendConflict:
             return None
+        failpoint("after_claim")
+        return seq
 
     async def _outcome(
         self, cls: type[AnyEvent], command: AnyCommand, session: SessionRecord | None, expected: int, **fields: Any
@@ -175,6 +178,7 @@ class CommandHandlers:
             await self._d.store.append(event, expected_seq=expected, msg_id=outcome_msg_id(command_id))
         except AppendConflict:
             return False
+        failpoint("after_outcome")  # appended, not yet acknowledged
         return True
 
     async def _reject(self, command: AnyCommand, state: ChatState, decision: Reject) -> bool:
@@ -273,6 +277,7 @@ class CommandHandlers:
             await self._remove_quietly(spec.name)
             failed = msgspec.structs.replace(claim, status=SessionStatus.FAILED, updated_at=self._d.clock.now())
             return await self._outcome(SandboxFailed, command, failed, claim_seq, error=_error(exc), previous=previous)
+        failpoint("after_start")
         await progress()
         # created_at/expires_at stay as claimed: the container's labels carry the same values.
         running = msgspec.structs.replace(
