@@ -1,0 +1,79 @@
+"""The Docker engine stopped under a running stack: clear failures, no hung commands, a
+failed stop kept and retried, and reconciliation converging once the engine is back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.runtime.docker_driver import DockerDriver
+from services.runtime.image import ensure_sandbox_image
+from services.runtime.service import running_runtime
+from shared.config import Settings
+from tests.conftest import TEST_IMAGE, TEST_TOKEN, missing
+from tests.support.api_server import serving_api
+from tests.support.private_dockerd import PrivateDockerd, private_dockerd
+
+
+@pytest.fixture
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateDockerd]:
+    # A short path: unix socket paths are limited to ~100 bytes.
+    root = Path(tmp_path_factory.mktemp("dkr"))
+    try:
+        with private_dockerd(root) as started:
+            client = started.client()
+            ensure_sandbox_image(client, TEST_IMAGE)
+            client.close()
+            yield started
+    except RuntimeError as exc:
+        missing(f"cannot run a private dockerd: {exc}")
+
+
+async def test_docker_outage(settings: Settings, engine: PrivateDockerd) -> None:
+    driver = DockerDriver(engine.client())
+    async with (
+        running_runtime(settings, driver=driver) as runtime,
+        serving_api(settings) as url,
+        httpx.AsyncClient(base_url=url, headers={"X-API-Token": TEST_TOKEN}, timeout=30) as http,
+    ):
+        kept, dropped = str(uuid.uuid4()), str(uuid.uuid4())
+        for chat in (kept, dropped):
+            assert (await http.post("/api/v1/sandboxes", json={"chat_id": chat})).status_code == 201
+
+        await asyncio.to_thread(engine.stop)
+        started = time.monotonic()
+        fresh = [str(uuid.uuid4()) for _ in range(5)]
+        answers = await asyncio.gather(*(http.post("/api/v1/sandboxes", json={"chat_id": c}) for c in fresh))
+        assert time.monotonic() - started < 10, "no command hangs while Docker is down"
+        for answer in answers:
+            assert answer.status_code == 503, answer.text
+            assert "Docker engine is unavailable" in answer.json()["detail"]
+            assert answer.json()["error"]["type"] == "docker_unavailable"
+        refused_stop = await http.delete(f"/api/v1/sandboxes/{kept}")
+        assert refused_stop.status_code == 503, refused_stop.text
+        record = (await http.get(f"/api/v1/sandboxes/{kept}")).json()
+        assert record["status"] == "stopping", "a failed stop keeps the record on its container"
+        assert record["container_id"]
+
+        await asyncio.to_thread(engine.start)
+        assert (await http.delete(f"/api/v1/sandboxes/{kept}")).status_code == 200, "the stop is retried"
+        # The engine stopped the other container on shutdown: reconciliation marks it lost.
+        for _ in range(2):
+            await runtime.reconciler.run_once()
+        assert (await http.get(f"/api/v1/sandboxes/{dropped}")).status_code == 404
+        events = (await http.get(f"/api/v1/sandboxes/{dropped}/events")).json()["events"]
+        assert events[-1]["event"]["type"] == "lost"
+        assert events[-1]["event"]["reason"] == "container_not_running"
+        for chat in fresh:
+            assert (await http.get(f"/api/v1/sandboxes/{chat}")).status_code == 404
+        client = engine.client()
+        assert client.containers.list(all=True) == [], "nothing leaked"
+        client.close()
+        assert (await runtime.reconciler.run_once()).actions == []
+    driver.close()
