@@ -96,6 +96,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_status(_: argparse.Namespace) -> int:
+    from shared.registry import Registry  # noqa: PLC0415
     from shared.topology import ensure_status_bucket, ensure_topology  # noqa: PLC0415
 
     settings = _settings()
@@ -106,7 +107,8 @@ def cmd_status(_: argparse.Namespace) -> int:
             js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
             sessions = await ensure_topology(js, settings.streams)
             status = await ensure_status_bucket(js, settings.streams)
-            out: dict[str, object] = {"registry": {"sessions": (await sessions.status()).values}}
+            live = await Registry(js, sessions).list()
+            out: dict[str, object] = {"registry": {"sessions": len(live)}}
             watcher = await status.watchall()
             async for entry in watcher:
                 if entry is None:

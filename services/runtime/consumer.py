@@ -70,7 +70,7 @@ class CommandConsumer:
                     continue
                 try:
                     msgs = await sub.fetch(batch=free, timeout=0.5)
-                except NatsTimeoutError:
+                except (NatsTimeoutError, TimeoutError):  # nats-py raises either when nothing came
                     continue
                 except Exception:
                     log.exception("fetch from %s failed; retrying", COMMANDS_STREAM)

@@ -77,7 +77,7 @@ class Projector:
             while not stopping.is_set():
                 try:
                     msgs = await sub.fetch(batch=batch, timeout=0.5)
-                except NatsTimeoutError:
+                except (NatsTimeoutError, TimeoutError):  # nats-py raises either when nothing came
                     continue
                 except Exception:
                     log.exception("fetch from %s failed; retrying", EVENTS_STREAM)
