@@ -118,6 +118,17 @@ class ReaperSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     status_interval_seconds: PositiveSeconds = 5.0
 
 
+class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318); unset: no export, no span processing.
+    otlp_endpoint: str | None = None
+    log_level: Annotated[str, msgspec.Meta(pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
+    # Prometheus text endpoints of the runtime and the reaper (the API serves /metrics itself); 0: off.
+    metrics_host: str = "127.0.0.1"
+    runtime_metrics_port: Port = 9464
+    reaper_metrics_port: Port = 9465
+    status_interval_seconds: PositiveSeconds = 5.0
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     nats: NatsSettings = msgspec.field(default_factory=NatsSettings)
     streams: StreamSettings = msgspec.field(default_factory=StreamSettings)
@@ -126,6 +137,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     sandbox: SandboxSettings = msgspec.field(default_factory=SandboxSettings)
     runtime: RuntimeSettings = msgspec.field(default_factory=RuntimeSettings)
     reaper: ReaperSettings = msgspec.field(default_factory=ReaperSettings)
+    telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
 
 
 def env_name(section: str, key: str) -> str:

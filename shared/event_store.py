@@ -25,6 +25,7 @@ from shared.subjects import (
     MSG_ID_HEADER,
     event_subject,
 )
+from shared.telemetry import inject
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class EventStore:
         return await self.append_to(event_subject(event.chat_id), event, expected_seq=expected_seq, msg_id=msg_id)
 
     async def append_to(self, subject: str, event: AnyEvent, *, expected_seq: int | None, msg_id: str) -> Appended:
-        headers = {MSG_ID_HEADER: msg_id, EVENT_TYPE_HEADER: event.type}
+        headers = inject({MSG_ID_HEADER: msg_id, EVENT_TYPE_HEADER: event.type})
         if expected_seq is not None:
             headers[EXPECTED_LAST_SUBJECT_SEQ_HEADER] = str(expected_seq)
         payload = encode(event)

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from shared.config import ConfigError, Settings, load_settings
+from shared.logs import setup_json_logging
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +24,12 @@ def setup_logging(level: str = "INFO") -> None:
 
 def run_service(name: str, main: Callable[[Settings, asyncio.Event], Awaitable[None]]) -> int:
     """Load settings, run `main` until SIGINT/SIGTERM sets its stop event; an exit code."""
-    setup_logging()
     try:
         settings = load_settings()
     except ConfigError as exc:
         print(f"{name}: configuration error: {exc}", file=sys.stderr)
         return 2
+    setup_json_logging(name, settings.telemetry.log_level)
 
     async def runner() -> None:
         stopping = asyncio.Event()

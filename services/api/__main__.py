@@ -8,11 +8,10 @@ import uvicorn
 
 from services.api.app import create_app
 from shared.config import ConfigError, load_settings
-from shared.service import setup_logging
+from shared.logs import setup_json_logging
 
 
 def main() -> int:
-    setup_logging()
     try:
         settings = load_settings()
     except ConfigError as exc:
@@ -21,8 +20,11 @@ def main() -> int:
     if not settings.api.token:
         print("sandboxd-api: configuration error: api.token (SANDBOXD_API_TOKEN) must be set", file=sys.stderr)
         return 2
+    setup_json_logging("sandboxd-api", settings.telemetry.log_level)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.http.host, port=settings.http.port, log_level="info", access_log=False)
+    uvicorn.run(
+        app, host=settings.http.host, port=settings.http.port, log_config=None, log_level="info", access_log=False
+    )
     return 0
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -22,9 +23,13 @@ from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from nats.aio.client import Client
+from opentelemetry.trace import SpanKind
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from services.api.gateway import CommandGateway, OutcomeWaiter
+from services.api.status import StatusEnvelope, build_status
 from services.api.views import (
     Accepted,
     CreateSandboxRequest,
@@ -58,6 +63,7 @@ from shared.event_store import EventStore
 from shared.nats_connection import connect
 from shared.registry import Registry
 from shared.subjects import canonical_chat_id
+from shared.telemetry import Telemetry, elapsed_ms, extract, setup_telemetry
 from shared.topology import ensure_topology, topology_missing
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,7 @@ class ApiContext:
     registry: Registry
     events: EventStore
     clock: Clock
+    telemetry: Telemetry
 
 
 def _ctx(request: Request[Any, Any, Any]) -> ApiContext:
@@ -269,6 +276,59 @@ async def sandbox_events(
     )
 
 
+@get("/status", operation_id="status", tags=["meta"])
+async def status(request: Request[Any, Any, Any]) -> StatusEnvelope:
+    """A versioned envelope: NATS, streams, consumers (lag), registry, reapers, runtime nodes."""
+    ctx = _ctx(request)
+    return await build_status(ctx.nc, ctx.registry, ctx.clock.now())
+
+
+@get("/metrics", operation_id="metrics", tags=["meta"], include_in_schema=False)
+async def metrics() -> Response[bytes]:
+    """Prometheus text format (every metric this process recorded)."""
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+def tracing_middleware(telemetry: Telemetry) -> Callable[[ASGIApp], ASGIApp]:
+    """A server span per HTTP request, continuing a caller's W3C trace context."""
+
+    def wrap(app: ASGIApp) -> ASGIApp:
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            if str(scope["type"]) != "http":
+                await app(scope, receive, send)
+                return
+            method = str(scope.get("method", ""))
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            started = time.perf_counter()
+            status_code = 500
+
+            async def send_wrapper(message: Message) -> None:
+                nonlocal status_code
+                if message["type"] == "http.response.start":
+                    status_code = message["status"]
+                await send(message)
+
+            with telemetry.tracer.span(
+                f"HTTP {method}",
+                {"http.request.method": method, "url.path": str(scope.get("path", ""))},
+                kind=SpanKind.SERVER,
+                parent=extract(headers),
+            ) as span:
+                try:
+                    await app(scope, receive, send_wrapper)
+                finally:
+                    span.set_attribute("http.response.status_code", status_code)
+                    telemetry.metrics.record(
+                        "sandbox.api.request.duration_ms",
+                        elapsed_ms(started),
+                        {"method": method, "status": str(status_code)},
+                    )
+
+        return middleware
+
+    return wrap
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -279,7 +339,9 @@ def _nats_unavailable(_: Request[Any, Any, Any], exc: NatsUnavailable) -> Respon
 # --------------------------------------------------------------------------- app
 
 
-def create_app(settings: Settings, *, clock: Clock | None = None) -> Litestar:
+def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Telemetry | None = None) -> Litestar:
+    telemetry = telemetry or setup_telemetry("sandboxd-api", otlp_endpoint=settings.telemetry.otlp_endpoint)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         nc = await connect(settings.nats, name="sandboxd-api")
@@ -290,10 +352,11 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> Litestar:
         app.state.ctx = ApiContext(
             settings=settings,
             nc=nc,
-            gateway=CommandGateway(nc, js, waiter),
+            gateway=CommandGateway(nc, js, waiter, telemetry),
             registry=Registry(js, kv),
             events=EventStore(js),
             clock=clock or SystemClock(),
+            telemetry=telemetry,
         )
         try:
             yield
@@ -301,6 +364,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> Litestar:
             await waiter.stop()
             with contextlib.suppress(Exception):
                 await nc.drain()
+            telemetry.shutdown()
 
     protected = Router(
         path="/",
@@ -315,9 +379,10 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> Litestar:
             sandbox_events,
         ],
     )
-    api = Router(path=API_PREFIX, route_handlers=[health, ready, protected])
+    api = Router(path=API_PREFIX, route_handlers=[health, ready, status, protected])
     return Litestar(
-        route_handlers=[api],
+        route_handlers=[api, metrics],
+        middleware=[tracing_middleware(telemetry)],
         lifespan=[lifespan],
         exception_handlers={NatsUnavailable: _nats_unavailable},
         openapi_config=OpenAPIConfig(title="sandboxd", version=VERSION, path=f"{API_PREFIX}/schema"),

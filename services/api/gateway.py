@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import msgspec
 from nats.aio.client import Client
@@ -18,11 +19,13 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
+from opentelemetry.trace import SpanKind
 
 from shared.contracts import OUTCOME_TYPES, AnyCommand, AnyEvent, decode_event, encode
 from shared.errors import NatsUnavailable
 from shared.event_store import with_nats_retry
 from shared.subjects import COMMANDS_STREAM, EVENT_SUBJECTS, EVENTS_STREAM, MSG_ID_HEADER, command_subject
+from shared.telemetry import Telemetry, elapsed_ms, inject
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +86,11 @@ class OutcomeWaiter:
 
 
 class CommandGateway:
-    def __init__(self, nc: Client, js: JetStreamContext, waiter: OutcomeWaiter) -> None:
+    def __init__(self, nc: Client, js: JetStreamContext, waiter: OutcomeWaiter, telemetry: Telemetry) -> None:
         self._nc = nc
         self._js = js
         self._waiter = waiter
+        self._telemetry = telemetry
 
     async def send(self, command: AnyCommand, wait_seconds: float) -> AnyEvent | None:
         """Publish and wait for the outcome; None when it did not come in time (it will
@@ -98,14 +102,26 @@ class CommandGateway:
         try:
             subject = command_subject(command.kind, str(command.chat_id))
             payload = encode(command)
+            attributes = {"chat.id": str(command.chat_id), "command.id": command_id, "messaging.destination": subject}
+            started = time.perf_counter()
+            with self._telemetry.tracer.span("api.send_command", attributes, kind=SpanKind.PRODUCER) as span:
+                headers = inject({MSG_ID_HEADER: command_id})
 
-            async def publish() -> None:
-                await self._js.publish(subject, payload, stream=COMMANDS_STREAM, headers={MSG_ID_HEADER: command_id})
+                async def publish() -> None:
+                    await self._js.publish(subject, payload, stream=COMMANDS_STREAM, headers=headers)
 
-            await with_nats_retry(publish, what=f"publish {subject}")
-            try:
-                return await asyncio.wait_for(fut, wait_seconds)
-            except TimeoutError:
-                return None
+                await with_nats_retry(publish, what=f"publish {subject}")
+                try:
+                    outcome = await asyncio.wait_for(fut, wait_seconds)
+                except TimeoutError:
+                    span.set_attribute("sandbox.event", "timeout")
+                    return None
+                span.set_attribute("sandbox.event", outcome.type)
+                self._telemetry.metrics.record(
+                    "sandbox.api.command.duration_ms",
+                    elapsed_ms(started),
+                    {"kind": command.kind, "outcome": outcome.type},
+                )
+                return outcome
         finally:
             self._waiter.forget(command_id)

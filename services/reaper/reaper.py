@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
+from opentelemetry.trace import SpanKind
 
 from services.reaper.decisions import ExpirySchedule, StopOrder, expiry_order, redrive_order
 from shared.clock import Clock
@@ -29,6 +30,8 @@ from shared.config import ReaperSettings
 from shared.contracts import StopSandbox, decode_record, encode
 from shared.event_store import with_nats_retry
 from shared.subjects import COMMANDS_STREAM, MSG_ID_HEADER, command_subject
+from shared.telemetry import Telemetry, inject
+from shared.telemetry import disabled as telemetry_disabled
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ class Reaper:
     status_bucket: KeyValue
     settings: ReaperSettings
     clock: Clock
+    telemetry: Telemetry = field(default_factory=telemetry_disabled)
     schedule: ExpirySchedule = field(default_factory=ExpirySchedule)
     status: ReaperStatus = field(init=False)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -131,6 +135,7 @@ class Reaper:
                 await self.tick()
             except Exception as exc:
                 self.status.tick_errors += 1
+                self.telemetry.metrics.increment("sandbox.reaper.error.total", {"scope": "tick"})
                 self.status.last_error = f"tick: {exc!r}"
                 log.exception("reaper tick failed")
             await self._sleep_until_due()
@@ -162,6 +167,7 @@ class Reaper:
                 await self._publish(order)
             except Exception as exc:  # noqa: BLE001 - one item's failure must not stop the others
                 self.status.item_errors += 1
+                self.telemetry.metrics.increment("sandbox.reaper.error.total", {"scope": "item"})
                 self.status.last_error = f"{order.reason} {order.session_id}: {exc!r}"
                 log.warning("reaper could not publish %s for %s: %s", order.reason, order.session_id, exc)
                 held = self.schedule.sessions.get(order.chat_id)
@@ -186,10 +192,18 @@ class Reaper:
         subject = command_subject("stop", order.chat_id)
         payload = encode(command)
 
-        async def publish() -> None:
-            await self.js.publish(subject, payload, stream=COMMANDS_STREAM, headers={MSG_ID_HEADER: order.command_id})
+        attributes = {"chat.id": order.chat_id, "session.id": order.session_id, "sandbox.reason": order.reason}
+        with self.telemetry.tracer.span("reaper.publish_stop", attributes, kind=SpanKind.PRODUCER):
+            headers = inject({MSG_ID_HEADER: order.command_id})
 
-        await with_nats_retry(publish, what=f"publish {subject}")
+            async def publish() -> None:
+                await self.js.publish(subject, payload, stream=COMMANDS_STREAM, headers=headers)
+
+            await with_nats_retry(publish, what=f"publish {subject}")
+        self.telemetry.metrics.increment("sandbox.reaper.action.total", {"reason": order.reason})
+        if order.reason == "expired":
+            lateness_ms = (self.clock.now() - order.due_at).total_seconds() * 1000.0
+            self.telemetry.metrics.record("sandbox.reaper.expiry_lateness_ms", lateness_ms)
         if order.reason == "expired":
             self.status.expired_published += 1
         else:

@@ -12,13 +12,18 @@ from shared.clock import Clock, SystemClock
 from shared.config import Settings
 from shared.nats_connection import connect, nats_url
 from shared.service import StartupError
+from shared.status_blocks import prometheus_endpoint
+from shared.telemetry import Telemetry, setup_telemetry
 from shared.topology import ensure_status_bucket, ensure_topology
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
-async def running_reaper(settings: Settings, *, clock: Clock | None = None) -> AsyncIterator[Reaper]:
+async def running_reaper(
+    settings: Settings, *, clock: Clock | None = None, telemetry: Telemetry | None = None
+) -> AsyncIterator[Reaper]:
+    telemetry = telemetry or setup_telemetry("sandboxd-reaper", otlp_endpoint=settings.telemetry.otlp_endpoint)
     try:
         nc = await connect(settings.nats, name=f"sandboxd-reaper:{settings.reaper.reaper_id}")
     except Exception as exc:
@@ -27,7 +32,7 @@ async def running_reaper(settings: Settings, *, clock: Clock | None = None) -> A
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
         sessions = await ensure_topology(js, settings.streams)
         status = await ensure_status_bucket(js, settings.streams)
-        reaper = Reaper(js, sessions, status, settings.reaper, clock or SystemClock())
+        reaper = Reaper(js, sessions, status, settings.reaper, clock or SystemClock(), telemetry)
         stopping = asyncio.Event()
         task = asyncio.create_task(reaper.run(stopping), name="reaper")
         log.info(
@@ -47,5 +52,6 @@ async def running_reaper(settings: Settings, *, clock: Clock | None = None) -> A
 
 
 async def serve(settings: Settings, stopping: asyncio.Event) -> None:
-    async with running_reaper(settings):
-        await stopping.wait()
+    with prometheus_endpoint(settings.telemetry.metrics_host, settings.telemetry.reaper_metrics_port):
+        async with running_reaper(settings):
+            await stopping.wait()

@@ -10,16 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from opentelemetry.trace import SpanKind
 
 from services.runtime.handlers import CommandHandlers
 from shared.commands import MalformedCommand, decode_command
 from shared.errors import TransientError
-from shared.subjects import COMMAND_SUBJECTS, COMMANDS_STREAM
+from shared.logs import bound_log_context
+from shared.subjects import COMMAND_SUBJECTS, COMMANDS_STREAM, split_command_subject
+from shared.telemetry import Telemetry, extract
+from shared.telemetry import disabled as telemetry_disabled
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,9 @@ class CommandConsumer:
         max_in_flight: int,
         ack_wait_seconds: float,
         durable: str = RUNTIME_CONSUMER,
+        telemetry: Telemetry | None = None,
     ) -> None:
+        self._telemetry = telemetry or telemetry_disabled()
         self._js = js
         self._handlers = handlers
         self._max_in_flight = max_in_flight
@@ -85,6 +92,10 @@ class CommandConsumer:
             await self.drain()
             await sub.unsubscribe()
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
     def _free_slots(self) -> int:
         return self._max_in_flight - len(self._tasks)
 
@@ -107,46 +118,66 @@ class CommandConsumer:
 
     async def _dispatch(self, msg: Msg) -> None:
         try:
-            await settle(msg, self._handlers)
+            await settle(msg, self._handlers, self._telemetry)
         except Exception:
             log.exception("settling %s failed", msg.subject)
 
 
-async def settle(msg: Msg, handlers: CommandHandlers) -> None:
-    """Handle one command message and decide its ack, nak or term."""
+async def settle(msg: Msg, handlers: CommandHandlers, telemetry: Telemetry) -> None:
+    """Handle one command message, in the trace its publisher started."""
+    kind = split_command_subject(msg.subject)[0]
+    with telemetry.tracer.span(
+        "runtime.handle_command",
+        {"messaging.destination": msg.subject},
+        kind=SpanKind.CONSUMER,
+        parent=extract(msg.headers),
+    ):
+        outcome = await _settle(msg, handlers)
+    queued_at = msg.metadata.timestamp
+    if queued_at is not None:
+        latency_ms = (datetime.now(UTC) - queued_at).total_seconds() * 1000.0
+        telemetry.metrics.record("sandbox.command.duration_ms", latency_ms, {"kind": kind, "outcome": outcome})
+
+
+async def _settle(msg: Msg, handlers: CommandHandlers) -> str:
+    """Decide the message's ack, nak or term; what became of it, for the latency metric."""
     deliveries = msg.metadata.num_delivered
     try:
         command = decode_command(msg.subject, msg.data)
     except MalformedCommand as bad:
         log.info("rejecting command on %s: %s", msg.subject, bad)
+        handlers.count_malformed(bad)
         try:
             await handlers.reject_malformed(bad)
         except TransientError as exc:
             await _nak(msg, deliveries, exc)
-            return
+            return "retried"
         except Exception:
             log.exception("could not record the rejection of %s; terminating it anyway", msg.subject)
         await msg.term()
-        return
+        return "rejected"
 
     async def progress() -> None:
         # Best effort: a lost in-progress only risks an early redelivery, which is harmless.
         with contextlib.suppress(Exception):
             await msg.in_progress()
 
-    try:
-        await handlers.handle(command, progress)
-    except TransientError as exc:
-        await _nak(msg, deliveries, exc)
-        return
-    except Exception as exc:
-        log.exception("command %s on %s failed unexpectedly", command.command_id, msg.subject)
+    with bound_log_context(chat_id=str(command.chat_id), command_id=str(command.command_id)):
         try:
-            await handlers.fail_unexpected(command, exc)
-        except Exception as again:  # noqa: BLE001 - the last resort must not lose the message
-            await _nak(msg, deliveries, again)
-            return
+            outcome = await handlers.handle(command, progress)
+        except TransientError as exc:
+            await _nak(msg, deliveries, exc)
+            return "retried"
+        except Exception as exc:
+            log.exception("command %s on %s failed unexpectedly", command.command_id, msg.subject)
+            try:
+                await handlers.fail_unexpected(command, exc)
+            except Exception as again:  # noqa: BLE001 - the last resort must not lose the message
+                await _nak(msg, deliveries, again)
+                return "retried"
+            outcome = None
     await msg.ack()
+    return outcome.type if outcome is not None else "none"
 
 
 async def _nak(msg: Msg, deliveries: int, exc: Exception) -> None:

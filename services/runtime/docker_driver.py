@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,9 +18,12 @@ from docker.types import Mount as DockerMount
 
 from services.runtime.containers import LABEL_CHAT, LABEL_MANAGED, LABEL_NODE, LABEL_SESSION, ContainerSpec
 from shared.errors import DockerUnavailable, SandboxStartFailed, SandboxStopFailed
+from shared.telemetry import Telemetry, elapsed_ms
+from shared.telemetry import disabled as telemetry_disabled
 
 log = logging.getLogger(__name__)
 
+_RESULTS = {"create": "created", "stop": "stopped", "list_active": "listed"}
 _HTTP_CONFLICT = 409
 _HTTP_NOT_FOUND = 404
 
@@ -57,18 +61,52 @@ def _unavailable(exc: Exception) -> DockerUnavailable:
 
 
 class DockerDriver:
-    def __init__(self, client: docker.DockerClient, *, max_workers: int = 16) -> None:
+    def __init__(
+        self, client: docker.DockerClient, *, max_workers: int = 16, telemetry: Telemetry | None = None
+    ) -> None:
         self._client = client
         self._api = client.api
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="docker")
+        self._telemetry = telemetry or telemetry_disabled()
 
     @classmethod
-    def from_env(cls, timeout_seconds: float, max_workers: int = 16) -> DockerDriver:
+    def from_env(
+        cls, timeout_seconds: float, max_workers: int = 16, telemetry: Telemetry | None = None
+    ) -> DockerDriver:
         try:
             client = docker.DockerClient.from_env(timeout=int(timeout_seconds), max_pool_size=max_workers)
         except DockerException as exc:
             raise _unavailable(exc) from exc
-        return cls(client, max_workers=max_workers)
+        return cls(client, max_workers=max_workers, telemetry=telemetry)
+
+    async def _instrumented(
+        self, operation: str, span_name: str, attributes: dict[str, str], fn: Any, *args: Any
+    ) -> Any:
+        """The seed's adapter span and metrics around one Docker operation."""
+        metrics = self._telemetry.metrics
+        started = time.perf_counter()
+        result = "error"
+        with self._telemetry.tracer.span(span_name, attributes) as span:
+            try:
+                value = await self._run(fn, *args)
+            except Exception as exc:
+                span.set_attribute("sandbox.result", result)
+                metrics.increment(
+                    "sandbox.runtime.error.total", {"operation": operation, "error.type": type(exc).__name__}
+                )
+                raise
+            else:
+                result = _RESULTS[operation]
+                span.set_attribute("sandbox.result", result)
+                if isinstance(value, str):
+                    span.set_attribute("container.id", value)
+                return value
+            finally:
+                metrics.record(
+                    f"sandbox.runtime.{operation}.duration_ms",
+                    elapsed_ms(started),
+                    {"operation": operation, "result": result},
+                )
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -89,7 +127,10 @@ class DockerDriver:
     # ------------------------------------------------------------------ start
 
     async def ensure_running(self, spec: ContainerSpec) -> str:
-        result: str = await self._run(self._ensure_running, spec)
+        attributes = {"chat.id": spec.labels.get(LABEL_CHAT, ""), "session.id": spec.labels.get(LABEL_SESSION, "")}
+        result: str = await self._instrumented(
+            "create", "adapter.docker.create_sandbox", attributes, self._ensure_running, spec
+        )
         return result
 
     def _prepare_mounts(self, spec: ContainerSpec) -> list[DockerMount]:
@@ -162,7 +203,10 @@ class DockerDriver:
     # ------------------------------------------------------------------ stop
 
     async def remove(self, ref: str, stop_timeout_seconds: int) -> None:
-        await self._run(self._remove, ref, stop_timeout_seconds)
+        attributes = {"container.ref": ref}
+        await self._instrumented(
+            "stop", "adapter.docker.stop_sandbox", attributes, self._remove, ref, stop_timeout_seconds
+        )
 
     def _remove(self, ref: str, stop_timeout_seconds: int) -> None:
         try:
@@ -185,7 +229,9 @@ class DockerDriver:
     # ------------------------------------------------------------------ inspection
 
     async def list_managed(self, node_id: str) -> list[ObservedContainer]:
-        result: list[ObservedContainer] = await self._run(self._list_managed, node_id)
+        result: list[ObservedContainer] = await self._instrumented(
+            "list_active", "adapter.docker.list_active_sandboxes", {"node.id": node_id}, self._list_managed, node_id
+        )
         return result
 
     def _list_managed(self, node_id: str) -> list[ObservedContainer]:

@@ -11,7 +11,8 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, assert_never
 
@@ -38,6 +39,7 @@ from services.runtime.decisions import (
     provision_after_replace,
 )
 from services.runtime.docker_driver import ContainerDriver
+from services.runtime.observe import ActiveSandboxes, observe_outcome
 from shared.clock import Clock
 from shared.commands import MalformedCommand
 from shared.config import SandboxSettings
@@ -66,6 +68,8 @@ from shared.errors import AppendConflict, DockerUnavailable, InfrastructureError
 from shared.event_store import ChatState, EventStore
 from shared.failpoints import failpoint
 from shared.subjects import INVALID_EVENTS_SUBJECT
+from shared.telemetry import Telemetry
+from shared.telemetry import disabled as telemetry_disabled
 
 log = logging.getLogger(__name__)
 
@@ -101,21 +105,39 @@ class HandlerDeps:
     clock: Clock
     policy: Policy
     sandbox: SandboxSettings
+    telemetry: Telemetry = field(default_factory=telemetry_disabled)
+    active: ActiveSandboxes = field(default_factory=ActiveSandboxes)
+
+
+# The outcome appended while handling the current command (one list per handling task).
+_OUTCOME: ContextVar[list[AnyEvent] | None] = ContextVar("sandboxd_outcome", default=None)
 
 
 class CommandHandlers:
     def __init__(self, deps: HandlerDeps, new_id: Callable[[], str] = lambda: str(uuid.uuid4())) -> None:
         self._d = deps
         self._new_id = new_id
+        self._metrics = deps.telemetry.metrics
 
-    async def handle(self, command: AnyCommand, progress: Progress) -> None:
-        match command:
-            case CreateSandbox():
-                await self.create(command, progress)
-            case StopSandbox():
-                await self.stop(command, progress)
-            case KeepaliveSandbox():
-                await self.keepalive(command, progress)
+    async def handle(self, command: AnyCommand, progress: Progress) -> AnyEvent | None:
+        """Carry the command out; its outcome event (None when it had one already)."""
+        holder: list[AnyEvent] = []
+        token = _OUTCOME.set(holder)
+        attributes = {"chat.id": str(command.chat_id), "command.id": str(command.command_id)}
+        try:
+            with self._d.telemetry.tracer.span(f"usecase.{command.kind}_sandbox", attributes) as span:
+                match command:
+                    case CreateSandbox():
+                        await self.create(command, progress)
+                    case StopSandbox():
+                        await self.stop(command, progress)
+                    case KeepaliveSandbox():
+                        await self.keepalive(command, progress)
+                outcome = holder[-1] if holder else None
+                observe_outcome(command, outcome, span, self._metrics, self._d.active)
+                return outcome
+        finally:
+            _OUTCOME.reset(token)
 
     async def _handled_before(self, command: AnyCommand, state: ChatState) -> bool:
         """Whether the chat's history already holds this command's outcome.
@@ -164,6 +186,7 @@ class CommandHandlers:
         try:
             seq = (await self._d.store.append(event, expected_seq=expected, msg_id=event.event_id)).seq
         except AppendConflict:
+            self._metrics.increment("sandbox.append.conflict.total", {"event": event.type})
             return None
         failpoint("after_claim")
         return seq
@@ -177,7 +200,11 @@ class CommandHandlers:
         try:
             await self._d.store.append(event, expected_seq=expected, msg_id=outcome_msg_id(command_id))
         except AppendConflict:
+            self._metrics.increment("sandbox.append.conflict.total", {"event": event.type})
             return False
+        holder = _OUTCOME.get()
+        if holder is not None:
+            holder.append(event)
         failpoint("after_outcome")  # appended, not yet acknowledged
         return True
 
@@ -375,6 +402,9 @@ class CommandHandlers:
                 return
 
     # ------------------------------------------------------------------ refusals
+
+    def count_malformed(self, bad: MalformedCommand) -> None:
+        self._metrics.increment("sandbox.command.rejected.total", {"kind": "malformed", "reason": bad.reason})
 
     async def reject_malformed(self, bad: MalformedCommand) -> None:
         """One `rejected` event for a command that can never be carried out."""

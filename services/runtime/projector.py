@@ -17,10 +17,13 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyWrongLastSequenceError
+from opentelemetry.trace import SpanKind
 
 from shared.event_store import EventStore
 from shared.registry import Registry
 from shared.subjects import EVENT_PREFIX, EVENT_SUBJECTS, EVENTS_STREAM, INVALID_EVENTS_SUBJECT
+from shared.telemetry import Telemetry, extract
+from shared.telemetry import disabled as telemetry_disabled
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +33,14 @@ _CAS_ATTEMPTS = 10
 
 class Projector:
     def __init__(
-        self, js: JetStreamContext, store: EventStore, registry: Registry, durable: str = PROJECTOR_CONSUMER
+        self,
+        js: JetStreamContext,
+        store: EventStore,
+        registry: Registry,
+        durable: str = PROJECTOR_CONSUMER,
+        telemetry: Telemetry | None = None,
     ) -> None:
+        self._telemetry = telemetry or telemetry_disabled()
         self._js = js
         self._store = store
         self._registry = registry
@@ -59,6 +68,15 @@ class Projector:
         log.warning("projection of chat %s kept losing its CAS; it will be retried", chat_id)
         return "contended"
 
+    async def _traced_project(self, chat_id: str, headers: dict[str, str] | None) -> str:
+        with self._telemetry.tracer.span(
+            "projector.project_chat", {"chat.id": chat_id}, kind=SpanKind.CONSUMER, parent=extract(headers)
+        ) as span:
+            result = await self.project_chat(chat_id)
+            span.set_attribute("sandbox.result", result)
+            self._telemetry.metrics.increment("sandbox.projector.projection.total", {"result": result})
+            return result
+
     async def run(self, stopping: asyncio.Event, batch: int = 256) -> None:
         sub = await self._js.pull_subscribe(
             EVENT_SUBJECTS,
@@ -83,8 +101,11 @@ class Projector:
                     log.exception("fetch from %s failed; retrying", EVENTS_STREAM)
                     await asyncio.sleep(0.5)
                     continue
-                chats = {m.subject[len(prefix) :] for m in msgs if m.subject != INVALID_EVENTS_SUBJECT}
-                results = await asyncio.gather(*(self.project_chat(c) for c in chats), return_exceptions=True)
+                last_of = {m.subject[len(prefix) :]: m for m in msgs if m.subject != INVALID_EVENTS_SUBJECT}
+                chats = set(last_of)
+                results = await asyncio.gather(
+                    *(self._traced_project(c, last_of[c].headers) for c in chats), return_exceptions=True
+                )
                 failed = {
                     c for c, r in zip(chats, results, strict=True) if isinstance(r, BaseException) or r == "contended"
                 }

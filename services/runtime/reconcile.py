@@ -26,6 +26,7 @@ import msgspec
 
 from services.runtime.docker_driver import ContainerDriver, ObservedContainer
 from services.runtime.handlers import outcome_msg_id
+from services.runtime.observe import ActiveSandboxes
 from shared.clock import Clock
 from shared.contracts import (
     AnyEvent,
@@ -42,6 +43,8 @@ from shared.contracts import (
 from shared.errors import AppendConflict, SandboxdError
 from shared.event_store import ChatState, EventStore
 from shared.registry import Registry
+from shared.telemetry import Telemetry
+from shared.telemetry import disabled as telemetry_disabled
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +146,12 @@ class NodeReconciler:
         confirmations: int = 2,
         stop_timeout_seconds: int = 2,
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        telemetry: Telemetry | None = None,
+        active: ActiveSandboxes | None = None,
     ) -> None:
+        self._telemetry = telemetry or telemetry_disabled()
+        self._active = active or ActiveSandboxes()
+        self.last_report: ReconcileReport | None = None
         self._store = store
         self._registry = registry
         self._driver = driver
@@ -156,8 +164,29 @@ class NodeReconciler:
         self._seen: Counter[tuple[str, str]] = Counter()
 
     async def run_once(self) -> ReconcileReport:
+        with self._telemetry.tracer.span("adapter.sandbox.reconcile_sessions", {"node.id": self._node_id}) as span:
+            report = await self._pass()
+            span.set_attribute("sandbox.container_count", report.containers)
+            span.set_attribute("sandbox.lost_count", report.lost)
+            span.set_attribute("sandbox.adopted_count", report.adopted)
+            span.set_attribute("sandbox.orphan_count", report.orphans_removed)
+            span.set_attribute("sandbox.result", "reconciled")
+        metrics = self._telemetry.metrics
+        for action, count in (
+            ("lost", report.lost),
+            ("adopted", report.adopted),
+            ("orphan_removed", report.orphans_removed),
+        ):
+            if count:
+                metrics.increment("sandbox.reconcile.action.total", {"action": action}, count)
+        metrics.set("sandbox.reconcile.pending_confirmation", report.pending_confirmation)
+        self.last_report = report
+        return report
+
+    async def _pass(self) -> ReconcileReport:
         report = ReconcileReport()
         containers = await self._driver.list_managed(self._node_id)
+        self._active.set(sum(1 for c in containers if c.state == "running"))
         report.containers = len(containers)
         by_chat: dict[str, list[ObservedContainer]] = {}
         for c in containers:

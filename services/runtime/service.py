@@ -6,14 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from services.runtime.consumer import CommandConsumer
+import msgspec
+from nats.js import JetStreamContext
+
+from services.runtime.consumer import RUNTIME_CONSUMER, CommandConsumer
 from services.runtime.docker_driver import ContainerDriver, DockerDriver
 from services.runtime.handlers import CommandHandlers, HandlerDeps, policy_from
-from services.runtime.projector import Projector
+from services.runtime.observe import ActiveSandboxes
+from services.runtime.projector import PROJECTOR_CONSUMER, Projector
 from services.runtime.reconcile import NodeReconciler
 from services.runtime.replay import replay
 from shared.clock import Clock, SystemClock
@@ -23,9 +28,24 @@ from shared.event_store import EventStore
 from shared.nats_connection import connect, nats_url
 from shared.registry import Registry
 from shared.service import StartupError
-from shared.topology import ensure_topology
+from shared.status_blocks import prometheus_endpoint, publish_periodically
+from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM
+from shared.telemetry import Telemetry, setup_telemetry
+from shared.topology import ensure_status_bucket, ensure_topology
 
 log = logging.getLogger(__name__)
+
+
+class RuntimeStatus(msgspec.Struct):
+    """What an operator reads with `nats kv get sandbox_status runtime.<node_id>.<pid>`."""
+
+    node_id: str
+    pid: int
+    started_at: datetime
+    last_seen: datetime
+    in_flight: int
+    active_sandboxes: int
+    last_reconcile: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +56,16 @@ class RuntimeHandle:
 
 
 @contextlib.asynccontextmanager
-async def running_runtime(
-    settings: Settings, *, driver: ContainerDriver | None = None, clock: Clock | None = None
+async def running_runtime(  # noqa: PLR0915 - the composition root wires everything, once
+    settings: Settings,
+    *,
+    driver: ContainerDriver | None = None,
+    clock: Clock | None = None,
+    telemetry: Telemetry | None = None,
 ) -> AsyncIterator[RuntimeHandle]:
-    """Run the consumer and the projector until the block exits, then drain."""
+    """Run the consumer, the projector and reconciliation until the block exits, then drain."""
+    clock = clock or SystemClock()
+    telemetry = telemetry or setup_telemetry("sandboxd-runtime", otlp_endpoint=settings.telemetry.otlp_endpoint)
     try:
         nc = await connect(settings.nats, name=f"sandboxd-runtime:{settings.runtime.node_id}")
     except Exception as exc:
@@ -48,41 +74,70 @@ async def running_runtime(
     try:
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
         kv = await ensure_topology(js, settings.streams)
+        status_bucket = await ensure_status_bucket(js, settings.streams)
         if driver is None:
             try:
-                owned = DockerDriver.from_env(settings.runtime.docker_timeout_seconds)
+                owned = DockerDriver.from_env(settings.runtime.docker_timeout_seconds, telemetry=telemetry)
                 await owned.ping()
             except DockerUnavailable as exc:
                 raise StartupError(f"{exc} (is dockerd running? see the README)") from exc
             driver = owned
+        runtime_settings = settings.runtime
         store = EventStore(js)
-        policy = policy_from(settings.runtime.node_id, settings.sandbox, settings.runtime.claim_timeout_seconds)
-        handlers = CommandHandlers(HandlerDeps(store, driver, clock or SystemClock(), policy, settings.sandbox))
+        active = ActiveSandboxes(telemetry.metrics)
+        policy = policy_from(runtime_settings.node_id, settings.sandbox, runtime_settings.claim_timeout_seconds)
+        handlers = CommandHandlers(HandlerDeps(store, driver, clock, policy, settings.sandbox, telemetry, active))
         consumer = CommandConsumer(
             js,
             handlers,
-            max_in_flight=settings.runtime.max_in_flight,
-            ack_wait_seconds=settings.runtime.ack_wait_seconds,
+            max_in_flight=runtime_settings.max_in_flight,
+            ack_wait_seconds=runtime_settings.ack_wait_seconds,
+            telemetry=telemetry,
         )
         registry = Registry(js, kv)
-        projector = Projector(js, store, registry)
-        runtime_settings = settings.runtime
+        projector = Projector(js, store, registry, telemetry=telemetry)
         if runtime_settings.replay_on_start:
-            await replay(js, registry, projector)
+            report = await replay(js, registry, projector)
+            for kind in ("missing", "stale", "extra"):
+                telemetry.metrics.set("sandbox.replay.drift", len(getattr(report, kind)), {"kind": kind})
         reconciler = NodeReconciler(
             store,
             registry,
             driver,
-            clock or SystemClock(),
+            clock,
             node_id=runtime_settings.node_id,
             claim_timeout=timedelta(seconds=runtime_settings.claim_timeout_seconds),
             confirmations=runtime_settings.reconcile_confirmations,
             stop_timeout_seconds=settings.sandbox.stop_timeout_seconds,
+            telemetry=telemetry,
+            active=active,
         )
+        started_at = clock.now()
+
+        def status() -> RuntimeStatus:
+            last = reconciler.last_report
+            return RuntimeStatus(
+                node_id=runtime_settings.node_id,
+                pid=os.getpid(),
+                started_at=started_at,
+                last_seen=clock.now(),
+                in_flight=consumer.in_flight,
+                active_sandboxes=active.value,
+                last_reconcile=None if last is None else f"{last.containers} containers, {len(last.actions)} actions",
+            )
+
+        async def put_status(data: bytes) -> None:
+            await status_bucket.put(f"runtime.{runtime_settings.node_id}.{os.getpid()}", data)
+            await observe_consumer_lag(js, telemetry)
+
         stopping = asyncio.Event()
         tasks = [
             asyncio.create_task(consumer.run(stopping), name="commands"),
             asyncio.create_task(projector.run(stopping), name="projector"),
+            asyncio.create_task(
+                publish_periodically(put_status, status, settings.telemetry.status_interval_seconds, stopping),
+                name="status",
+            ),
         ]
         if runtime_settings.reconcile_enabled:
             tasks.append(
@@ -90,7 +145,7 @@ async def running_runtime(
                     reconciler.run(stopping, runtime_settings.reconcile_interval_seconds), name="reconciliation"
                 )
             )
-        log.info("runtime %s started", settings.runtime.node_id)
+        log.info("runtime %s started", runtime_settings.node_id)
         try:
             yield RuntimeHandle(handlers, reconciler, tasks)
         finally:
@@ -103,7 +158,21 @@ async def running_runtime(
             await nc.drain()
 
 
+async def observe_consumer_lag(js: JetStreamContext, telemetry: Telemetry) -> None:
+    """Consumer lag as gauges: messages not yet delivered and delivered but unacknowledged."""
+    for stream, consumer in ((COMMANDS_STREAM, RUNTIME_CONSUMER), (EVENTS_STREAM, PROJECTOR_CONSUMER)):
+        with contextlib.suppress(Exception):
+            info = await js.consumer_info(stream, consumer)
+            telemetry.metrics.set("sandbox.consumer.pending", info.num_pending or 0, {"consumer": consumer})
+            telemetry.metrics.set("sandbox.consumer.ack_pending", info.num_ack_pending or 0, {"consumer": consumer})
+
+
 async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+    with prometheus_endpoint(settings.telemetry.metrics_host, settings.telemetry.runtime_metrics_port):
+        await _serve(settings, stopping)
+
+
+async def _serve(settings: Settings, stopping: asyncio.Event) -> None:
     async with running_runtime(settings) as runtime:
         stop = asyncio.create_task(stopping.wait())
         done, _ = await asyncio.wait([stop, *runtime.tasks], return_when=asyncio.FIRST_COMPLETED)

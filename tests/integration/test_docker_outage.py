@@ -57,6 +57,10 @@ async def test_docker_outage(settings: Settings, engine: PrivateDockerd) -> None
             assert answer.json()["error"]["type"] == "docker_unavailable"
         refused_stop = await http.delete(f"/api/v1/sandboxes/{kept}")
         assert refused_stop.status_code == 503, refused_stop.text
+        status = await http.get("/api/v1/status")
+        assert status.status_code == 200, "the status endpoint answers while Docker is down"
+        assert status.json()["sections"]["registry"]["data"]["sessions"] >= 1
+        assert status.json()["sections"]["nats"]["ok"] is True
         record = (await http.get(f"/api/v1/sandboxes/{kept}")).json()
         assert record["status"] == "stopping", "a failed stop keeps the record on its container"
         assert record["container_id"]

@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import docker
@@ -18,11 +19,18 @@ import pytest
 from tests.support.nats_server import free_port
 
 
+@dataclass
+class Stack:
+    base: str
+    token: str
+    proc: subprocess.Popen[bytes]
+    runtime_metrics: int
+    reaper_metrics: int
+
+
 @pytest.fixture
-def stack(
-    tmp_path: Path, docker_client: docker.DockerClient, node_id: str, node_containers: None
-) -> Iterator[tuple[str, str, subprocess.Popen[bytes]]]:
-    http_port, nats_port = free_port(), free_port()
+def stack(tmp_path: Path, docker_client: docker.DockerClient, node_id: str, node_containers: None) -> Iterator[Stack]:
+    http_port, nats_port, runtime_metrics, reaper_metrics = free_port(), free_port(), free_port(), free_port()
     token = uuid.uuid4().hex
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("SANDBOXD_")},
@@ -30,6 +38,8 @@ def stack(
         "SANDBOXD_NATS_EMBEDDED_PORT": str(nats_port),
         "SANDBOXD_RUNTIME_NODE_ID": node_id,
         "SANDBOXD_API_TOKEN": token,
+        "SANDBOXD_TELEMETRY_RUNTIME_METRICS_PORT": str(runtime_metrics),
+        "SANDBOXD_TELEMETRY_REAPER_METRICS_PORT": str(reaper_metrics),
     }
     log = (tmp_path / "up.log").open("wb")
     proc = subprocess.Popen(
@@ -48,7 +58,7 @@ def stack(
             raise AssertionError((tmp_path / "up.log").read_text())
         time.sleep(0.1)
     try:
-        yield base, token, proc
+        yield Stack(base, token, proc, runtime_metrics, reaper_metrics)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -57,9 +67,9 @@ def stack(
 
 
 def test_up_serves_the_readme_flow_and_stops_cleanly(
-    stack: tuple[str, str, subprocess.Popen[bytes]], tmp_path: Path, docker_client: docker.DockerClient
+    stack: Stack, tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
-    base, token, proc = stack
+    base, token, proc = stack.base, stack.token, stack.proc
     headers = {"X-API-Token": token}
     chat = str(uuid.uuid4())
     created = httpx.post(f"{base}/api/v1/sandboxes", json={"chat_id": chat}, headers=headers, timeout=30)
@@ -73,14 +83,48 @@ def test_up_serves_the_readme_flow_and_stops_cleanly(
     assert httpx.delete(f"{base}/api/v1/sandboxes/{chat}", headers=headers, timeout=30).status_code == 200
     assert not docker_client.containers.list(all=True, filters={"label": f"sandboxd.chat_id={chat}"})
 
+    # Every process serves the seed's metrics in Prometheus text.
+    api = scrape(f"{base}/metrics")
+    assert api[("sandbox_api_command_duration_ms_count", "kind=create,outcome=running")] == 1
+    runtime = scrape(f"http://127.0.0.1:{stack.runtime_metrics}/metrics")
+    assert runtime[("sandbox_create_total", "result=created")] == 1
+    assert runtime[("sandbox_create_total", "result=reused")] == 1
+    assert runtime[("sandbox_runtime_create_duration_ms_count", "operation=create,result=created")] == 1
+    assert runtime[("sandbox_runtime_stop_duration_ms_count", "operation=stop,result=stopped")] == 1
+    assert runtime[("sandbox_active_count", "")] == 0
+    reaper = scrape(f"http://127.0.0.1:{stack.reaper_metrics}/metrics")
+    assert any(name.startswith("python_") for name, _ in reaper)
+    status = httpx.get(f"{base}/api/v1/status", headers=headers, timeout=10).json()
+    assert status["schema_version"] == 1
+    assert status["sections"]["nats"]["ok"] is True
+    assert any(key.startswith("reaper.") for key in status["sections"]["reapers"]["data"])
+
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     log = (tmp_path / "up.log").read_text()
     assert "sandboxd is up" in log
     assert token in log
     assert log.rstrip().endswith("sandboxctl: stopped")
+    json_lines = [line for line in log.splitlines() if line.startswith("{")]
+    assert json_lines, "the processes log JSON"
+    assert all(token not in line for line in json_lines), "the API token is never logged"
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{base}/api/v1/health", timeout=1)
+
+
+def scrape(url: str) -> dict[tuple[str, str], float]:
+    """Prometheus text as {(name, "k=v,..." without the otel_scope labels): value}."""
+    out: dict[tuple[str, str], float] = {}
+    for line in httpx.get(url, timeout=5).text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        name, _, labels = series.partition("{")
+        pairs = [p.split("=", 1) for p in labels.rstrip("}").split('",') if "=" in p]
+        quote = '"'
+        kept = ",".join(k + "=" + v.strip(quote) for k, v in sorted(pairs) if not k.startswith("otel_scope"))
+        out[(name, kept)] = float(value)
+    return out
 
 
 def run_up(cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:

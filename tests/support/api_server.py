@@ -10,12 +10,14 @@ import uvicorn
 
 from services.api.app import create_app
 from shared.config import Settings
+from shared.telemetry import Telemetry, disabled
 
 
 @contextlib.asynccontextmanager
-async def serving_api(settings: Settings) -> AsyncIterator[str]:
+async def serving_api(settings: Settings, telemetry: Telemetry | None = None) -> AsyncIterator[str]:
     """Yields the base URL while the server runs."""
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning", access_log=False)
+    app = create_app(settings, telemetry=telemetry or disabled())
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:

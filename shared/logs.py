@@ -1,0 +1,58 @@
+"""Structured JSON logs: one object a line, with the current trace id and the ids bound to
+the work in hand (`chat_id`, `session_id`, `command_id`). Secrets are never logged: nothing
+here reads headers or settings."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
+from opentelemetry import trace
+
+_context: ContextVar[dict[str, str] | None] = ContextVar("sandboxd_log_context", default=None)
+
+
+@contextlib.contextmanager
+def bound_log_context(**ids: str) -> Iterator[None]:
+    """Attach ids to every log line written inside the block (in this task)."""
+    token = _context.set({**(_context.get() or {}), **ids})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self._service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "service": self._service,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            entry["trace_id"] = f"{span.trace_id:032x}"
+            entry["span_id"] = f"{span.span_id:016x}"
+        entry.update(_context.get() or {})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_json_logging(service: str, level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

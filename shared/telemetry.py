@@ -1,0 +1,183 @@
+"""Telemetry ports (what inner code sees) and their OpenTelemetry implementation (what the
+composition roots wire).
+
+Inner code asks for `metrics.increment/record/set` and `tracer.span(...)`, as in the seed
+service, and never imports the SDK. `setup_telemetry` builds the SDK providers once per
+process: metrics are always kept for the Prometheus scrape endpoint; traces are recorded
+and exported only when an OTLP endpoint (or a test's exporter) is configured, so a process
+without one pays for no span processing. W3C trace context travels in NATS headers through
+`inject` / `extract`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+Attributes = Mapping[str, str | int | float | bool]
+
+
+class Span(Protocol):
+    def set_attribute(self, key: str, value: str | float | bool) -> None: ...
+    def record_error(self, error: BaseException) -> None: ...
+
+
+class Tracer(Protocol):
+    def span(
+        self, name: str, attributes: Attributes | None = None, *, kind: SpanKind = SpanKind.INTERNAL, parent: Any = None
+    ) -> contextlib.AbstractContextManager[Span]: ...
+
+
+class Metrics(Protocol):
+    def increment(self, name: str, attrs: Attributes | None = None, value: int = 1) -> None: ...
+    def record(self, name: str, value: float, attrs: Attributes | None = None) -> None: ...
+    def set(self, name: str, value: float, attrs: Attributes | None = None) -> None: ...
+
+
+# --------------------------------------------------------------------------- OpenTelemetry
+
+
+class _OtelSpan:
+    def __init__(self, span: trace.Span) -> None:
+        self._span = span
+
+    def set_attribute(self, key: str, value: str | float | bool) -> None:
+        self._span.set_attribute(key, value)
+
+    def record_error(self, error: BaseException) -> None:
+        self._span.record_exception(error)
+        self._span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+
+
+class OtelTracer:
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self._tracer = tracer
+
+    @contextlib.contextmanager
+    def span(
+        self, name: str, attributes: Attributes | None = None, *, kind: SpanKind = SpanKind.INTERNAL, parent: Any = None
+    ) -> Iterator[Span]:
+        with self._tracer.start_as_current_span(
+            name, context=parent, kind=kind, attributes=dict(attributes or {}), record_exception=False
+        ) as span:
+            wrapped = _OtelSpan(span)
+            try:
+                yield wrapped
+            except Exception as exc:
+                wrapped.record_error(exc)
+                raise
+
+
+@dataclass
+class OtelMetrics:
+    meter: otel_metrics.Meter
+    _counters: dict[str, otel_metrics.Counter] = field(default_factory=dict)
+    _histograms: dict[str, otel_metrics.Histogram] = field(default_factory=dict)
+    _gauges: dict[str, otel_metrics._Gauge] = field(default_factory=dict)
+
+    def increment(self, name: str, attrs: Attributes | None = None, value: int = 1) -> None:
+        counter = self._counters.get(name)
+        if counter is None:
+            counter = self._counters[name] = self.meter.create_counter(name)
+        counter.add(value, dict(attrs or {}))
+
+    def record(self, name: str, value: float, attrs: Attributes | None = None) -> None:
+        histogram = self._histograms.get(name)
+        if histogram is None:
+            # No unit: the Prometheus exporter would append it to the seed's `..._ms` names.
+            histogram = self._histograms[name] = self.meter.create_histogram(name)
+        histogram.record(value, dict(attrs or {}))
+
+    def set(self, name: str, value: float, attrs: Attributes | None = None) -> None:
+        gauge = self._gauges.get(name)
+        if gauge is None:
+            gauge = self._gauges[name] = self.meter.create_gauge(name)
+        gauge.set(value, dict(attrs or {}))
+
+
+@dataclass
+class Telemetry:
+    tracer: Tracer
+    metrics: Metrics
+    tracer_provider: TracerProvider | None = None
+    meter_provider: MeterProvider | None = None
+
+    def shutdown(self) -> None:
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown()
+
+
+def setup_telemetry(
+    service: str,
+    *,
+    otlp_endpoint: str | None = None,
+    span_processors: list[SpanProcessor] | None = None,
+    metric_readers: list[MetricReader] | None = None,
+    prometheus: bool = True,
+) -> Telemetry:
+    """Build this process's providers (once, in its composition root)."""
+    resource = Resource.create({"service.name": service})
+    readers: list[MetricReader] = list(metric_readers or [])
+    if prometheus:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader  # noqa: PLC0415
+
+        readers.append(PrometheusMetricReader())
+    processors: list[SpanProcessor] = list(span_processors or [])
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter  # noqa: PLC0415
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: PLC0415
+
+        base = otlp_endpoint.rstrip("/")
+        processors.append(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{base}/v1/traces")))
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=f"{base}/v1/metrics")))
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    # Without an exporter, traces are not started here (root spans are not sampled), but a
+    # trace that arrives in a message's headers is carried on to the events it causes.
+    sampler = ParentBased(ALWAYS_ON if processors else ALWAYS_OFF)
+    tracer_provider = TracerProvider(resource=resource, sampler=sampler)
+    for processor in processors:
+        tracer_provider.add_span_processor(processor)
+    return Telemetry(
+        tracer=OtelTracer(tracer_provider.get_tracer("sandboxd")),
+        metrics=OtelMetrics(meter_provider.get_meter("sandboxd")),
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+    )
+
+
+def disabled() -> Telemetry:
+    """For code paths and tests that want no telemetry at all."""
+    return Telemetry(tracer=OtelTracer(trace.NoOpTracer()), metrics=OtelMetrics(otel_metrics.NoOpMeter("sandboxd")))
+
+
+# --------------------------------------------------------------------------- propagation
+
+
+def inject(headers: dict[str, str]) -> dict[str, str]:
+    """Add the current W3C trace context (`traceparent`, `tracestate`) to NATS headers."""
+    propagate.inject(headers)
+    return headers
+
+
+def extract(headers: Mapping[str, str] | None) -> otel_context.Context:
+    return propagate.extract(dict(headers or {}))
+
+
+def elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
