@@ -36,3 +36,8 @@ schemas:
 # Build (or rebuild) the default sandbox image.
 image:
     uv run sandboxctl build-image
+
+# Benchmarks against the floors on this machine (a few minutes); prints a table, writes JSON
+# to bench-results/. Needs what `just test` needs (a Docker engine).
+bench: bootstrap
+    uv run python -m tests.bench.harness

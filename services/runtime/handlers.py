@@ -8,9 +8,10 @@ and the loop decides again from the new state. Outcome events use the message id
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -76,6 +77,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[], Awaitable[None]]
 
 
+_TURN_PROGRESS_SECONDS = 1.0
+
+
 def outcome_msg_id(command_id: str) -> str:
     return f"{command_id}:outcome"
 
@@ -118,6 +122,32 @@ class CommandHandlers:
         self._d = deps
         self._new_id = new_id
         self._metrics = deps.telemetry.metrics
+        self._chat_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def _chat_turn(self, chat_id: str, progress: Progress) -> AsyncIterator[None]:
+        """Commands for one chat take turns within this process: their appends would only
+        conflict with each other (optimistic concurrency still guards across processes).
+        A command waiting for its turn keeps its message in progress."""
+        lock, users = self._chat_locks.get(chat_id, (asyncio.Lock(), 0))
+        self._chat_locks[chat_id] = (lock, users + 1)
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(lock.acquire(), _TURN_PROGRESS_SECONDS)
+                    break
+                except TimeoutError:
+                    await progress()
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            lock, users = self._chat_locks[chat_id]
+            if users == 1:
+                del self._chat_locks[chat_id]
+            else:
+                self._chat_locks[chat_id] = (lock, users - 1)
 
     async def handle(self, command: AnyCommand, progress: Progress) -> AnyEvent | None:
         """Carry the command out; its outcome event (None when it had one already)."""
@@ -126,18 +156,22 @@ class CommandHandlers:
         attributes = {"chat.id": str(command.chat_id), "command.id": str(command.command_id)}
         try:
             with self._d.telemetry.tracer.span(f"usecase.{command.kind}_sandbox", attributes) as span:
-                match command:
-                    case CreateSandbox():
-                        await self.create(command, progress)
-                    case StopSandbox():
-                        await self.stop(command, progress)
-                    case KeepaliveSandbox():
-                        await self.keepalive(command, progress)
+                await self._run(command, progress)
                 outcome = holder[-1] if holder else None
                 observe_outcome(command, outcome, span, self._metrics, self._d.active)
                 return outcome
         finally:
             _OUTCOME.reset(token)
+
+    async def _run(self, command: AnyCommand, progress: Progress) -> None:
+        async with self._chat_turn(str(command.chat_id), progress):
+            match command:
+                case CreateSandbox():
+                    await self.create(command, progress)
+                case StopSandbox():
+                    await self.stop(command, progress)
+                case KeepaliveSandbox():
+                    await self.keepalive(command, progress)
 
     async def _handled_before(self, command: AnyCommand, state: ChatState) -> bool:
         """Whether the chat's history already holds this command's outcome.

@@ -215,7 +215,7 @@ async def test_a_create_waits_for_a_claim_in_flight(world: World) -> None:
     first = asyncio.create_task(world.create(chat))
     await asyncio.sleep(0.01)
     second = asyncio.create_task(world.create(chat))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(1.2)
     assert not second.done()
     assert world.progress_calls > 0, "a waiting command keeps its message in progress"
     gate.set()
@@ -232,3 +232,30 @@ async def test_malformed_commands_are_rejected_once(world: World) -> None:
     assert [(s.event.type, s.event.reason, s.event.causation_id) for s in invalid] == [
         ("rejected", "invalid_subject", "c-1")
     ]
+
+
+async def test_a_create_waits_for_another_process_claim(world: World) -> None:
+    chat = uuid.uuid4()
+    other = World()
+    other.store = world.store  # a second runtime process sharing the log
+    other.handlers = CommandHandlers(
+        HandlerDeps(world.store, world.driver, world.clock, POLICY, SandboxSettings()),  # type: ignore[arg-type]
+        new_id=lambda: str(uuid.uuid4()),
+    )
+    gate = asyncio.Event()
+    original = world.driver.ensure_running
+
+    async def slow(spec: object) -> str:
+        await gate.wait()
+        return await original(spec)  # type: ignore[arg-type]
+
+    world.driver.ensure_running = slow  # type: ignore[method-assign]
+    first = asyncio.create_task(other.create(chat))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(world.create(chat))
+    await asyncio.sleep(0.1)
+    assert not second.done()
+    assert world.progress_calls > 0, "a command waiting on another process's claim stays in progress"
+    gate.set()
+    await asyncio.gather(first, second)
+    assert sorted(world.store.types(str(chat))) == ["provisioning", "reused", "running"]
