@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.runtime.decisions import EXPIRED
 from shared.contracts import (
     AnyCommand,
     AnyEvent,
@@ -17,8 +18,6 @@ from shared.contracts import (
     StopSandbox,
 )
 from shared.telemetry import Metrics, Span, disabled
-
-EXPIRED = "expired"
 
 
 @dataclass

@@ -46,7 +46,7 @@ from shared.registry import Registry
 from shared.subjects import command_subject
 from shared.topology import ensure_topology
 from tests.support.nats_server import free_port, nats_server
-from tests.support.processes import sandboxd_env, spawn, stop
+from tests.support.processes import sandboxd_env, spawn, stop, until_ready
 
 IMAGE = "sandboxd-sandbox:latest"
 TOKEN = "bench-" + uuid.uuid4().hex
@@ -128,19 +128,6 @@ async def subscribe_outcomes(nc: Client) -> Outcomes:
         pending_bytes_limit=-1,
     )
     return outcomes
-
-
-async def until_ready(base: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(timeout=2) as http:
-        while time.monotonic() < deadline:
-            try:
-                if (await http.get(f"{base}/api/v1/ready")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"{base} not ready")
 
 
 def rss_mb(pid: int) -> float:

@@ -25,7 +25,7 @@ from shared.failpoints import FAILPOINT_ENV
 from shared.subjects import SESSIONS_BUCKET, command_subject
 from shared.topology import ensure_topology
 from tests.support.nats_server import NatsServer, free_port
-from tests.support.processes import sandboxd_env, spawn, stop
+from tests.support.processes import sandboxd_env, spawn, stop, until_ready
 
 OUTCOMES = {t.__struct_config__.tag for t in OUTCOME_TYPES}
 TOKEN = "crash-token"
@@ -122,7 +122,7 @@ async def test_two_apis_and_two_runtimes_make_one_container(
     try:
         async with httpx.AsyncClient(headers={"X-API-Token": TOKEN}, timeout=30) as http:
             for port in ports:
-                await until_ready(http, f"http://127.0.0.1:{port}")
+                await until_ready(f"http://127.0.0.1:{port}")
             chat = str(uuid.uuid4())
             answers = await asyncio.gather(
                 *(
@@ -138,18 +138,6 @@ async def test_two_apis_and_two_runtimes_make_one_container(
     finally:
         for proc in procs:
             stop(proc)
-
-
-async def until_ready(http: httpx.AsyncClient, base: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if (await http.get(f"{base}/api/v1/ready")).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{base} never became ready")
 
 
 async def nats_connect(url: str) -> Client:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import httpx
 
 
 def sandboxd_env(url: str, root: Path, node_id: str, token: str, **extra: str) -> dict[str, str]:
@@ -38,3 +42,17 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+async def until_ready(base: str, timeout: float = 60.0) -> None:
+    """Wait for an API process's /ready to answer 200."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=2) as http:
+        while time.monotonic() < deadline:
+            try:
+                if (await http.get(f"{base}/api/v1/ready")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{base} did not become ready within {timeout:g}s")

@@ -10,7 +10,7 @@ from datetime import timedelta
 import msgspec
 import pytest
 
-from services.runtime.containers import container_name
+from services.runtime.containers import ContainerSpec, container_name
 from services.runtime.decisions import Policy
 from services.runtime.handlers import CommandHandlers, HandlerDeps
 from shared.commands import MalformedCommand
@@ -63,6 +63,19 @@ class World:
         found = [e for e in self.store.events(str(chat)) if e.causation_id == str(command_id) and is_outcome(e)]
         assert len(found) == 1, found
         return found[0]
+
+
+def hold_starts(driver: FakeDriver) -> asyncio.Event:
+    """Container starts wait until the returned event is set."""
+    gate = asyncio.Event()
+    original = driver.ensure_running
+
+    async def held(spec: ContainerSpec) -> str:
+        await gate.wait()
+        return await original(spec)
+
+    driver.ensure_running = held  # type: ignore[method-assign]
+    return gate
 
 
 @pytest.fixture
@@ -204,14 +217,7 @@ async def test_handling_a_command_twice_gives_one_outcome(world: World) -> None:
 
 async def test_a_create_waits_for_a_claim_in_flight(world: World) -> None:
     chat = uuid.uuid4()
-    gate = asyncio.Event()
-    original = world.driver.ensure_running
-
-    async def slow(spec: object) -> str:
-        await gate.wait()
-        return await original(spec)  # type: ignore[arg-type]
-
-    world.driver.ensure_running = slow  # type: ignore[method-assign]
+    gate = hold_starts(world.driver)
     first = asyncio.create_task(world.create(chat))
     await asyncio.sleep(0.01)
     second = asyncio.create_task(world.create(chat))
@@ -242,14 +248,7 @@ async def test_a_create_waits_for_another_process_claim(world: World) -> None:
         HandlerDeps(world.store, world.driver, world.clock, POLICY, SandboxSettings()),  # type: ignore[arg-type]
         new_id=lambda: str(uuid.uuid4()),
     )
-    gate = asyncio.Event()
-    original = world.driver.ensure_running
-
-    async def slow(spec: object) -> str:
-        await gate.wait()
-        return await original(spec)  # type: ignore[arg-type]
-
-    world.driver.ensure_running = slow  # type: ignore[method-assign]
+    gate = hold_starts(world.driver)
     first = asyncio.create_task(other.create(chat))
     await asyncio.sleep(0.01)
     second = asyncio.create_task(world.create(chat))
