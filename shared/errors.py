@@ -32,6 +32,15 @@ class DockerUnavailable(TransientError):
     """The Docker engine could not be reached."""
 
 
+class WrongNode(TransientError):
+    """The session's container lives on another Docker host: only that node's runtime may
+    touch it, so the command goes back to the stream for another runtime to take."""
+
+    def __init__(self, owner: str, here: str) -> None:
+        super().__init__(f"the container belongs to node {owner}, this is {here}")
+        self.owner = owner
+
+
 class SandboxStartFailed(InfrastructureError):
     """The container could not be created or started."""
 

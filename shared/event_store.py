@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import msgspec
 from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRespondersError, OutboundBufferLimitError
@@ -79,6 +79,18 @@ async def with_nats_retry(call: Callable[[], Awaitable[T]], *, attempts: int = 4
             await asyncio.sleep(delay)
             delay *= 3
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+class EventLog(Protocol):
+    """What the command handlers need of the event log (EventStore; fakes in unit tests)."""
+
+    async def read(self, chat_id: str) -> ChatState: ...
+
+    async def append(self, event: AnyEvent, *, expected_seq: int | None, msg_id: str) -> Appended: ...
+
+    async def append_to(self, subject: str, event: AnyEvent, *, expected_seq: int | None, msg_id: str) -> Appended: ...
+
+    async def history(self, chat_id: str, *, limit: int | None = None) -> list[StoredEvent]: ...
 
 
 class EventStore:

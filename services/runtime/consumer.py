@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind
 
 from services.runtime.handlers import CommandHandlers
 from shared.commands import MalformedCommand, decode_command
-from shared.errors import TransientError
+from shared.errors import TransientError, WrongNode
 from shared.logs import bound_log_context
 from shared.subjects import COMMAND_SUBJECTS, COMMANDS_STREAM, split_command_subject
 from shared.telemetry import Telemetry, extract
@@ -31,8 +31,17 @@ log = logging.getLogger(__name__)
 RUNTIME_CONSUMER = "sandboxd-runtime"
 
 
+_QUICK_HANDOVERS = 20
+
+
 def nak_delay(deliveries: int) -> float:
     return float(min(0.5 * 2 ** max(deliveries - 1, 0), 30.0))
+
+
+def handover_delay(deliveries: int) -> float:
+    """A command for another node's container goes back at once for a while (another
+    runtime, likely the owner, takes it), then backs off (the owner may be down)."""
+    return 0.02 if deliveries <= _QUICK_HANDOVERS else nak_delay(deliveries - _QUICK_HANDOVERS)
 
 
 class CommandConsumer:
@@ -165,6 +174,10 @@ async def _settle(msg: Msg, handlers: CommandHandlers) -> str:
     with bound_log_context(chat_id=str(command.chat_id), command_id=str(command.command_id)):
         try:
             outcome = await handlers.handle(command, progress)
+        except WrongNode as exc:
+            log.debug("command on %s handed back: %s", msg.subject, exc)
+            await msg.nak(delay=handover_delay(deliveries))
+            return "handed_over"
         except TransientError as exc:
             await _nak(msg, deliveries, exc)
             return "retried"

@@ -65,8 +65,8 @@ from shared.contracts import (
     StopSandbox,
     is_outcome,
 )
-from shared.errors import AppendConflict, DockerUnavailable, InfrastructureError
-from shared.event_store import ChatState, EventStore
+from shared.errors import AppendConflict, DockerUnavailable, InfrastructureError, WrongNode
+from shared.event_store import ChatState, EventLog
 from shared.failpoints import failpoint
 from shared.subjects import INVALID_EVENTS_SUBJECT
 from shared.telemetry import Telemetry
@@ -104,7 +104,7 @@ class _Backoff:
 
 @dataclass(frozen=True, slots=True)
 class HandlerDeps:
-    store: EventStore
+    store: EventLog
     driver: ContainerDriver
     clock: Clock
     policy: Policy
@@ -189,6 +189,11 @@ class CommandHandlers:
         if found:
             log.info("command %s already has its outcome; not handling it again", command_id)
         return found
+
+    def _own(self, session: SessionRecord) -> None:
+        """Docker work on a session's container is for the node that runs it."""
+        if session.node_id != self._d.policy.node_id:
+            raise WrongNode(session.node_id, self._d.policy.node_id)
 
     # ------------------------------------------------------------------ appends
 
@@ -289,11 +294,14 @@ class CommandHandlers:
                 seq = await self._claim(SandboxProvisioning, command, session, state.seq, previous=previous)
                 return seq is not None and await self._start(command, session, seq, previous, progress)
             case ResumeProvision(session, previous):
+                self._own(session)
                 return await self._start(command, session, state.seq, previous, progress)
             case ClaimReplace(old):
+                self._own(old)
                 seq = await self._claim(SandboxStopping, command, old, state.seq, reason="replaced")
                 return seq is not None and await self._replace(command, old, seq, progress)
             case ResumeReplace(old):
+                self._own(old)
                 return await self._replace(command, old, state.seq, progress)
             case _:
                 assert_never(decision)
@@ -387,10 +395,12 @@ class CommandHandlers:
                 case Reject():
                     done = await self._reject(command, state, decision)
                 case ClaimStop(session):
+                    self._own(session)
                     pinned = session.session_id
                     seq = await self._claim(SandboxStopping, command, session, state.seq, reason=command.reason)
                     done = seq is not None and await self._finish_stop(command, session, seq)
                 case ResumeStop(session):
+                    self._own(session)
                     pinned = session.session_id
                     done = await self._finish_stop(command, session, state.seq)
                 case _:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from services.runtime.containers import ContainerSpec
+from services.runtime.docker_driver import ObservedContainer
 from shared.contracts import AnyEvent
 from shared.errors import AppendConflict, SandboxdError
 from shared.event_store import Appended, ChatState, StoredEvent
@@ -87,6 +88,12 @@ class FakeDriver:
             self.running[spec.name] = f"id-{spec.name}"
             self.started.append(spec.name)
         return self.running[spec.name]
+
+    async def list_managed(self, node_id: str) -> list[ObservedContainer]:  # noqa: ARG002 - the protocol's signature
+        return [
+            ObservedContainer(container_id, name, "", name.removeprefix("sandboxd-"), "running", "Up")
+            for name, container_id in self.running.items()
+        ]
 
     async def remove(self, ref: str, stop_timeout_seconds: int) -> None:  # noqa: ARG002 - the protocol's signature
         await asyncio.sleep(0)

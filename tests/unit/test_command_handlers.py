@@ -27,7 +27,14 @@ from shared.contracts import (
     StopSandbox,
     is_outcome,
 )
-from shared.errors import AppendConflict, DockerUnavailable, NatsUnavailable, SandboxStartFailed, SandboxStopFailed
+from shared.errors import (
+    AppendConflict,
+    DockerUnavailable,
+    NatsUnavailable,
+    SandboxStartFailed,
+    SandboxStopFailed,
+    WrongNode,
+)
 from shared.subjects import INVALID_EVENTS_SUBJECT
 from tests.unit.fakes_runtime import FakeClock, FakeDriver, FakeStore
 
@@ -41,7 +48,7 @@ class World:
         self.clock = FakeClock()
         ids = itertools.count(1)
         self.handlers = CommandHandlers(
-            HandlerDeps(self.store, self.driver, self.clock, POLICY, SandboxSettings()),  # type: ignore[arg-type]
+            HandlerDeps(self.store, self.driver, self.clock, POLICY, SandboxSettings()),
             new_id=lambda: f"id-{next(ids)}",
         )
         self.progress_calls = 0
@@ -245,7 +252,7 @@ async def test_a_create_waits_for_another_process_claim(world: World) -> None:
     other = World()
     other.store = world.store  # a second runtime process sharing the log
     other.handlers = CommandHandlers(
-        HandlerDeps(world.store, world.driver, world.clock, POLICY, SandboxSettings()),  # type: ignore[arg-type]
+        HandlerDeps(world.store, world.driver, world.clock, POLICY, SandboxSettings()),
         new_id=lambda: str(uuid.uuid4()),
     )
     gate = hold_starts(world.driver)
@@ -258,3 +265,27 @@ async def test_a_create_waits_for_another_process_claim(world: World) -> None:
     gate.set()
     await asyncio.gather(first, second)
     assert sorted(world.store.types(str(chat))) == ["provisioning", "reused", "running"]
+
+
+async def test_only_the_owning_node_touches_a_container(world: World) -> None:
+    chat = uuid.uuid4()
+    node_b = CommandHandlers(
+        HandlerDeps(
+            world.store,
+            world.driver,
+            world.clock,
+            Policy("node-b", "img", timedelta(minutes=5), timedelta(hours=1), timedelta(seconds=60)),
+            SandboxSettings(),
+        ),
+    )
+    created = msgspec.convert({"command_id": str(uuid.uuid4()), "chat_id": str(chat)}, CreateSandbox)
+    await node_b.handle(created, world.progress)
+    before = world.store.types(str(chat))
+    stop = msgspec.convert({"command_id": str(uuid.uuid4()), "chat_id": str(chat)}, StopSandbox)
+    with pytest.raises(WrongNode, match="node-b"):
+        await world.handlers.handle(stop, world.progress)
+    assert world.store.types(str(chat)) == before, "no claim, no event from the wrong node"
+    assert len(world.driver.running) == 1
+    await node_b.handle(stop, world.progress)
+    assert world.store.types(str(chat))[-1] == "stopped"
+    assert world.driver.running == {}
