@@ -237,12 +237,12 @@ class CommandHandlers:
         command_id = str(command.command_id)
         event = self._event(cls, str(command.chat_id), command_id, session, expected, **fields)
         try:
-            await self._d.store.append(event, expected_seq=expected, msg_id=outcome_msg_id(command_id))
+            appended = await self._d.store.append(event, expected_seq=expected, msg_id=outcome_msg_id(command_id))
         except AppendConflict:
             self._metrics.increment("sandbox.append.conflict.total", {"event": event.type})
             return False
         holder = _OUTCOME.get()
-        if holder is not None:
+        if holder is not None and not appended.duplicate:  # a duplicate: the outcome was given before
             holder.append(event)
         failpoint("after_outcome")  # appended, not yet acknowledged
         return True
