@@ -207,7 +207,7 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
     for section, values in _env_overrides(env).items():
         data.setdefault(section, {}).update(values)
     try:
-        return msgspec.convert(data, Settings, strict=False)
+        settings = msgspec.convert(data, Settings, strict=False)
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = re.search(r" - at `(\$[^`]*)`", message)
@@ -215,3 +215,16 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
             raise ConfigError(f"invalid configuration: {message}") from exc
         where = _source_of(match.group(1), env, file)
         raise ConfigError(f"invalid configuration value for {where}: {message[: match.start()]}") from exc
+    _check_relations(settings)
+    return settings
+
+
+def _check_relations(settings: Settings) -> None:
+    """Constraints between keys, each message naming both."""
+    if settings.reaper.redrive_grace_seconds <= settings.runtime.claim_timeout_seconds:
+        raise ConfigError(
+            f"reaper.redrive_grace_seconds ({env_name('reaper', 'redrive_grace_seconds')}="
+            f"{settings.reaper.redrive_grace_seconds:g}) must exceed runtime.claim_timeout_seconds "
+            f"({env_name('runtime', 'claim_timeout_seconds')}={settings.runtime.claim_timeout_seconds:g}): "
+            "a re-drive before the claim timeout would only wait on the claim"
+        )

@@ -64,7 +64,9 @@ async def test_expiry_and_redrive_with_kill_switches(nats: NatsServer, tmp_path:
     await kv.put(stuck, encode(record(stuck, SessionStatus.STOPPING, expires_in=60, updated_ago=30)))
     await kv.put(fine, encode(record(fine, SessionStatus.RUNNING, expires_in=60)))
 
-    base = settings_for(nats.url, tmp_path, "n", SANDBOXD_REAPER_REDRIVE_GRACE_SECONDS="10")
+    base = settings_for(
+        nats.url, tmp_path, "n", SANDBOXD_REAPER_REDRIVE_GRACE_SECONDS="10", SANDBOXD_RUNTIME_CLAIM_TIMEOUT_SECONDS="5"
+    )
     # Two reapers, as on two machines: each publishes, the stream keeps one of each.
     async with (
         running_reaper(base) as first,

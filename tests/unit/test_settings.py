@@ -64,3 +64,15 @@ def test_a_bad_file_value_names_the_file_and_key(tmp_path: Path) -> None:
     file.write_text("[runtime]\nno_such_key = 1\n")
     with pytest.raises(ConfigError, match="no_such_key"):
         load_settings(environ={"SANDBOXD_CONFIG": str(file)})
+
+
+def test_the_redrive_grace_must_exceed_the_claim_timeout() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"SANDBOXD_REAPER_REDRIVE_GRACE_SECONDS": "60"})
+    message = str(caught.value)
+    assert "SANDBOXD_REAPER_REDRIVE_GRACE_SECONDS" in message
+    assert "runtime.claim_timeout_seconds" in message
+    ok = load_settings(
+        environ={"SANDBOXD_REAPER_REDRIVE_GRACE_SECONDS": "60", "SANDBOXD_RUNTIME_CLAIM_TIMEOUT_SECONDS": "30"}
+    )
+    assert ok.reaper.redrive_grace_seconds == 60
