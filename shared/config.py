@@ -50,13 +50,22 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     commands_duplicate_window_seconds: Annotated[float, msgspec.Meta(ge=120)] = 120.0
     commands_max_age_seconds: PositiveSeconds = 24 * 3600.0
     events_duplicate_window_seconds: Annotated[float, msgspec.Meta(ge=120)] = 600.0
+    # Bounded: unconsumed commands beyond this are refused at publish (nothing accepted is dropped).
+    commands_max_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 256 * 1024 * 1024
     events_max_age_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30 * 24 * 3600.0
-    events_max_bytes: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    # Oldest events go first when the stream is full; keep it large (a quiet live chat's last
+    # event is its state). -1: unbounded.
+    events_max_bytes: Annotated[int, msgspec.Meta(ge=-1)] = 4 * 1024 * 1024 * 1024
+    # A chat keeps its newest events only, so no chat can grow the stream without bound and a
+    # chat's latest event is never dropped for its own history.
+    events_max_msgs_per_subject: Annotated[int, msgspec.Meta(ge=10)] = 1000
 
 
 class HttpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Port = 8123
+    # A request body that has not fully arrived within this is answered 408 (slow senders).
+    body_timeout_seconds: PositiveSeconds = 10.0
 
 
 class ApiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -70,6 +79,10 @@ class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     command: list[str] = msgspec.field(default_factory=lambda: ["sleep", "infinity"])
     ttl_seconds: PositiveInt = 3600
     max_ttl_seconds: PositiveInt = 7 * 24 * 3600
+    # No keepalive moves expires_at past created_at + this.
+    max_lifetime_seconds: PositiveInt = 7 * 24 * 3600
+    # uid:gid the sandbox's processes run as (numeric: the chat directory is handed to it).
+    user: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,10}(:[0-9]{1,10})?$")] = "10001:10001"
     chats_root: str = ".sandboxd/chats"
     dependencies_host_path: str = ".sandboxd/dependencies"
     lambda_tools_host_path: str = ".sandboxd/lambda-tools"
@@ -83,7 +96,7 @@ class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     read_only_root: bool = True
     tmpfs_size: str = "64m"
     pids_limit: PositiveInt = 256
-    memory_limit: str = "512m"
+    memory_limit: Annotated[str, msgspec.Meta(pattern=r"^[0-9]+[bkmgBKMG]?$")] = "512m"
     cpus: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     oci_runtime: str | None = None
     stop_timeout_seconds: Annotated[int, msgspec.Meta(ge=0)] = 2
@@ -92,6 +105,11 @@ class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     node_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] = msgspec.field(default_factory=_hostname)
     max_in_flight: PositiveInt = 32
+    # Live sessions this node may hold; 0: the engine's memory divided by sandbox.memory_limit.
+    max_sessions: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # A command redelivered this often (transient failures, another node's session) ends with
+    # a `failed` outcome instead of another try.
+    max_deliveries: Annotated[int, msgspec.Meta(ge=2, le=10_000)] = 100
     # A claim (provisioning/stopping) older than this is presumed abandoned and taken over.
     claim_timeout_seconds: PositiveSeconds = 120.0
     ack_wait_seconds: PositiveSeconds = 30.0
@@ -221,6 +239,18 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
 
 def _check_relations(settings: Settings) -> None:
     """Constraints between keys, each message naming both."""
+    if settings.sandbox.max_ttl_seconds > settings.sandbox.max_lifetime_seconds:
+        raise ConfigError(
+            f"sandbox.max_ttl_seconds ({env_name('sandbox', 'max_ttl_seconds')}={settings.sandbox.max_ttl_seconds}) "
+            f"must not exceed sandbox.max_lifetime_seconds ({env_name('sandbox', 'max_lifetime_seconds')}="
+            f"{settings.sandbox.max_lifetime_seconds})"
+        )
+    if settings.sandbox.ttl_seconds > settings.sandbox.max_ttl_seconds:
+        raise ConfigError(
+            f"sandbox.ttl_seconds ({env_name('sandbox', 'ttl_seconds')}={settings.sandbox.ttl_seconds}) must not "
+            f"exceed sandbox.max_ttl_seconds ({env_name('sandbox', 'max_ttl_seconds')}="
+            f"{settings.sandbox.max_ttl_seconds})"
+        )
     if settings.reaper.redrive_grace_seconds <= settings.runtime.claim_timeout_seconds:
         raise ConfigError(
             f"reaper.redrive_grace_seconds ({env_name('reaper', 'redrive_grace_seconds')}="

@@ -15,10 +15,17 @@ from typing import Annotated, ClassVar, Literal
 import msgspec
 
 LabelKey = Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
-LabelValue = Annotated[str, msgspec.Meta(max_length=256)]
+# Printable text only: label values end up in Docker labels, logs and dashboards.
+LabelValue = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
 Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=32)]
 TtlSeconds = Annotated[int, msgspec.Meta(ge=1, le=30 * 24 * 3600)]
-Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+# Identifiers inside events and records are checked when they are read back: an id that
+# names a container or a host directory must be exactly what sandboxd writes.
+UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+Uuid = Annotated[str, msgspec.Meta(pattern=UUID_PATTERN)]
+NodeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+ContainerId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
 
 
 class SessionStatus(enum.StrEnum):
@@ -43,11 +50,37 @@ class CreateResult(enum.StrEnum):
     REPLACED = "replaced"
 
 
+class RejectReason(enum.StrEnum):
+    """Why a command was refused (the `reason` of its `rejected` event)."""
+
+    # Malformed: the command can never be carried out; it is terminated, never retried.
+    UNKNOWN_COMMAND = "unknown_command"
+    INVALID_SUBJECT = "invalid_subject"
+    INVALID_JSON = "invalid_json"
+    INVALID_PAYLOAD = "invalid_payload"
+    SUBJECT_MISMATCH = "subject_mismatch"
+    # Refused by the chat's state or the node's limits.
+    NO_LIVE_SESSION = "no_live_session"
+    STALE_SESSION = "stale_session"
+    NOT_RUNNING = "not_running"
+    EXPIRED = "expired"
+    NOT_EXPIRED = "not_expired"
+    TTL_TOO_LONG = "ttl_too_long"
+    CAPACITY_EXCEEDED = "capacity_exceeded"
+
+
+# The `reason` of an `extended` event whose expiry was held at the session's lifetime cap.
+LIFETIME_CAPPED = "lifetime_cap"
+
+
 # --------------------------------------------------------------------------- commands
 
 
-class Command(msgspec.Struct, frozen=True, kw_only=True):
-    """Fields every command carries; an agent typing one by hand needs only the ids."""
+class Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Fields every command carries; an agent typing one by hand needs only the ids.
+
+    Unknown fields are refused: a misspelt `ttl_seconds` must not silently start a sandbox
+    with the default TTL."""
 
     kind: ClassVar[str]
     command_id: uuid.UUID
@@ -100,16 +133,16 @@ class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
     write the event's own sequence.
     """
 
-    session_id: str
-    chat_id: str
-    node_id: str
-    container_id: str | None
+    session_id: Uuid
+    chat_id: Uuid
+    node_id: NodeId
+    container_id: ContainerId | None
     image: str
     status: SessionStatus
     created_at: datetime
     expires_at: datetime
     updated_at: datetime
-    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    labels: Labels = msgspec.field(default_factory=dict)
     version: int = 0
 
     @property
@@ -129,19 +162,19 @@ class ErrorInfo(msgspec.Struct, frozen=True):
 
 
 class PreviousSession(msgspec.Struct, frozen=True):
-    session_id: str
-    container_id: str | None
+    session_id: Uuid
+    container_id: ContainerId | None
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     """A lifecycle event; `session` is the chat's whole session after it (null when none)."""
 
     event_id: str
-    chat_id: str
-    session_id: str | None
+    chat_id: str  # the chat of its subject (`invalid` for commands whose subject names none)
+    session_id: Uuid | None
     causation_id: str | None
     occurred_at: datetime
-    node_id: str | None
+    node_id: NodeId | None
     result: CreateResult | None = None
     reason: str | None = None
     error: ErrorInfo | None = None

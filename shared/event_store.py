@@ -1,15 +1,20 @@
 """The chat-keyed event log on `SANDBOX_EVENTS`: read a chat's last event, append with
-optimistic concurrency, read a chat's history."""
+optimistic concurrency, read a chat's history.
+
+Only events that decode and belong to their subject's chat are ever returned. A chat whose
+last message is poison (it does not decode, or its `chat_id` / `session.chat_id` names
+another chat) reads as its last *valid* event at the subject's real last sequence: the
+state is the last one sandboxd can trust, and appends still name the true sequence."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-import msgspec
 from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -18,6 +23,7 @@ from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from shared.contracts import AnyEvent, SessionRecord, decode_event, encode
 from shared.errors import AppendConflict, NatsUnavailable
+from shared.poison import DECODE_ERRORS, PoisonSource, Quarantine
 from shared.subjects import (
     EVENT_TYPE_HEADER,
     EVENTS_STREAM,
@@ -41,6 +47,7 @@ _UNAVAILABLE = (
     asyncio.TimeoutError,
 )
 T = TypeVar("T")
+_FALLBACKS_KEPT = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,22 +100,63 @@ class EventLog(Protocol):
     async def history(self, chat_id: str, *, limit: int | None = None) -> list[StoredEvent]: ...
 
 
+def check_event(chat_id: str, data: bytes) -> AnyEvent | str:
+    """The event stored on `chat_id`'s subject, or why it cannot be trusted."""
+    try:
+        event = decode_event(data)
+    except DECODE_ERRORS as exc:
+        return f"does not decode: {exc}"
+    if event.chat_id != chat_id:
+        return f"its chat_id {event.chat_id!r} is not its subject's chat"
+    if event.session is not None and event.session.chat_id != chat_id:
+        return f"its session's chat_id {event.session.chat_id!r} is not its subject's chat"
+    return event
+
+
 class EventStore:
-    def __init__(self, js: JetStreamContext, stream: str = EVENTS_STREAM) -> None:
+    def __init__(self, js: JetStreamContext, stream: str = EVENTS_STREAM, quarantine: Quarantine | None = None) -> None:
         self._js = js
         self._stream = stream
+        self._quarantine = quarantine or Quarantine()
+        # chat -> (sequence of its poisoned last message, the last valid event before it)
+        self._fallbacks: OrderedDict[str, tuple[int, AnyEvent | None]] = OrderedDict()
 
-    async def read(self, chat_id: str) -> ChatState:
-        subject = event_subject(chat_id)
+    async def _last(self, subject: str, *, leader: bool = False) -> tuple[int, bytes] | None:
+        """The subject's last message (sequence, data), or None when it has none. `leader`
+        asks the stream leader rather than any replica (direct get may answer from one that
+        lags a little)."""
 
-        async def get() -> ChatState:
+        async def get() -> tuple[int, bytes] | None:
             try:
-                raw = await self._js.get_last_msg(self._stream, subject, direct=True)
+                raw = await self._js.get_last_msg(self._stream, subject, direct=not leader)
             except NotFoundError:
-                return ChatState(0, None)
-            return ChatState(raw.seq or 0, decode_event(raw.data or b""))
+                return None
+            return raw.seq or 0, raw.data or b""
 
         return await with_nats_retry(get, what=f"read {subject}")
+
+    async def read(self, chat_id: str, *, leader: bool = False) -> ChatState:
+        subject = event_subject(chat_id)
+        last = await self._last(subject, leader=leader)
+        if last is None:
+            return ChatState(0, None)
+        seq, data = last
+        checked = check_event(chat_id, data)
+        if not isinstance(checked, str):
+            return ChatState(seq, checked)
+        self._quarantine.report(PoisonSource.EVENT, subject, seq, checked)
+        return ChatState(seq, await self._last_valid(chat_id, seq))
+
+    async def _last_valid(self, chat_id: str, poisoned_seq: int) -> AnyEvent | None:
+        cached = self._fallbacks.get(chat_id)
+        if cached is not None and cached[0] == poisoned_seq:
+            return cached[1]
+        valid = [s.event for s in await self.history(chat_id) if s.seq < poisoned_seq]
+        fallback = valid[-1] if valid else None
+        self._fallbacks[chat_id] = (poisoned_seq, fallback)
+        if len(self._fallbacks) > _FALLBACKS_KEPT:
+            self._fallbacks.popitem(last=False)
+        return fallback
 
     async def append(self, event: AnyEvent, *, expected_seq: int | None, msg_id: str) -> Appended:
         """Append to the event's chat subject; AppendConflict when `expected_seq` is not the
@@ -133,11 +181,13 @@ class EventStore:
         return await with_nats_retry(publish, what=f"append to {subject}")
 
     async def history(self, chat_id: str, *, limit: int | None = None) -> list[StoredEvent]:
-        """The chat's events in order (the last `limit` of them when given)."""
+        """The chat's valid events in order (the last `limit` of them when given); poison is
+        quarantined and skipped."""
         subject = event_subject(chat_id)
-        last = await self.read(chat_id)
-        if last.last is None:
+        last = await self._last(subject)
+        if last is None:
             return []
+        end = last[0]
         out: list[StoredEvent] = []
         try:
             sub = await self._js.subscribe(
@@ -146,11 +196,13 @@ class EventStore:
             try:
                 while True:
                     msg = await sub.next_msg(timeout=5.0)
-                    try:
-                        out.append(StoredEvent(msg.metadata.sequence.stream, decode_event(msg.data)))
-                    except msgspec.DecodeError:
-                        log.warning("skipping an undecodable message on %s", subject)
-                    if msg.metadata.sequence.stream >= last.seq or msg.metadata.num_pending == 0:
+                    seq = msg.metadata.sequence.stream
+                    checked = check_event(chat_id, msg.data)
+                    if isinstance(checked, str):
+                        self._quarantine.report(PoisonSource.EVENT, subject, seq, checked)
+                    else:
+                        out.append(StoredEvent(seq, checked))
+                    if seq >= end or msg.metadata.num_pending == 0:
                         break
             finally:
                 await sub.unsubscribe()

@@ -1,5 +1,8 @@
 """The session registry: the `sandbox_sessions` KV bucket, one record per chat with a live
-session. Readers use `get`/`list`; the projector writes with compare-and-set on revisions."""
+session. Readers use `get`/`list`; the projector writes with compare-and-set on revisions.
+
+A value that does not decode, or whose `chat_id` is not its key, is quarantined: readers
+skip it (`entry` reports it as `corrupt` so the projector can overwrite or delete it)."""
 
 from __future__ import annotations
 
@@ -11,9 +14,21 @@ from nats.js.kv import KeyValue
 
 from shared.contracts import SessionRecord, decode_record, encode
 from shared.event_store import CONFLICT_CODES, with_nats_retry
+from shared.poison import DECODE_ERRORS, PoisonSource, Quarantine
 from shared.subjects import SESSIONS_BUCKET
 
 _KV_OPERATION = "KV-Operation"
+
+
+def check_record(key: str, value: bytes) -> SessionRecord | str:
+    """The record stored under `key`, or why it cannot be trusted."""
+    try:
+        record = decode_record(value)
+    except DECODE_ERRORS as exc:
+        return f"does not decode: {exc}"
+    if record.chat_id != key:
+        return f"it holds chat {record.chat_id!r}"
+    return record
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,14 +37,34 @@ class RegistryEntry:
 
     revision: int
     record: SessionRecord | None
+    corrupt: bool = False  # a value is there, but it is poison
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryScan:
+    """Every key of the bucket: the valid records by key, and the keys holding poison."""
+
+    records: dict[str, SessionRecord]
+    corrupt: list[str]
 
 
 class Registry:
-    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str = SESSIONS_BUCKET) -> None:
+    def __init__(
+        self, js: JetStreamContext, kv: KeyValue, bucket: str = SESSIONS_BUCKET, quarantine: Quarantine | None = None
+    ) -> None:
         self._js = js
         self._kv = kv
         self._stream = f"KV_{bucket}"
         self._prefix = f"$KV.{bucket}."
+        self._quarantine = quarantine or Quarantine()
+
+    def check(self, key: str, revision: int, value: bytes) -> SessionRecord | None:
+        """The record stored under `key`, or None (quarantined) when it cannot be trusted."""
+        checked = check_record(key, value)
+        if isinstance(checked, str):
+            self._quarantine.report(PoisonSource.RECORD, key, revision, checked)
+            return None
+        return checked
 
     async def get(self, chat_id: str) -> SessionRecord | None:
         return (await self.entry(chat_id)).record
@@ -43,27 +78,39 @@ class Registry:
             except NotFoundError:
                 return RegistryEntry(0, None)
             op = (raw.headers or {}).get(_KV_OPERATION)
+            revision = raw.seq or 0
             if op in ("DEL", "PURGE") or not raw.data:
-                return RegistryEntry(raw.seq or 0, None)
-            return RegistryEntry(raw.seq or 0, decode_record(raw.data))
+                return RegistryEntry(revision, None)
+            record = self.check(chat_id, revision, raw.data)
+            return RegistryEntry(revision, record, corrupt=record is None)
 
         return await with_nats_retry(read, what=f"registry get {chat_id}")
 
-    async def list(self) -> list[SessionRecord]:
-        async def read_all() -> list[SessionRecord]:
-            records: list[SessionRecord] = []
+    async def scan(self) -> RegistryScan:
+        async def read_all() -> RegistryScan:
+            records: dict[str, SessionRecord] = {}
+            corrupt: list[str] = []
             watcher = await self._kv.watchall(ignore_deletes=True)
             try:
                 async for entry in watcher:
                     if entry is None:
                         break
-                    if entry.value:
-                        records.append(decode_record(entry.value))
+                    if not entry.value:
+                        continue
+                    record = self.check(entry.key, entry.revision or 0, entry.value)
+                    if record is None:
+                        corrupt.append(entry.key)
+                    else:
+                        records[entry.key] = record
             finally:
                 await watcher.stop()  # type: ignore[no-untyped-call]
-            return records
+            return RegistryScan(records, corrupt)
 
         return await with_nats_retry(read_all, what="registry list")
+
+    async def list(self) -> list[SessionRecord]:
+        """Every valid record (poison is quarantined and skipped)."""
+        return list((await self.scan()).records.values())
 
     async def put(self, record: SessionRecord, *, last_revision: int) -> int:
         """Write if the key is still at `last_revision`; KeyWrongLastSequenceError if not."""

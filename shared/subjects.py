@@ -40,3 +40,14 @@ def split_command_subject(subject: str) -> tuple[str, str]:
     rest = subject[len(prefix) :] if subject.startswith(prefix) else ""
     kind, _, chat = rest.partition(".")
     return kind, chat
+
+
+def chat_of(subject: str) -> str | None:
+    """The chat an event subject names (canonical spelling only), or None for `invalid` and
+    anything else that is not a chat id."""
+    prefix = EVENT_PREFIX + "."
+    token = subject[len(prefix) :] if subject.startswith(prefix) else ""
+    try:
+        return token if canonical_chat_id(token) == token else None
+    except ValueError:
+        return None

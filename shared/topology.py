@@ -22,6 +22,11 @@ from shared.subjects import (
 log = logging.getLogger(__name__)
 
 
+# A command is two ids and at most 32 labels; an event carries one session record.
+COMMAND_MAX_BYTES = 64 * 1024
+EVENT_MAX_BYTES = 256 * 1024
+
+
 class TopologyError(Exception):
     """An existing stream conflicts with the contract in a way we must not change silently."""
 
@@ -36,8 +41,10 @@ def commands_stream_config(settings: StreamSettings) -> StreamConfig:
         num_replicas=settings.replicas,
         duplicate_window=settings.commands_duplicate_window_seconds,
         max_age=settings.commands_max_age_seconds,
-        max_bytes=-1,
-        discard=DiscardPolicy.OLD,
+        # Full: new commands are refused at publish, so an accepted command is never dropped.
+        max_bytes=settings.commands_max_bytes,
+        max_msg_size=COMMAND_MAX_BYTES,
+        discard=DiscardPolicy.NEW,
         allow_direct=False,
     )
 
@@ -53,6 +60,8 @@ def events_stream_config(settings: StreamSettings) -> StreamConfig:
         duplicate_window=settings.events_duplicate_window_seconds,
         max_age=settings.events_max_age_seconds,
         max_bytes=settings.events_max_bytes,
+        max_msgs_per_subject=settings.events_max_msgs_per_subject,
+        max_msg_size=EVENT_MAX_BYTES,
         discard=DiscardPolicy.OLD,
         allow_direct=True,
     )
@@ -74,7 +83,17 @@ async def _ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
         )
     if set(have.subjects or []) != set(wanted.subjects or []):
         raise TopologyError(f"stream {name} exists with subjects {have.subjects}, expected {wanted.subjects}")
-    mutable = ("duplicate_window", "max_age", "max_bytes", "num_replicas", "allow_direct", "description")
+    mutable = (
+        "duplicate_window",
+        "max_age",
+        "max_bytes",
+        "max_msgs_per_subject",
+        "max_msg_size",
+        "discard",
+        "num_replicas",
+        "allow_direct",
+        "description",
+    )
     if any(getattr(have, f) != getattr(wanted, f) for f in mutable):
         await js.update_stream(wanted)
         log.info("updated stream %s settings", name)

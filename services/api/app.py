@@ -3,16 +3,21 @@
 Controllers only translate: validate and normalise input, send a command through the
 gateway (or read the registry / event stream), and map the outcome to a response. Errors
 become JSON `{status_code, detail}` in one place.
+
+Input is strict: a JSON body is decoded with the request type before Litestar sees it (no
+coercion of `"600"` to 600, unknown fields refused, invalid UTF-8 or absurd nesting a 400),
+and a body that does not arrive within `http.body_timeout_seconds` is a 408.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -23,7 +28,7 @@ from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, JSONBody, QueryParameter
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 from nats.aio.client import Client
 from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -31,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from services.api.gateway import CommandGateway, OutcomeWaiter
 from services.api.status import StatusEnvelope, build_status
 from services.api.views import (
+    RETRY_AFTER_SECONDS,
     Accepted,
     CreateSandboxRequest,
     ErrorBody,
@@ -61,6 +67,7 @@ from shared.contracts import (
 from shared.errors import NatsUnavailable
 from shared.event_store import EventStore
 from shared.nats_connection import connect
+from shared.poison import DECODE_ERRORS, Quarantine
 from shared.registry import Registry
 from shared.subjects import canonical_chat_id
 from shared.telemetry import Telemetry, elapsed_ms, extract, setup_telemetry
@@ -104,7 +111,30 @@ def _json(body: object, status: int) -> Response[Any]:
 
 
 def _error(status: int, detail: str, event: AnyEvent | None = None) -> Response[Any]:
-    return _json(ErrorBody(status_code=status, detail=detail, error=event.error if event else None), status)
+    body = ErrorBody(status_code=status, detail=detail, error=event.error if event else None)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 429 else None  # noqa: PLR2004 - Too Many Requests
+    return Response(content=body, status_code=status, media_type="application/json", headers=headers)
+
+
+def strict_body(
+    request_type: type[msgspec.Struct], *, optional: bool = False
+) -> Callable[[Request[Any, Any, Any]], Awaitable[None]]:
+    """A before-request hook: the body must decode as `request_type`, strictly, or it is a 400
+    naming what is wrong (Litestar's own parsing would coerce types and 500 on bad UTF-8)."""
+    decoder = msgspec.json.Decoder(request_type)
+
+    async def check(request: Request[Any, Any, Any]) -> None:
+        raw = await request.body()
+        if optional and not raw.strip():
+            return
+        try:
+            decoder.decode(raw)
+        except msgspec.ValidationError as exc:
+            raise HTTPException(status_code=400, detail=f"invalid request body: {exc}") from None
+        except DECODE_ERRORS as exc:
+            raise HTTPException(status_code=400, detail=f"the request body is not valid JSON: {exc}") from None
+
+    return check
 
 
 def _accepted(command: AnyCommand, wait: float) -> Response[Any]:
@@ -168,7 +198,13 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
 # --------------------------------------------------------------------------- sandboxes
 
 
-@post("/sandboxes", operation_id="createSandbox", tags=["sandboxes"], status_code=201)
+@post(
+    "/sandboxes",
+    operation_id="createSandbox",
+    tags=["sandboxes"],
+    status_code=201,
+    before_request=strict_body(CreateSandboxRequest),
+)
 async def create_sandbox(request: Request[Any, Any, Any], data: JSONBody[CreateSandboxRequest]) -> Response[Any]:
     """Create the chat's sandbox, or reuse its live one: 201 created/replaced, 200 reused."""
     ctx = _ctx(request)
@@ -181,7 +217,13 @@ async def create_sandbox(request: Request[Any, Any, Any], data: JSONBody[CreateS
     return _create_response(outcome, seed=False)
 
 
-@post("/create", operation_id="createSandboxSeed", tags=["sandboxes"], status_code=201)
+@post(
+    "/create",
+    operation_id="createSandboxSeed",
+    tags=["sandboxes"],
+    status_code=201,
+    before_request=strict_body(SeedCreateRequest),
+)
 async def create_seed(request: Request[Any, Any, Any], data: JSONBody[SeedCreateRequest]) -> Response[Any]:
     """The seed service's create endpoint: same semantics, the seed's response fields."""
     ctx = _ctx(request)
@@ -242,7 +284,13 @@ async def stop_sandbox(request: Request[Any, Any, Any], chat_id: FromPath[str]) 
     return _error(outcome_status(outcome), failure_detail(outcome), outcome)
 
 
-@post("/sandboxes/{chat_id:str}/keepalive", operation_id="keepaliveSandbox", tags=["sandboxes"], status_code=200)
+@post(
+    "/sandboxes/{chat_id:str}/keepalive",
+    operation_id="keepaliveSandbox",
+    tags=["sandboxes"],
+    status_code=200,
+    before_request=strict_body(KeepaliveRequest, optional=True),
+)
 async def keepalive_sandbox(
     request: Request[Any, Any, Any], chat_id: FromPath[str], data: JSONBody[KeepaliveRequest | None] = None
 ) -> Response[Any]:
@@ -289,6 +337,46 @@ async def metrics() -> Response[bytes]:
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
+# Metric labels and span names come from a closed set, never from what a client sends.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class BodyTimeout(HTTPException):
+    status_code = 408
+
+
+def body_timeout_middleware(seconds: float) -> Callable[[ASGIApp], ASGIApp]:
+    """A request body must arrive whole within `seconds` (a client that announces more than
+    it sends must not hold a connection open forever); after it, reads are not limited."""
+
+    def wrap(app: ASGIApp) -> ASGIApp:
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            if str(scope["type"]) != "http":
+                await app(scope, receive, send)
+                return
+            deadline = asyncio.get_running_loop().time() + seconds
+            complete = False
+
+            async def timed_receive() -> ReceiveMessage:
+                nonlocal complete
+                if complete:
+                    return await receive()
+                remaining = deadline - asyncio.get_running_loop().time()
+                try:
+                    message = await asyncio.wait_for(receive(), max(remaining, 0.0))
+                except TimeoutError:
+                    raise BodyTimeout(detail=f"the request body did not arrive within {seconds:g}s") from None
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    complete = True
+                return message
+
+            await app(scope, timed_receive, send)
+
+        return middleware
+
+    return wrap
+
+
 def tracing_middleware(telemetry: Telemetry) -> Callable[[ASGIApp], ASGIApp]:
     """A server span per HTTP request, continuing a caller's W3C trace context."""
 
@@ -298,6 +386,7 @@ def tracing_middleware(telemetry: Telemetry) -> Callable[[ASGIApp], ASGIApp]:
                 await app(scope, receive, send)
                 return
             method = str(scope.get("method", ""))
+            method = method if method in _METHODS else "OTHER"
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
             started = time.perf_counter()
             status_code = 500
@@ -349,12 +438,13 @@ def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Tel
         kv = await ensure_topology(js, settings.streams)
         waiter = OutcomeWaiter()
         await waiter.start(js)
+        quarantine = Quarantine(telemetry.metrics)
         app.state.ctx = ApiContext(
             settings=settings,
             nc=nc,
             gateway=CommandGateway(nc, js, waiter, telemetry),
-            registry=Registry(js, kv),
-            events=EventStore(js),
+            registry=Registry(js, kv, quarantine=quarantine),
+            events=EventStore(js, quarantine=quarantine),
             clock=clock or SystemClock(),
             telemetry=telemetry,
         )
@@ -377,12 +467,13 @@ def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Tel
             stop_sandbox,
             keepalive_sandbox,
             sandbox_events,
+            status,
         ],
     )
-    api = Router(path=API_PREFIX, route_handlers=[health, ready, status, protected])
+    api = Router(path=API_PREFIX, route_handlers=[health, ready, protected])
     return Litestar(
         route_handlers=[api, metrics],
-        middleware=[tracing_middleware(telemetry)],
+        middleware=[tracing_middleware(telemetry), body_timeout_middleware(settings.http.body_timeout_seconds)],
         lifespan=[lifespan],
         exception_handlers={NatsUnavailable: _nats_unavailable},
         openapi_config=OpenAPIConfig(title="sandboxd", version=VERSION, path=f"{API_PREFIX}/schema"),

@@ -2,7 +2,8 @@
 
 One ordered JetStream consumer on `SANDBOX_EVENTS` (new messages only) is opened before any
 command is published; each request registers its command id, publishes the command with
-`Nats-Msg-Id = command_id`, and waits for the outcome event carrying that causation id.
+`Nats-Msg-Id = command_id`, and waits for the outcome event carrying that causation id on
+that chat (a command id reused on another chat, by accident or not, answers nobody else).
 It must be a stream consumer, not a core subscription: a core subscriber on
 `sandbox.events.>` also sees appends the stream refused (lost optimistic-concurrency races).
 """
@@ -21,10 +22,11 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 from opentelemetry.trace import SpanKind
 
-from shared.contracts import OUTCOME_TYPES, AnyCommand, AnyEvent, decode_event, encode
+from shared.contracts import OUTCOME_TYPES, AnyCommand, AnyEvent, encode
 from shared.errors import NatsUnavailable
-from shared.event_store import with_nats_retry
-from shared.subjects import COMMANDS_STREAM, EVENT_SUBJECTS, EVENTS_STREAM, MSG_ID_HEADER, command_subject
+from shared.event_store import check_event, with_nats_retry
+from shared.poison import DECODE_ERRORS
+from shared.subjects import COMMANDS_STREAM, EVENT_SUBJECTS, EVENTS_STREAM, MSG_ID_HEADER, chat_of, command_subject
 from shared.telemetry import Telemetry, elapsed_ms, inject
 
 log = logging.getLogger(__name__)
@@ -36,15 +38,17 @@ class _Head(msgspec.Struct):
     """Just enough of an event to route it without decoding all of it."""
 
     type: str
+    chat_id: str = ""
     causation_id: str | None = None
 
 
 _head_decoder = msgspec.json.Decoder(_Head)
+_Key = tuple[str, str]  # (chat_id, command_id)
 
 
 class OutcomeWaiter:
     def __init__(self) -> None:
-        self._pending: dict[str, asyncio.Future[AnyEvent]] = {}
+        self._pending: dict[_Key, asyncio.Future[AnyEvent]] = {}
         self._sub: Subscription | None = None
 
     async def start(self, js: JetStreamContext) -> None:
@@ -63,26 +67,33 @@ class OutcomeWaiter:
         for fut in self._pending.values():
             fut.cancel()
 
-    def expect(self, command_id: str) -> asyncio.Future[AnyEvent]:
+    def expect(self, chat_id: str, command_id: str) -> asyncio.Future[AnyEvent]:
         fut: asyncio.Future[AnyEvent] = asyncio.get_running_loop().create_future()
-        self._pending[command_id] = fut
+        self._pending[(chat_id, command_id)] = fut
         return fut
 
-    def forget(self, command_id: str) -> None:
-        self._pending.pop(command_id, None)
+    def forget(self, chat_id: str, command_id: str) -> None:
+        self._pending.pop((chat_id, command_id), None)
 
     async def _on_event(self, msg: Msg) -> None:
         if not self._pending:
             return
         try:
             head = _head_decoder.decode(msg.data)
-        except msgspec.DecodeError:
+        except DECODE_ERRORS:
             return
         if head.causation_id is None or head.type not in _OUTCOME_NAMES:
             return
-        fut = self._pending.get(head.causation_id)
-        if fut is not None and not fut.done():
-            fut.set_result(decode_event(msg.data))
+        fut = self._pending.get((head.chat_id, head.causation_id))
+        if fut is None or fut.done() or chat_of(msg.subject) != head.chat_id:
+            return
+        checked = check_event(head.chat_id, msg.data)
+        if isinstance(checked, str):
+            log.warning(
+                "an outcome for command %s on chat %s cannot be trusted: %s", head.causation_id, head.chat_id, checked
+            )
+            return
+        fut.set_result(checked)
 
 
 class CommandGateway:
@@ -98,7 +109,8 @@ class CommandGateway:
         if not self._nc.is_connected:
             raise NatsUnavailable("NATS is not connected")
         command_id = str(command.command_id)
-        fut = self._waiter.expect(command_id)
+        chat_id = str(command.chat_id)
+        fut = self._waiter.expect(chat_id, command_id)
         try:
             subject = command_subject(command.kind, str(command.chat_id))
             payload = encode(command)
@@ -124,4 +136,4 @@ class CommandGateway:
                 )
                 return outcome
         finally:
-            self._waiter.forget(command_id)
+            self._waiter.forget(chat_id, command_id)

@@ -16,6 +16,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from shared.poison import DECODE_ERRORS
 from shared.registry import Registry
 from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, SESSIONS_BUCKET, STATUS_BUCKET
 
@@ -52,8 +53,12 @@ async def _status_blocks(js: JetStreamContext, prefix: str) -> dict[str, Any]:
         async for entry in watcher:
             if entry is None:
                 break
-            if entry.value:
+            if not entry.value:
+                continue
+            try:
                 blocks[entry.key] = msgspec.json.decode(entry.value)
+            except DECODE_ERRORS:
+                blocks[entry.key] = {"error": "this status block does not decode"}
     finally:
         await watcher.stop()  # type: ignore[no-untyped-call]
     return blocks

@@ -13,6 +13,7 @@ from shared.contracts import (
     ErrorInfo,
     Event,
     Labels,
+    RejectReason,
     SandboxExtended,
     SandboxFailed,
     SandboxReused,
@@ -110,18 +111,25 @@ def session_view(record: SessionRecord, result: CreateResult | None = None) -> S
     )
 
 
-# HTTP status of a refusal, by the rejection reason the runtime gives.
+# HTTP status of a refusal, by the rejection reason the runtime gives (malformed: 400).
 _REJECTION_STATUS = {
-    "no_live_session": 404,
-    "stale_session": 409,
-    "not_running": 409,
-    "expired": 409,
-    "ttl_too_long": 422,
+    RejectReason.NO_LIVE_SESSION: 404,
+    RejectReason.STALE_SESSION: 409,
+    RejectReason.NOT_RUNNING: 409,
+    RejectReason.EXPIRED: 409,
+    RejectReason.NOT_EXPIRED: 409,
+    RejectReason.TTL_TOO_LONG: 422,
+    RejectReason.CAPACITY_EXCEEDED: 429,
 }
+# What a 429 asks the client to wait: sessions free up as others stop or expire.
+RETRY_AFTER_SECONDS = 5
 
 
 def rejection_status(reason: str | None) -> int:
-    return _REJECTION_STATUS.get(reason or "", 400)
+    try:
+        return _REJECTION_STATUS.get(RejectReason(reason or ""), 400)
+    except ValueError:
+        return 400
 
 
 def failure_status(error: ErrorInfo | None) -> int:

@@ -27,8 +27,10 @@ from opentelemetry.trace import SpanKind
 from services.reaper.decisions import ExpirySchedule, StopOrder, expiry_order, redrive_order
 from shared.clock import Clock
 from shared.config import ReaperSettings
-from shared.contracts import StopSandbox, decode_record, encode
+from shared.contracts import StopSandbox, encode
 from shared.event_store import with_nats_retry
+from shared.poison import PoisonSource, Quarantine
+from shared.registry import check_record
 from shared.subjects import COMMANDS_STREAM, MSG_ID_HEADER, command_subject
 from shared.telemetry import Telemetry, inject
 from shared.telemetry import disabled as telemetry_disabled
@@ -71,12 +73,14 @@ class Reaper:
     clock: Clock
     telemetry: Telemetry = field(default_factory=telemetry_disabled)
     schedule: ExpirySchedule = field(default_factory=ExpirySchedule)
+    quarantine: Quarantine = field(init=False)
     status: ReaperStatus = field(init=False)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
     _redriven: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
+        self.quarantine = Quarantine(self.telemetry.metrics)
         self.status = ReaperStatus(
             reaper_id=self.settings.reaper_id,
             started_at=self.clock.now(),
@@ -116,11 +120,11 @@ class Reaper:
                     if entry.operation in ("DEL", "PURGE") or not entry.value:
                         self.schedule.remove(entry.key)
                     else:
-                        try:
-                            self.schedule.put(decode_record(entry.value))
-                        except msgspec.DecodeError:
-                            log.warning("reaper ignores an undecodable registry entry %s", entry.key)
+                        checked = check_record(entry.key, entry.value)
+                        if isinstance(checked, str):  # poison: what was scheduled for the chat stays
+                            self.quarantine.report(PoisonSource.RECORD, entry.key, entry.revision or 0, checked)
                             continue
+                        self.schedule.put(checked)
                     self._wake.set()
             except asyncio.CancelledError:
                 raise

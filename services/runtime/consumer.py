@@ -2,7 +2,10 @@
 
 This is the one place that acks, naks, terms and reports progress. Handlers only raise:
 a malformed command is rejected once and terminated; a transient failure is nak'd with a
-growing delay; anything else ends the command with a `failed` outcome and is acked.
+growing delay; anything else ends the command with a `failed` outcome and is acked. The
+consumer bounds deliveries (`runtime.max_deliveries`): the last one that would be handed
+back ends the command with a `failed` outcome (`gave_up`) instead, so nothing spins forever
+and nothing accepted is left without an answer.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from opentelemetry.trace import SpanKind
 
 from services.runtime.handlers import CommandHandlers
 from shared.commands import MalformedCommand, decode_command
+from shared.consumers import bind_durable
+from shared.contracts import COMMAND_TYPES, AnyCommand
 from shared.errors import TransientError, WrongNode
 from shared.logs import bound_log_context
 from shared.subjects import COMMAND_SUBJECTS, COMMANDS_STREAM, split_command_subject
@@ -38,6 +43,24 @@ def nak_delay(deliveries: int) -> float:
     return float(min(0.5 * 2 ** max(deliveries - 1, 0), 30.0))
 
 
+def runtime_consumer_config(durable: str, max_in_flight: int, ack_wait: float, max_deliver: int) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait,
+        max_ack_pending=max(1000, max_in_flight * 4),
+        max_deliver=max_deliver,
+        filter_subject=COMMAND_SUBJECTS,
+    )
+
+
+def metric_kind(subject: str) -> str:
+    """The command kind as a metric label: one of the known kinds, never what a subject says."""
+    kind = split_command_subject(subject)[0]
+    return kind if kind in COMMAND_TYPES else "unknown"
+
+
 def handover_delay(deliveries: int) -> float:
     """A command for another node's container goes back at once for a while (another
     runtime, likely the owner, takes it), then backs off (the owner may be down)."""
@@ -52,6 +75,7 @@ class CommandConsumer:
         *,
         max_in_flight: int,
         ack_wait_seconds: float,
+        max_deliveries: int = 100,
         durable: str = RUNTIME_CONSUMER,
         telemetry: Telemetry | None = None,
     ) -> None:
@@ -60,23 +84,14 @@ class CommandConsumer:
         self._handlers = handlers
         self._max_in_flight = max_in_flight
         self._ack_wait = ack_wait_seconds
+        self._max_deliveries = max_deliveries
         self._durable = durable
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        sub = await self._js.pull_subscribe(
-            COMMAND_SUBJECTS,
-            durable=self._durable,
-            stream=COMMANDS_STREAM,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=self._ack_wait,
-                max_ack_pending=max(1000, self._max_in_flight * 4),
-                filter_subject=COMMAND_SUBJECTS,
-            ),
-        )
+        config = runtime_consumer_config(self._durable, self._max_in_flight, self._ack_wait, self._max_deliveries)
+        sub = await bind_durable(self._js, COMMANDS_STREAM, config)
         log.info("consuming %s as %s", COMMANDS_STREAM, self._durable)
         try:
             while not stopping.is_set():
@@ -127,44 +142,35 @@ class CommandConsumer:
 
     async def _dispatch(self, msg: Msg) -> None:
         try:
-            await settle(msg, self._handlers, self._telemetry)
+            await settle(msg, self._handlers, self._telemetry, self._max_deliveries)
         except Exception:
             log.exception("settling %s failed", msg.subject)
 
 
-async def settle(msg: Msg, handlers: CommandHandlers, telemetry: Telemetry) -> None:
+async def settle(msg: Msg, handlers: CommandHandlers, telemetry: Telemetry, max_deliveries: int) -> None:
     """Handle one command message, in the trace its publisher started."""
-    kind = split_command_subject(msg.subject)[0]
+    kind = metric_kind(msg.subject)
     with telemetry.tracer.span(
         "runtime.handle_command",
         {"messaging.destination": msg.subject},
         kind=SpanKind.CONSUMER,
         parent=extract(msg.headers),
     ):
-        outcome = await _settle(msg, handlers)
+        outcome = await _settle(msg, handlers, max_deliveries)
     queued_at = msg.metadata.timestamp
     if queued_at is not None:
         latency_ms = (datetime.now(UTC) - queued_at).total_seconds() * 1000.0
         telemetry.metrics.record("sandbox.command.duration_ms", latency_ms, {"kind": kind, "outcome": outcome})
 
 
-async def _settle(msg: Msg, handlers: CommandHandlers) -> str:
+async def _settle(msg: Msg, handlers: CommandHandlers, max_deliveries: int) -> str:
     """Decide the message's ack, nak or term; what became of it, for the latency metric."""
     deliveries = msg.metadata.num_delivered
+    last_try = deliveries >= max_deliveries
     try:
         command = decode_command(msg.subject, msg.data)
     except MalformedCommand as bad:
-        log.info("rejecting command on %s: %s", msg.subject, bad)
-        handlers.count_malformed(bad)
-        try:
-            await handlers.reject_malformed(bad)
-        except TransientError as exc:
-            await _nak(msg, deliveries, exc)
-            return "retried"
-        except Exception:
-            log.exception("could not record the rejection of %s; terminating it anyway", msg.subject)
-        await msg.term()
-        return "rejected"
+        return await _reject(msg, handlers, bad, last_try=last_try)
 
     async def progress() -> None:
         # Best effort: a lost in-progress only risks an early redelivery, which is harmless.
@@ -174,11 +180,13 @@ async def _settle(msg: Msg, handlers: CommandHandlers) -> str:
     with bound_log_context(chat_id=str(command.chat_id), command_id=str(command.command_id)):
         try:
             outcome = await handlers.handle(command, progress)
-        except WrongNode as exc:
-            log.debug("command on %s handed back: %s", msg.subject, exc)
-            await msg.nak(delay=handover_delay(deliveries))
-            return "handed_over"
-        except TransientError as exc:
+        except (WrongNode, TransientError) as exc:
+            if last_try:
+                return await _give_up(msg, handlers, command, exc)
+            if isinstance(exc, WrongNode):
+                log.debug("command on %s handed back: %s", msg.subject, exc)
+                await msg.nak(delay=handover_delay(deliveries))
+                return "handed_over"
             await _nak(msg, deliveries, exc)
             return "retried"
         except Exception as exc:
@@ -186,11 +194,48 @@ async def _settle(msg: Msg, handlers: CommandHandlers) -> str:
             try:
                 await handlers.fail_unexpected(command, exc)
             except Exception as again:  # noqa: BLE001 - the last resort must not lose the message
+                if last_try:
+                    return await _give_up(msg, handlers, command, again)
                 await _nak(msg, deliveries, again)
                 return "retried"
             outcome = None
     await msg.ack()
     return outcome.type if outcome is not None else "none"
+
+
+async def _reject(msg: Msg, handlers: CommandHandlers, bad: MalformedCommand, *, last_try: bool) -> str:
+    """A malformed command: one `rejected` event, then terminated (never redelivered)."""
+    log.info("rejecting command on %s: %s", msg.subject, bad)
+    handlers.count_malformed(bad)
+    try:
+        await handlers.reject_malformed(bad)
+    except TransientError as exc:
+        if not last_try:
+            await _nak(msg, msg.metadata.num_delivered, exc)
+            return "retried"
+        log.warning("could not record the rejection of %s before its last delivery; terminating it", msg.subject)
+    except Exception:
+        log.exception("could not record the rejection of %s; terminating it anyway", msg.subject)
+    await msg.term()
+    return "rejected"
+
+
+async def _give_up(msg: Msg, handlers: CommandHandlers, command: AnyCommand, exc: Exception) -> str:
+    """The last delivery: end the command with a `failed` outcome and terminate it."""
+    deliveries = msg.metadata.num_delivered
+    log.error(
+        "command %s on %s still failing after %d deliveries (%s); giving up",
+        command.command_id,
+        msg.subject,
+        deliveries,
+        exc,
+    )
+    try:
+        await handlers.give_up(command, exc, deliveries)
+    except Exception:
+        log.exception("could not record that command %s was given up", command.command_id)
+    await msg.term()
+    return "gave_up"
 
 
 async def _nak(msg: Msg, deliveries: int, exc: Exception) -> None:

@@ -1,15 +1,20 @@
 """What a session's container looks like: name, labels, mounts and the secure defaults.
 
-Pure: the Docker driver turns a ContainerSpec into API calls.
+Pure: the Docker driver turns a ContainerSpec into API calls. Everything that reaches
+Docker comes from configuration and from the chat id of the command's subject; of a
+session record only its (validated) session id, expiry and labels are used. A container is
+touched only when its labels say it is the session's (`ContainerIdentity.matches`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.config import SandboxSettings
 from shared.contracts import SessionRecord
+from shared.subjects import canonical_chat_id
 
 CONTAINER_PREFIX = "sandboxd-"
 LABEL_MANAGED = "sandboxd.managed"
@@ -25,12 +30,34 @@ def container_name(session_id: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class ContainerIdentity:
+    """The session a container must belong to before sandboxd starts, stops or removes it."""
+
+    chat_id: str
+    session_id: str
+    node_id: str
+
+    @property
+    def name(self) -> str:
+        return container_name(self.session_id)
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return (
+            labels.get(LABEL_MANAGED) == "true"
+            and labels.get(LABEL_CHAT) == self.chat_id
+            and labels.get(LABEL_SESSION) == self.session_id
+            and labels.get(LABEL_NODE) == self.node_id
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Mount:
     source: Path
     target: str
     read_only: bool
     setting: str  # the config key naming the source, for error messages
     create: bool = False
+    owner: tuple[int, int] | None = None  # uid, gid a created source is handed to
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,25 +79,38 @@ class ContainerSpec:
     nano_cpus: int
     oci_runtime: str | None
     stop_timeout_seconds: int
+    identity: ContainerIdentity
+    user: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
-def container_spec(session: SessionRecord, settings: SandboxSettings) -> ContainerSpec:
+def sandbox_user(settings: SandboxSettings) -> tuple[int, int]:
+    """(uid, gid) of `sandbox.user` (validated as `uid:gid` by the settings)."""
+    uid, _, gid = settings.user.partition(":")
+    return int(uid), int(gid or uid)
+
+
+def container_spec(identity: ContainerIdentity, session: SessionRecord, settings: SandboxSettings) -> ContainerSpec:
+    """The container of `session`, for the chat and node of `identity` (never the record's)."""
+    if canonical_chat_id(identity.chat_id) != identity.chat_id:
+        raise ValueError(f"not a canonical chat id: {identity.chat_id!r}")  # a host path is built from it
     labels = {
         LABEL_MANAGED: "true",
-        LABEL_NODE: session.node_id,
-        LABEL_CHAT: session.chat_id,
-        LABEL_SESSION: session.session_id,
+        LABEL_NODE: identity.node_id,
+        LABEL_CHAT: identity.chat_id,
+        LABEL_SESSION: identity.session_id,
         LABEL_EXPIRES: session.expires_at.isoformat(),
     }
     labels.update({f"{USER_LABEL_PREFIX}{k}": v for k, v in session.labels.items()})
+    uid, gid = sandbox_user(settings)
     mounts = [
         Mount(
-            Path(settings.chats_root).resolve() / session.chat_id,
+            Path(settings.chats_root).resolve() / identity.chat_id,
             settings.chat_mount_path,
             read_only=False,
             setting="sandbox.chats_root",
             create=True,
+            owner=(uid, gid),
         ),
         Mount(
             Path(settings.dependencies_host_path).resolve(),
@@ -86,8 +126,8 @@ def container_spec(session: SessionRecord, settings: SandboxSettings) -> Contain
         ),
     ]
     return ContainerSpec(
-        name=container_name(session.session_id),
-        image=session.image,
+        name=identity.name,
+        image=settings.image,
         command=list(settings.command),
         labels=labels,
         mounts=mounts,
@@ -103,5 +143,7 @@ def container_spec(session: SessionRecord, settings: SandboxSettings) -> Contain
         nano_cpus=int(settings.cpus * 1e9),
         oci_runtime=settings.oci_runtime,
         stop_timeout_seconds=settings.stop_timeout_seconds,
-        extra_env={"SANDBOXD_CHAT_ID": session.chat_id, "SANDBOXD_SESSION_ID": session.session_id},
+        identity=identity,
+        user=f"{uid}:{gid}",
+        extra_env={"SANDBOXD_CHAT_ID": identity.chat_id, "SANDBOXD_SESSION_ID": identity.session_id},
     )

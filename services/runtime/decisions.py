@@ -18,6 +18,7 @@ from shared.contracts import (
     CreateSandbox,
     KeepaliveSandbox,
     PreviousSession,
+    RejectReason,
     SandboxProvisioning,
     SandboxStopping,
     SessionRecord,
@@ -36,6 +37,8 @@ class Policy:
     default_ttl: timedelta
     max_ttl: timedelta
     claim_timeout: timedelta
+    # No keepalive moves a session's expiry past created_at + max_lifetime.
+    max_lifetime: timedelta = timedelta(days=7)
 
 
 # --------------------------------------------------------------------------- decisions
@@ -55,7 +58,7 @@ class Wait:
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    reason: str
+    reason: RejectReason
     detail: str
 
 
@@ -67,6 +70,7 @@ class Reuse:
 @dataclass(frozen=True, slots=True)
 class Extend:
     session: SessionRecord
+    capped: bool = False  # the expiry was held at the lifetime cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +139,8 @@ def _ttl(requested: int | None, policy: Policy) -> timedelta | Reject:
     ttl = timedelta(seconds=requested) if requested is not None else policy.default_ttl
     if ttl > policy.max_ttl:
         return Reject(
-            "ttl_too_long", f"ttl_seconds {requested} exceeds the maximum of {int(policy.max_ttl.total_seconds())}"
+            RejectReason.TTL_TOO_LONG,
+            f"ttl_seconds {requested} exceeds the maximum of {int(policy.max_ttl.total_seconds())}",
         )
     return ttl
 
@@ -212,12 +217,17 @@ def decide_stop(
     session = _live(last)
     target = pinned_session_id or (str(command.session_id) if command.session_id else None)
     if session is None:
-        return Reject("no_live_session", f"chat {command.chat_id} has no live sandbox")
+        return Reject(RejectReason.NO_LIVE_SESSION, f"chat {command.chat_id} has no live sandbox")
     if target is not None and session.session_id != target:
-        return Reject("stale_session", f"session {target} is not the chat's current session ({session.session_id})")
+        return Reject(
+            RejectReason.STALE_SESSION, f"session {target} is not the chat's current session ({session.session_id})"
+        )
     if command.reason == EXPIRED and session.status == SessionStatus.RUNNING and not session.is_expired(now):
         # The reaper's stop raced a keepalive: an expiry stop only stops an expired session.
-        return Reject("not_expired", f"session {session.session_id} now expires at {session.expires_at.isoformat()}")
+        return Reject(
+            RejectReason.NOT_EXPIRED,
+            f"session {session.session_id} now expires at {session.expires_at.isoformat()}",
+        )
     if _claim_in_flight(last, command_id, now, policy):
         return Wait(f"session {session.session_id} is {session.status}")
     return ClaimStop(stopping(session, now))
@@ -231,18 +241,21 @@ def decide_keepalive(
         return AlreadyHandled()
     session = _live(last)
     if session is None:
-        return Reject("no_live_session", f"chat {command.chat_id} has no live sandbox")
+        return Reject(RejectReason.NO_LIVE_SESSION, f"chat {command.chat_id} has no live sandbox")
     if command.session_id is not None and session.session_id != str(command.session_id):
         return Reject(
-            "stale_session", f"session {command.session_id} is not the chat's current session ({session.session_id})"
+            RejectReason.STALE_SESSION,
+            f"session {command.session_id} is not the chat's current session ({session.session_id})",
         )
     if _claim_in_flight(last, command_id, now, policy) and session.status == SessionStatus.PROVISIONING:
         return Wait(f"session {session.session_id} is provisioning")
     if session.status != SessionStatus.RUNNING:
-        return Reject("not_running", f"session {session.session_id} is {session.status}")
+        return Reject(RejectReason.NOT_RUNNING, f"session {session.session_id} is {session.status}")
     if session.is_expired(now):
-        return Reject("expired", f"session {session.session_id} expired at {session.expires_at.isoformat()}")
+        return Reject(RejectReason.EXPIRED, f"session {session.session_id} expired at {session.expires_at.isoformat()}")
     ttl = _ttl(command.ttl_seconds, policy)
     if isinstance(ttl, Reject):
         return ttl
-    return Extend(msgspec.structs.replace(session, expires_at=now + ttl, updated_at=now))
+    cap = session.created_at + policy.max_lifetime
+    expires_at = min(now + ttl, cap)
+    return Extend(msgspec.structs.replace(session, expires_at=expires_at, updated_at=now), capped=now + ttl > cap)

@@ -1,14 +1,21 @@
 """The Docker engine adapter: start a session's container (idempotently, by name) and
 remove it. docker-py is synchronous, so calls run on a small thread pool; its exceptions
-are wrapped into sandboxd's error tree here and nowhere else."""
+are wrapped into sandboxd's error tree here and nowhere else.
+
+A container is started, stopped or removed only when its labels say it is the session's
+(managed, chat, session and node): a container by another's name, or one named by a record,
+is never touched. The chat directory is created for, and handed to, the sandbox's user."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import docker
@@ -16,7 +23,15 @@ import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import Mount as DockerMount
 
-from services.runtime.containers import LABEL_CHAT, LABEL_MANAGED, LABEL_NODE, LABEL_SESSION, ContainerSpec
+from services.runtime.containers import (
+    LABEL_CHAT,
+    LABEL_MANAGED,
+    LABEL_NODE,
+    LABEL_SESSION,
+    ContainerIdentity,
+    ContainerSpec,
+    Mount,
+)
 from shared.errors import DockerUnavailable, SandboxStartFailed, SandboxStopFailed
 from shared.telemetry import Telemetry, elapsed_ms
 from shared.telemetry import disabled as telemetry_disabled
@@ -38,6 +53,11 @@ class ObservedContainer:
     session_id: str
     state: str  # created, running, exited, dead, ...
     status: str  # Docker's human-readable status, e.g. "Exited (137) 3 seconds ago"
+    node_id: str = ""
+
+    @property
+    def identity(self) -> ContainerIdentity:
+        return ContainerIdentity(self.chat_id, self.session_id, self.node_id)
 
 
 class ContainerDriver(Protocol):
@@ -47,8 +67,10 @@ class ContainerDriver(Protocol):
         """Start the spec's container (or find the one a retry already made); its id."""
         ...
 
-    async def remove(self, ref: str, stop_timeout_seconds: int) -> None:
-        """Stop and remove a container by id or name; a missing one counts as removed."""
+    async def remove(self, identity: ContainerIdentity, stop_timeout_seconds: int, ref: str | None = None) -> None:
+        """Stop and remove the session's container (by `ref`, default its name) if its labels
+        say it is the session's; a missing one, or one that is not the session's, counts as
+        removed (the latter is left alone)."""
         ...
 
     async def list_managed(self, node_id: str) -> list[ObservedContainer]:
@@ -137,10 +159,7 @@ class DockerDriver:
         mounts: list[DockerMount] = []
         for m in spec.mounts:
             if m.create:
-                try:
-                    m.source.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise SandboxStartFailed(f"cannot create {m.source} ({m.setting}): {exc}") from exc
+                prepare_owned_dir(m)
             elif not m.source.is_dir():
                 raise SandboxStartFailed(f"read-only mount source {m.source} ({m.setting}) does not exist")
             mounts.append(DockerMount(target=m.target, source=str(m.source), type="bind", read_only=m.read_only))
@@ -154,7 +173,7 @@ class DockerDriver:
             security_opt=["no-new-privileges:true"] if spec.no_new_privileges else None,
             init=spec.init,
             read_only=spec.read_only_root,
-            tmpfs={"/tmp": f"rw,noexec,nosuid,size={spec.tmpfs_size}"},  # noqa: S108 - the sandbox's own /tmp
+            tmpfs={"/tmp": f"rw,noexec,nosuid,nodev,size={spec.tmpfs_size},mode=1777"},  # noqa: S108 - the sandbox's own /tmp
             pids_limit=spec.pids_limit,
             mem_limit=spec.memory_limit,
             nano_cpus=spec.nano_cpus,
@@ -172,6 +191,7 @@ class DockerDriver:
                     labels=spec.labels,
                     working_dir=spec.working_dir,
                     environment=spec.extra_env,
+                    user=spec.user,
                     host_config=self._host_config(spec, mounts),
                     stop_signal="SIGTERM",
                 )
@@ -183,8 +203,13 @@ class DockerDriver:
             except APIError as exc:
                 if exc.status_code != _HTTP_CONFLICT:
                     raise SandboxStartFailed(f"docker create failed: {exc.explanation or exc}") from exc
-                # A retry of the same session: the container by this name is ours.
-                container_id = self._api.inspect_container(spec.name)["Id"]
+                # A retry of the same session finds its container by name, if it is the session's.
+                found = self._api.inspect_container(spec.name)
+                if not spec.identity.matches(found.get("Config", {}).get("Labels") or {}):
+                    raise SandboxStartFailed(
+                        f"a container named {spec.name} exists that is not this session's; it is left alone"
+                    ) from exc
+                container_id = found["Id"]
             try:
                 self._api.start(container_id)
             except APIError as exc:
@@ -202,14 +227,24 @@ class DockerDriver:
 
     # ------------------------------------------------------------------ stop
 
-    async def remove(self, ref: str, stop_timeout_seconds: int) -> None:
-        attributes = {"container.ref": ref}
+    async def remove(self, identity: ContainerIdentity, stop_timeout_seconds: int, ref: str | None = None) -> None:
+        attributes = {"chat.id": identity.chat_id, "session.id": identity.session_id, "container.ref": ref or ""}
         await self._instrumented(
-            "stop", "adapter.docker.stop_sandbox", attributes, self._remove, ref, stop_timeout_seconds
+            "stop", "adapter.docker.stop_sandbox", attributes, self._remove, identity, ref, stop_timeout_seconds
         )
 
-    def _remove(self, ref: str, stop_timeout_seconds: int) -> None:
+    def _remove(self, identity: ContainerIdentity, ref: str | None, stop_timeout_seconds: int) -> None:
         try:
+            try:
+                found = self._api.inspect_container(ref or identity.name)
+            except NotFound:
+                return
+            if not identity.matches(found.get("Config", {}).get("Labels") or {}):
+                log.warning(
+                    "container %s is not session %s's (labels differ); left alone", ref or identity.name, identity
+                )
+                return
+            ref = found["Id"]
             try:
                 self._api.stop(ref, timeout=stop_timeout_seconds)
             except NotFound:
@@ -251,6 +286,69 @@ class DockerDriver:
                 session_id=row["Labels"].get(LABEL_SESSION, ""),
                 state=row.get("State", ""),
                 status=row.get("Status", ""),
+                node_id=row["Labels"].get(LABEL_NODE, ""),
             )
             for row in rows
         ]
+
+    async def memory_bytes(self) -> int:
+        """The engine's total memory (what `docker info` calls MemTotal)."""
+        return int((await self._run(self._info)).get("MemTotal", 0))
+
+    def _info(self) -> dict[str, Any]:
+        try:
+            info: dict[str, Any] = self._api.info()
+        except (requests.exceptions.RequestException, DockerException) as exc:
+            raise _unavailable(exc) from exc
+        return info
+
+
+def prepare_owned_dir(mount: Mount) -> None:
+    """Create a writable mount source and hand it to its owner (the sandbox's user), mode 0700.
+
+    A directory found with another owner (made by an older version, whose sandboxes ran as
+    root) is handed over with everything in it, set-id bits stripped, so nothing a sandbox
+    wrote earlier can gain privileges on the host."""
+    try:
+        mount.source.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mount.source.mkdir(mode=0o700, exist_ok=True)
+        if mount.owner is None:
+            return
+        uid, gid = mount.owner
+        info = mount.source.lstat()
+        if (info.st_uid, info.st_gid) != (uid, gid):
+            _hand_over(mount.source, uid, gid)
+    except OSError as exc:
+        raise SandboxStartFailed(
+            f"cannot prepare {mount.source} ({mount.setting}) for the sandbox's user: {exc}"
+        ) from exc
+
+
+_SET_ID_BITS = stat.S_ISUID | stat.S_ISGID
+
+
+def prepare_chats_root(path: str) -> None:
+    """Create the chats root for root's eyes only: what sandboxes write there (set-id bits
+    included) is then out of reach of every other host user. An existing root that others
+    may enter is reported, not changed."""
+    root = Path(path).resolve()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(root.stat().st_mode)
+    if mode & 0o077:
+        log.warning(
+            "sandbox.chats_root %s has mode %o: other host users can reach what sandboxes write there; chmod 700 it",
+            root,
+            mode,
+        )
+
+
+def _hand_over(root: Path, uid: int, gid: int) -> None:
+    for directory, dirs, files in os.walk(root, followlinks=False):
+        for name in [*dirs, *files]:
+            path = os.path.join(directory, name)  # noqa: PTH118 - os.walk hands out strings
+            info = os.lstat(path)
+            if not stat.S_ISLNK(info.st_mode) and info.st_mode & _SET_ID_BITS:
+                os.chmod(path, stat.S_IMODE(info.st_mode) & ~_SET_ID_BITS)  # noqa: PTH101
+            os.lchown(path, uid, gid)
+    os.chown(root, uid, gid)
+    root.chmod(0o700)

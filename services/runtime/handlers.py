@@ -19,7 +19,8 @@ from typing import Any, assert_never
 
 import msgspec
 
-from services.runtime.containers import container_name, container_spec
+from services.runtime.capacity import NodeCapacity, unlimited
+from services.runtime.containers import ContainerIdentity, container_spec
 from services.runtime.decisions import (
     AlreadyHandled,
     ClaimProvision,
@@ -45,6 +46,7 @@ from shared.clock import Clock
 from shared.commands import MalformedCommand
 from shared.config import SandboxSettings
 from shared.contracts import (
+    LIFETIME_CAPPED,
     AnyCommand,
     AnyEvent,
     CommandRejected,
@@ -53,6 +55,7 @@ from shared.contracts import (
     ErrorInfo,
     KeepaliveSandbox,
     PreviousSession,
+    RejectReason,
     SandboxExtended,
     SandboxFailed,
     SandboxProvisioning,
@@ -80,8 +83,9 @@ Progress = Callable[[], Awaitable[None]]
 _TURN_PROGRESS_SECONDS = 1.0
 
 
-def outcome_msg_id(command_id: str) -> str:
-    return f"{command_id}:outcome"
+def outcome_msg_id(chat_id: str, command_id: str) -> str:
+    """De-duplication is stream-wide: the chat scopes an outcome to the command on it."""
+    return f"{chat_id}:{command_id}:outcome"
 
 
 def _error(exc: Exception) -> ErrorInfo:
@@ -89,6 +93,8 @@ def _error(exc: Exception) -> ErrorInfo:
         return ErrorInfo(exc.error_type, exc.message)
     if isinstance(exc, DockerUnavailable):
         return ErrorInfo("docker_unavailable", str(exc))
+    if isinstance(exc, WrongNode):
+        return ErrorInfo("node_unavailable", str(exc))
     return ErrorInfo("internal_error", f"{type(exc).__name__}: {exc}")
 
 
@@ -111,6 +117,7 @@ class HandlerDeps:
     sandbox: SandboxSettings
     telemetry: Telemetry = field(default_factory=telemetry_disabled)
     active: ActiveSandboxes = field(default_factory=ActiveSandboxes)
+    capacity: NodeCapacity = field(default_factory=unlimited)
 
 
 # The outcome appended while handling the current command (one list per handling task).
@@ -195,6 +202,10 @@ class CommandHandlers:
         if session.node_id != self._d.policy.node_id:
             raise WrongNode(session.node_id, self._d.policy.node_id)
 
+    def _identity(self, command: AnyCommand, session: SessionRecord) -> ContainerIdentity:
+        """The container a session of this command's chat has on this node."""
+        return ContainerIdentity(str(command.chat_id), session.session_id, self._d.policy.node_id)
+
     # ------------------------------------------------------------------ appends
 
     def _event(
@@ -237,7 +248,8 @@ class CommandHandlers:
         command_id = str(command.command_id)
         event = self._event(cls, str(command.chat_id), command_id, session, expected, **fields)
         try:
-            appended = await self._d.store.append(event, expected_seq=expected, msg_id=outcome_msg_id(command_id))
+            msg_id = outcome_msg_id(str(command.chat_id), command_id)
+            appended = await self._d.store.append(event, expected_seq=expected, msg_id=msg_id)
         except AppendConflict:
             self._metrics.increment("sandbox.append.conflict.total", {"event": event.type})
             return False
@@ -291,8 +303,13 @@ class CommandHandlers:
             case Reuse(session):
                 return await self._outcome(SandboxReused, command, session, state.seq, result=CreateResult.REUSED)
             case ClaimProvision(session, previous):
-                seq = await self._claim(SandboxProvisioning, command, session, state.seq, previous=previous)
-                return seq is not None and await self._start(command, session, seq, previous, progress)
+                async with self._d.capacity.admit(session.session_id) as refused:
+                    if refused is not None:
+                        return await self._reject(
+                            command, state, Reject(RejectReason.CAPACITY_EXCEEDED, refused.detail)
+                        )
+                    seq = await self._claim(SandboxProvisioning, command, session, state.seq, previous=previous)
+                    return seq is not None and await self._start(command, session, seq, previous, progress)
             case ResumeProvision(session, previous):
                 self._own(session)
                 return await self._start(command, session, state.seq, previous, progress)
@@ -308,9 +325,7 @@ class CommandHandlers:
 
     async def _replace(self, command: CreateSandbox, old: SessionRecord, claim_seq: int, progress: Progress) -> bool:
         try:
-            await self._d.driver.remove(
-                old.container_id or container_name(old.session_id), self._d.sandbox.stop_timeout_seconds
-            )
+            await self._d.driver.remove(self._identity(command, old), self._d.sandbox.stop_timeout_seconds)
         except (InfrastructureError, DockerUnavailable) as exc:
             log.warning("replace of session %s: removing its container failed: %s", old.session_id, exc)
             return await self._outcome(SandboxFailed, command, old, claim_seq, error=_error(exc))
@@ -338,12 +353,13 @@ class CommandHandlers:
         previous: PreviousSession | None,
         progress: Progress,
     ) -> bool:
-        spec = container_spec(claim, self._d.sandbox)
+        identity = self._identity(command, claim)
+        spec = container_spec(identity, claim, self._d.sandbox)
         try:
             container_id = await self._d.driver.ensure_running(spec)
         except (InfrastructureError, DockerUnavailable) as exc:
-            log.warning("create for chat %s failed: %s", claim.chat_id, exc)
-            await self._remove_quietly(spec.name)
+            log.warning("create for chat %s failed: %s", identity.chat_id, exc)
+            await self._remove_quietly(identity)
             failed = msgspec.structs.replace(claim, status=SessionStatus.FAILED, updated_at=self._d.clock.now())
             return await self._outcome(SandboxFailed, command, failed, claim_seq, error=_error(exc), previous=previous)
         failpoint("after_start")
@@ -357,19 +373,19 @@ class CommandHandlers:
         # stays; the redelivered command resumes our claim and finds it by name.
         if await self._outcome(SandboxRunning, command, running, claim_seq, result=result, previous=previous):
             return True
-        now_state = await self._d.store.read(claim.chat_id)
+        now_state = await self._d.store.read(identity.chat_id)
         if isinstance(now_state.last, SandboxRunning) and now_state.last.causation_id == str(command.command_id):
             return True  # node reconciliation adopted our container for this very command
         # Our claim was overtaken: the container must not outlive the record it never got.
-        log.warning("chat %s: running append lost its claim; removing container %s", claim.chat_id, container_id)
-        await self._remove_quietly(container_id)
+        log.warning("chat %s: running append lost its claim; removing container %s", identity.chat_id, container_id)
+        await self._remove_quietly(identity, container_id)
         return False
 
-    async def _remove_quietly(self, ref: str) -> None:
+    async def _remove_quietly(self, identity: ContainerIdentity, ref: str | None = None) -> None:
         try:
-            await self._d.driver.remove(ref, 0)
+            await self._d.driver.remove(identity, 0, ref)
         except (InfrastructureError, DockerUnavailable):
-            log.warning("could not remove container %s", ref, exc_info=True)
+            log.warning("could not remove the container of %s", identity, exc_info=True)
 
     # ------------------------------------------------------------------ stop
 
@@ -410,9 +426,7 @@ class CommandHandlers:
 
     async def _finish_stop(self, command: StopSandbox, session: SessionRecord, claim_seq: int) -> bool:
         try:
-            await self._d.driver.remove(
-                session.container_id or container_name(session.session_id), self._d.sandbox.stop_timeout_seconds
-            )
+            await self._d.driver.remove(self._identity(command, session), self._d.sandbox.stop_timeout_seconds)
         except (InfrastructureError, DockerUnavailable) as exc:
             # The record keeps pointing at the container (status stopping): a later stop retries.
             log.warning("stop of session %s failed: %s", session.session_id, exc)
@@ -438,8 +452,9 @@ class CommandHandlers:
                     continue
                 case Reject():
                     done = await self._reject(command, state, decision)
-                case Extend(session):
-                    done = await self._outcome(SandboxExtended, command, session, state.seq)
+                case Extend(session, capped):
+                    reason = LIFETIME_CAPPED if capped else None
+                    done = await self._outcome(SandboxExtended, command, session, state.seq, reason=reason)
                 case _:
                     assert_never(decision)
             if done:
@@ -453,7 +468,8 @@ class CommandHandlers:
     async def reject_malformed(self, bad: MalformedCommand) -> None:
         """One `rejected` event for a command that can never be carried out."""
         error = ErrorInfo(bad.reason, bad.detail)
-        msg_id = outcome_msg_id(bad.command_id) if bad.command_id else self._new_id()
+        scope = bad.chat_id or "invalid"
+        msg_id = outcome_msg_id(scope, bad.command_id) if bad.command_id else self._new_id()
         if bad.chat_id is None:
             event = self._event(CommandRejected, "invalid", bad.command_id, None, 0, reason=bad.reason, error=error)
             await self._d.store.append_to(INVALID_EVENTS_SUBJECT, event, expected_seq=None, msg_id=msg_id)
@@ -472,10 +488,22 @@ class CommandHandlers:
 
     async def fail_unexpected(self, command: AnyCommand, exc: Exception) -> None:
         """A bug must still end the command with an outcome rather than a silent loop."""
+        await self._fail(command, _error(exc))
+
+    async def give_up(self, command: AnyCommand, exc: Exception, deliveries: int) -> None:
+        """The command was tried as often as the consumer allows: it ends as `failed`."""
+        cause = _error(exc)
+        await self._fail(
+            command,
+            ErrorInfo("gave_up", f"not carried out after {deliveries} deliveries: {cause.type}: {cause.message}"),
+        )
+
+    async def _fail(self, command: AnyCommand, error: ErrorInfo) -> None:
+        """A `failed` outcome that leaves the chat's session as it is."""
         while True:
             state = await self._d.store.read(str(command.chat_id))
             live = state.session if state.session is not None and state.session.is_live else None
-            if await self._outcome(SandboxFailed, command, live, state.seq, error=_error(exc)):
+            if await self._outcome(SandboxFailed, command, live, state.seq, error=error):
                 return
 
 
@@ -486,4 +514,5 @@ def policy_from(node_id: str, sandbox: SandboxSettings, claim_timeout_seconds: f
         default_ttl=timedelta(seconds=sandbox.ttl_seconds),
         max_ttl=timedelta(seconds=sandbox.max_ttl_seconds),
         claim_timeout=timedelta(seconds=claim_timeout_seconds),
+        max_lifetime=timedelta(seconds=sandbox.max_lifetime_seconds),
     )

@@ -5,6 +5,11 @@ from the stream (not the delivered one) and compare-and-sets the KV key to match
 idempotent, any number of projectors may run at once (each runtime hosts one on a shared
 durable consumer), redeliveries are harmless, and the registry never goes backwards: a
 write based on an older read loses its CAS and is redone from a newer one.
+
+A key holding poison, or a record that is not exactly what the chat's last event says (a
+forged `version` included), is overwritten or deleted. Events on subjects that name no chat
+are quarantined and acknowledged; a chat whose projection keeps failing is given up after
+`max_deliver` deliveries (replay repairs it), so nothing can hold the consumer's window.
 """
 
 from __future__ import annotations
@@ -13,15 +18,18 @@ import asyncio
 import logging
 
 import msgspec
+from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyWrongLastSequenceError
 from opentelemetry.trace import SpanKind
 
+from shared.consumers import bind_durable
 from shared.event_store import EventStore
+from shared.poison import PoisonSource, Quarantine
 from shared.registry import Registry
-from shared.subjects import EVENT_PREFIX, EVENT_SUBJECTS, EVENTS_STREAM, INVALID_EVENTS_SUBJECT
+from shared.subjects import EVENT_SUBJECTS, EVENTS_STREAM, INVALID_EVENTS_SUBJECT, chat_of
 from shared.telemetry import Telemetry, extract
 from shared.telemetry import disabled as telemetry_disabled
 
@@ -29,6 +37,20 @@ log = logging.getLogger(__name__)
 
 PROJECTOR_CONSUMER = "sandboxd-projector"
 _CAS_ATTEMPTS = 10
+PROJECTOR_MAX_DELIVER = 20
+_RETRY_DELAY_SECONDS = 0.5
+
+
+def projector_consumer_config(durable: str, batch: int) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=30,
+        max_ack_pending=batch * 4,
+        max_deliver=PROJECTOR_MAX_DELIVER,
+        filter_subject=EVENT_SUBJECTS,
+    )
 
 
 class Projector:
@@ -37,29 +59,40 @@ class Projector:
         js: JetStreamContext,
         store: EventStore,
         registry: Registry,
+        *,
         durable: str = PROJECTOR_CONSUMER,
         telemetry: Telemetry | None = None,
+        quarantine: Quarantine | None = None,
     ) -> None:
         self._telemetry = telemetry or telemetry_disabled()
+        self._quarantine = quarantine or Quarantine(self._telemetry.metrics)
         self._js = js
         self._store = store
         self._registry = registry
         self._durable = durable
+
+    @property
+    def store(self) -> EventStore:
+        return self._store
 
     async def project_chat(self, chat_id: str) -> str:
         """Make the chat's KV entry match its last event; what was done, for logs and tests."""
         for _ in range(_CAS_ATTEMPTS):
             entry = await self._registry.entry(chat_id)
             state = await self._store.read(chat_id)
+            if entry.record is not None and entry.record.version > state.seq:
+                # The key claims a newer event than this read saw: a replica answering the
+                # direct get may lag. The leader knows; if it agrees, the key is bogus.
+                state = await self._store.read(chat_id, leader=True)
             session = state.session
             try:
                 if session is None or not session.is_live:
-                    if entry.record is None:
+                    if entry.record is None and not entry.corrupt:
                         return "absent"
                     await self._registry.delete(chat_id, last_revision=entry.revision)
                     return "deleted"
                 record = msgspec.structs.replace(session, version=state.seq)
-                if entry.record is not None and entry.record.version >= state.seq:
+                if entry.record == record:
                     return "current"
                 await self._registry.put(record, last_revision=entry.revision)
                 return "written"
@@ -78,19 +111,7 @@ class Projector:
             return result
 
     async def run(self, stopping: asyncio.Event, batch: int = 256) -> None:
-        sub = await self._js.pull_subscribe(
-            EVENT_SUBJECTS,
-            durable=self._durable,
-            stream=EVENTS_STREAM,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=30,
-                max_ack_pending=batch * 4,
-                filter_subject=EVENT_SUBJECTS,
-            ),
-        )
-        prefix = EVENT_PREFIX + "."
+        sub = await bind_durable(self._js, EVENTS_STREAM, projector_consumer_config(self._durable, batch))
         try:
             while not stopping.is_set():
                 try:
@@ -101,21 +122,37 @@ class Projector:
                     log.exception("fetch from %s failed; retrying", EVENTS_STREAM)
                     await asyncio.sleep(0.5)
                     continue
-                last_of = {m.subject[len(prefix) :]: m for m in msgs if m.subject != INVALID_EVENTS_SUBJECT}
-                chats = set(last_of)
-                results = await asyncio.gather(
-                    *(self._traced_project(c, last_of[c].headers) for c in chats), return_exceptions=True
-                )
-                failed = {
-                    c for c, r in zip(chats, results, strict=True) if isinstance(r, BaseException) or r == "contended"
-                }
-                for chat, result in zip(chats, results, strict=True):
-                    if isinstance(result, BaseException):
-                        log.warning("projecting chat %s failed: %s", chat, result)
-                for m in msgs:
-                    if m.subject[len(prefix) :] in failed:
-                        await m.nak(delay=0.5)
-                    else:
-                        await m.ack()
+                await self._project_batch(msgs)
         finally:
             await sub.unsubscribe()
+
+    async def _project_batch(self, msgs: list[Msg]) -> None:
+        """Project every chat of the batch once (from its current last event), then settle
+        each message: acked, or handed back when its chat's projection failed."""
+        last_of: dict[str, Msg] = {}
+        for m in msgs:
+            chat = chat_of(m.subject)
+            if chat is not None:
+                last_of[chat] = m
+            elif m.subject != INVALID_EVENTS_SUBJECT:
+                seq = m.metadata.sequence.stream
+                self._quarantine.report(PoisonSource.EVENT, m.subject, seq, "its subject names no chat")
+        chats = list(last_of)
+        results = await asyncio.gather(
+            *(self._traced_project(c, last_of[c].headers) for c in chats), return_exceptions=True
+        )
+        failed: set[str] = set()
+        for chat, result in zip(chats, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("projecting chat %s failed: %s", chat, result)
+            if isinstance(result, BaseException) or result == "contended":
+                failed.add(chat)
+        for m in msgs:
+            chat = chat_of(m.subject)
+            if chat not in failed:
+                await m.ack()
+            elif m.metadata.num_delivered >= PROJECTOR_MAX_DELIVER:
+                log.error("giving up projecting chat %s after %d tries; replay repairs it", chat, PROJECTOR_MAX_DELIVER)
+                await m.term()
+            else:
+                await m.nak(delay=_RETRY_DELAY_SECONDS)

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 
 import msgspec
 
+from services.runtime.containers import ContainerIdentity
 from services.runtime.docker_driver import ContainerDriver, ObservedContainer
 from services.runtime.handlers import outcome_msg_id
 from services.runtime.observe import ActiveSandboxes
@@ -43,6 +44,7 @@ from shared.contracts import (
 from shared.errors import AppendConflict, SandboxdError
 from shared.event_store import ChatState, EventStore
 from shared.registry import Registry
+from shared.subjects import canonical_chat_id
 from shared.telemetry import Telemetry
 from shared.telemetry import disabled as telemetry_disabled
 
@@ -106,6 +108,13 @@ def decide_for_chat(
     owner = session.session_id if session is not None else None
     actions += [RemoveOrphan(c) for c in containers if c.session_id != owner]
     return actions
+
+
+def _is_chat_id(value: str) -> bool:
+    try:
+        return canonical_chat_id(value) == value
+    except ValueError:
+        return False
 
 
 def _key(action: Action) -> tuple[str, str]:
@@ -190,7 +199,10 @@ class NodeReconciler:
         report.containers = len(containers)
         by_chat: dict[str, list[ObservedContainer]] = {}
         for c in containers:
-            by_chat.setdefault(c.chat_id, []).append(c)
+            if _is_chat_id(c.chat_id):
+                by_chat.setdefault(c.chat_id, []).append(c)
+            else:  # labelled as ours, but not by us: never touched
+                log.warning("container %s carries no valid chat id label; left alone", c.name)
         chats = set(by_chat)
         chats |= {r.chat_id for r in await self._registry.list() if r.node_id == self._node_id}
         report.chats = len(chats)
@@ -263,7 +275,8 @@ class NodeReconciler:
                 )
                 await self._store.append(event, expected_seq=state.seq, msg_id=event.event_id)
                 if container_id is not None:
-                    await self._driver.remove(container_id, self._stop_timeout)
+                    identity = ContainerIdentity(chat, session.session_id, self._node_id)
+                    await self._driver.remove(identity, self._stop_timeout, container_id)
                 report.lost += 1
                 report.actions.append(f"lost {session.session_id} ({reason}: {docker_state})")
             case Adopt(claim, claimed, container):
@@ -282,12 +295,12 @@ class NodeReconciler:
                     previous=claim.previous,
                     reason="adopted",
                 )
-                msg_id = outcome_msg_id(claim.causation_id) if claim.causation_id else event.event_id
+                msg_id = outcome_msg_id(chat, claim.causation_id) if claim.causation_id else event.event_id
                 await self._store.append(event, expected_seq=state.seq, msg_id=msg_id)
                 report.adopted += 1
                 report.actions.append(f"adopted {container.name} for session {running.session_id}")
             case RemoveOrphan(container):
-                await self._driver.remove(container.container_id, self._stop_timeout)
+                await self._driver.remove(container.identity, self._stop_timeout, container.container_id)
                 current = state.session if state.session is not None and state.session.is_live else None
                 event = self._event(
                     SandboxStopped,

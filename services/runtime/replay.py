@@ -3,7 +3,9 @@
 The last event of every chat subject is read in one pass (a consumer delivering the last
 message per subject), the bucket in another; every chat whose key disagrees is handed to
 the projector, which re-reads that chat and compare-and-sets its key. So replay is
-idempotent and safe while runtimes and their projectors are running.
+idempotent and safe while runtimes and their projectors are running. Poison on either side
+never stops it: an event that cannot be trusted is quarantined (the projector falls back to
+the chat's last valid event) and a key holding poison is reported as `corrupt` and repaired.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from services.runtime.projector import Projector
-from shared.contracts import SessionRecord, decode_event
+from shared.contracts import SessionRecord
 from shared.errors import NatsUnavailable
+from shared.event_store import check_event
+from shared.poison import PoisonSource, Quarantine
 from shared.registry import Registry
-from shared.subjects import EVENT_PREFIX, EVENT_SUBJECTS, EVENTS_STREAM, canonical_chat_id
+from shared.subjects import EVENT_SUBJECTS, EVENTS_STREAM, INVALID_EVENTS_SUBJECT, chat_of
 
 log = logging.getLogger(__name__)
 
@@ -34,30 +38,46 @@ class DriftReport:
     missing: list[str] = field(default_factory=list)  # live in the stream, absent from the bucket
     stale: list[str] = field(default_factory=list)  # in the bucket, but not as the last event says
     extra: list[str] = field(default_factory=list)  # in the bucket, but no live session in the stream
+    corrupt: list[str] = field(default_factory=list)  # keys whose value is poison
     repaired: int = 0
     seconds: float = 0.0
 
     @property
     def drift(self) -> int:
-        return len(self.missing) + len(self.stale) + len(self.extra)
+        return len(self.missing) + len(self.stale) + len(self.extra) + len(self.corrupt)
 
 
-async def last_sessions(js: JetStreamContext) -> dict[str, tuple[int, SessionRecord | None]]:
-    """chat_id -> (sequence of its last event, the session it carries)."""
+@dataclass(frozen=True, slots=True)
+class LastEvent:
+    """A chat's last message: its sequence and the session it carries; `trusted` is False
+    when the message is poison (the projector then resolves the chat's last valid event)."""
+
+    seq: int
+    session: SessionRecord | None
+    trusted: bool = True
+
+
+async def last_sessions(js: JetStreamContext, quarantine: Quarantine | None = None) -> dict[str, LastEvent]:
+    """chat_id -> its last event, read in one pass over the stream."""
+    quarantine = quarantine or Quarantine()
     info = await js.stream_info(EVENTS_STREAM)
-    out: dict[str, tuple[int, SessionRecord | None]] = {}
+    out: dict[str, LastEvent] = {}
     if info.state.messages == 0:
         return out
     done = asyncio.Event()
-    prefix = EVENT_PREFIX + "."
 
     async def on_msg(msg: Msg) -> None:
-        chat = msg.subject[len(prefix) :]
-        try:
-            canonical_chat_id(chat)
-            out[chat] = (msg.metadata.sequence.stream, decode_event(msg.data).session)
-        except (ValueError, msgspec.DecodeError):
-            log.debug("replay skips %s: not a chat subject or not an event", msg.subject)
+        chat = chat_of(msg.subject)
+        seq = msg.metadata.sequence.stream
+        if chat is not None:
+            checked = check_event(chat, msg.data)
+            if isinstance(checked, str):
+                quarantine.report(PoisonSource.EVENT, msg.subject, seq, checked)
+                out[chat] = LastEvent(seq, None, trusted=False)
+            else:
+                out[chat] = LastEvent(seq, checked.session)
+        elif msg.subject != INVALID_EVENTS_SUBJECT:
+            quarantine.report(PoisonSource.EVENT, msg.subject, seq, "its subject names no chat")
         if msg.metadata.num_pending == 0:
             done.set()
 
@@ -79,25 +99,38 @@ async def last_sessions(js: JetStreamContext) -> dict[str, tuple[int, SessionRec
     return out
 
 
-async def replay(js: JetStreamContext, registry: Registry, projector: Projector, *, repair: bool = True) -> DriftReport:
+async def replay(
+    js: JetStreamContext,
+    registry: Registry,
+    projector: Projector,
+    *,
+    repair: bool = True,
+    quarantine: Quarantine | None = None,
+) -> DriftReport:
     started = time.perf_counter()
     report = DriftReport()
-    stream = await last_sessions(js)
-    bucket = {r.chat_id: r for r in await registry.list()}
+    stream = await last_sessions(js, quarantine)
+    scan = await registry.scan()
+    bucket = scan.records
+    report.corrupt = list(scan.corrupt)
     report.chats = len(stream)
-    for chat, (seq, session) in stream.items():
+    corrupt = set(scan.corrupt)
+    for chat, last in stream.items():
         held = bucket.get(chat)
+        session = last.session
+        if not last.trusted:  # the chat's state is its last valid event, which the store finds
+            session = (await projector.store.read(chat)).session
         if session is not None and session.is_live:
             report.live += 1
-            if held is None:
+            if held is None and chat not in corrupt:
                 report.missing.append(chat)
-            elif held != msgspec.structs.replace(session, version=seq):
+            elif held is not None and held != msgspec.structs.replace(session, version=last.seq):
                 report.stale.append(chat)
         elif held is not None:
             report.extra.append(chat)
     report.extra += [chat for chat in bucket if chat not in stream]
     if repair:
-        drifted = report.missing + report.stale + report.extra
+        drifted = report.missing + report.stale + report.extra + report.corrupt
         semaphore = asyncio.Semaphore(64)
 
         async def fix(chat: str) -> None:
@@ -108,12 +141,13 @@ async def replay(js: JetStreamContext, registry: Registry, projector: Projector,
         report.repaired = len(drifted)
     report.seconds = time.perf_counter() - started
     log.info(
-        "replay: %d chats (%d live), drift missing=%d stale=%d extra=%d, repaired %d in %.2fs",
+        "replay: %d chats (%d live), drift missing=%d stale=%d extra=%d corrupt=%d, repaired %d in %.2fs",
         report.chats,
         report.live,
         len(report.missing),
         len(report.stale),
         len(report.extra),
+        len(report.corrupt),
         report.repaired,
         report.seconds,
     )

@@ -14,8 +14,9 @@ from datetime import datetime, timedelta
 import msgspec
 from nats.js import JetStreamContext
 
+from services.runtime.capacity import UNLIMITED, NodeCapacity, auto_limit, is_live_state
 from services.runtime.consumer import RUNTIME_CONSUMER, CommandConsumer
-from services.runtime.docker_driver import ContainerDriver, DockerDriver
+from services.runtime.docker_driver import ContainerDriver, DockerDriver, prepare_chats_root
 from services.runtime.handlers import CommandHandlers, HandlerDeps, policy_from
 from services.runtime.observe import ActiveSandboxes
 from services.runtime.projector import PROJECTOR_CONSUMER, Projector
@@ -26,6 +27,7 @@ from shared.config import Settings
 from shared.errors import DockerUnavailable
 from shared.event_store import EventStore
 from shared.nats_connection import connect, nats_url
+from shared.poison import Quarantine
 from shared.registry import Registry
 from shared.service import StartupError
 from shared.status_blocks import prometheus_endpoint, publish_periodically
@@ -82,23 +84,29 @@ async def running_runtime(  # noqa: PLR0915 - the composition root wires everyth
             except DockerUnavailable as exc:
                 raise StartupError(f"{exc} (is dockerd running? see the README)") from exc
             driver = owned
+            prepare_chats_root(settings.sandbox.chats_root)
         runtime_settings = settings.runtime
-        store = EventStore(js)
+        quarantine = Quarantine(telemetry.metrics)
+        store = EventStore(js, quarantine=quarantine)
         active = ActiveSandboxes(telemetry.metrics)
         policy = policy_from(runtime_settings.node_id, settings.sandbox, runtime_settings.claim_timeout_seconds)
-        handlers = CommandHandlers(HandlerDeps(store, driver, clock, policy, settings.sandbox, telemetry, active))
+        capacity = await node_capacity(settings, driver, owned)
+        handlers = CommandHandlers(
+            HandlerDeps(store, driver, clock, policy, settings.sandbox, telemetry, active, capacity)
+        )
         consumer = CommandConsumer(
             js,
             handlers,
             max_in_flight=runtime_settings.max_in_flight,
             ack_wait_seconds=runtime_settings.ack_wait_seconds,
+            max_deliveries=runtime_settings.max_deliveries,
             telemetry=telemetry,
         )
-        registry = Registry(js, kv)
-        projector = Projector(js, store, registry, telemetry=telemetry)
+        registry = Registry(js, kv, quarantine=quarantine)
+        projector = Projector(js, store, registry, telemetry=telemetry, quarantine=quarantine)
         if runtime_settings.replay_on_start:
-            report = await replay(js, registry, projector)
-            for kind in ("missing", "stale", "extra"):
+            report = await replay(js, registry, projector, quarantine=quarantine)
+            for kind in ("missing", "stale", "extra", "corrupt"):
                 telemetry.metrics.set("sandbox.replay.drift", len(getattr(report, kind)), {"kind": kind})
         reconciler = NodeReconciler(
             store,
@@ -156,6 +164,27 @@ async def running_runtime(  # noqa: PLR0915 - the composition root wires everyth
             owned.close()
         with contextlib.suppress(Exception):
             await nc.drain()
+
+
+async def node_capacity(settings: Settings, driver: ContainerDriver, engine: DockerDriver | None) -> NodeCapacity:
+    """`runtime.max_sessions`, or (0) as many sessions as the engine's memory holds at
+    `sandbox.memory_limit` each; counted from this node's containers in Docker."""
+    node = settings.runtime.node_id
+    limit = settings.runtime.max_sessions
+    if limit == 0:
+        limit = auto_limit(await engine.memory_bytes(), settings.sandbox.memory_limit) if engine else UNLIMITED
+        if limit != UNLIMITED:
+            log.info(
+                "capacity: %d sandboxes (the engine's memory / sandbox.memory_limit %s; set runtime.max_sessions "
+                "to choose)",
+                limit,
+                settings.sandbox.memory_limit,
+            )
+
+    async def live_sessions() -> set[str]:
+        return {c.session_id for c in await driver.list_managed(node) if is_live_state(c.state)}
+
+    return NodeCapacity(limit, live_sessions)
 
 
 async def observe_consumer_lag(js: JetStreamContext, telemetry: Telemetry) -> None:

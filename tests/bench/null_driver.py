@@ -4,7 +4,7 @@ packages and no setting selects it: only `tests/bench/runtime_main.py` wires it.
 
 from __future__ import annotations
 
-from services.runtime.containers import ContainerSpec
+from services.runtime.containers import ContainerIdentity, ContainerSpec
 from services.runtime.docker_driver import ObservedContainer
 
 
@@ -18,8 +18,13 @@ class BenchNullDriver:
         self.running.add(spec.name)
         return f"bench-{spec.name}"
 
-    async def remove(self, ref: str, stop_timeout_seconds: int) -> None:  # noqa: ARG002 - the protocol
-        self.running.discard(ref.removeprefix("bench-"))
+    async def remove(
+        self,
+        identity: ContainerIdentity,
+        stop_timeout_seconds: int,  # noqa: ARG002 - the protocol
+        ref: str | None = None,  # noqa: ARG002 - the protocol
+    ) -> None:
+        self.running.discard(identity.name)
 
     async def list_managed(self, node_id: str) -> list[ObservedContainer]:  # noqa: ARG002 - the protocol
         return []

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.reaper.service import running_reaper
-from services.runtime.containers import ContainerSpec
+from services.runtime.containers import ContainerIdentity, ContainerSpec
 from services.runtime.docker_driver import DockerDriver, ObservedContainer
 from services.runtime.service import running_runtime
 from shared.config import Settings
@@ -36,11 +36,11 @@ class StopFailsOnce:
     async def ensure_running(self, spec: ContainerSpec) -> str:
         return await self.real.ensure_running(spec)
 
-    async def remove(self, ref: str, stop_timeout_seconds: int) -> None:
-        if ref == self.fail_for:
+    async def remove(self, identity: ContainerIdentity, stop_timeout_seconds: int, ref: str | None = None) -> None:
+        if identity.session_id == self.fail_for:
             self.fail_for = None
-            raise SandboxStopFailed(f"refusing to remove {ref} once, for the test")
-        await self.real.remove(ref, stop_timeout_seconds)
+            raise SandboxStopFailed(f"refusing to remove {identity.name} once, for the test")
+        await self.real.remove(identity, stop_timeout_seconds, ref)
 
     async def list_managed(self, node_id: str) -> list[ObservedContainer]:
         return await self.real.list_managed(node_id)
@@ -134,7 +134,7 @@ async def test_one_create_is_one_trace_and_the_seed_metrics_follow_their_paths(
         doomed, stubborn = str(uuid.uuid4()), str(uuid.uuid4())
         await http.post("/api/v1/sandboxes", json={"chat_id": doomed, "ttl_seconds": 1})
         kept = (await http.post("/api/v1/sandboxes", json={"chat_id": stubborn, "ttl_seconds": 1})).json()
-        driver.fail_for = kept["container_id"]
+        driver.fail_for = kept["session_id"]
         async with running_reaper(settings, telemetry=reaper_telemetry) as reaper:
             await reaper.ready()
             for _ in range(80):

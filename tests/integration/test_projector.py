@@ -24,9 +24,14 @@ from shared.topology import ensure_topology
 from tests.support.nats_server import NatsServer
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
+SESSION = "5e55e55e-0000-4000-8000-000000000001"
 
 
-def record(chat: str, status: SessionStatus, session_id: str = "s-1") -> SessionRecord:
+def session_n(i: int) -> str:
+    return f"5e55e55e-0000-4000-8000-{i:012d}"
+
+
+def record(chat: str, status: SessionStatus, session_id: str = SESSION) -> SessionRecord:
     return SessionRecord(
         session_id=session_id,
         chat_id=chat,
@@ -108,7 +113,7 @@ async def test_concurrent_projectors_converge_on_the_last_event(
         for i in range(15):
             status = SessionStatus.RUNNING if i % 2 == 0 else SessionStatus.STOPPED
             cls: type[AnyEvent] = SandboxRunning if i % 2 == 0 else SandboxStopped
-            await append(store, event(cls, record(chat, status, session_id=f"s-{i}")))
+            await append(store, event(cls, record(chat, status, session_id=session_n(i))))
 
     async def projecting() -> None:
         for _ in range(15):
@@ -118,10 +123,10 @@ async def test_concurrent_projectors_converge_on_the_last_event(
     await projector.project_chat(chat)
     last = (await store.read(chat)).session
     assert last is not None
-    assert last.session_id == "s-14"
+    assert last.session_id == session_n(14)
     got = await registry.get(chat)
     assert got is not None
-    assert got.session_id == "s-14"
+    assert got.session_id == session_n(14)
 
 
 async def test_the_projector_loop_keeps_the_bucket_in_step(

@@ -11,7 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from services.runtime.containers import ContainerSpec
+from services.runtime.containers import ContainerIdentity, ContainerSpec
 from services.runtime.docker_driver import ObservedContainer
 from shared.contracts import AnyEvent
 from shared.errors import AppendConflict, SandboxdError
@@ -74,9 +74,14 @@ class FakeStore:
 
 @dataclass
 class FakeDriver:
+    """Containers by name; like the real driver, it touches only a container whose identity
+    (its labels) is the session's."""
+
     running: dict[str, str] = field(default_factory=dict)  # name -> id
+    specs: dict[str, ContainerSpec] = field(default_factory=dict)  # name -> what started it
     started: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # container ids
+    left_alone: list[str] = field(default_factory=list)  # names of containers that were not the session's
     start_errors: list[SandboxdError] = field(default_factory=list)
     remove_errors: list[SandboxdError] = field(default_factory=list)
 
@@ -86,20 +91,31 @@ class FakeDriver:
             raise self.start_errors.pop(0)
         if spec.name not in self.running:
             self.running[spec.name] = f"id-{spec.name}"
+            self.specs[spec.name] = spec
             self.started.append(spec.name)
         return self.running[spec.name]
 
-    async def list_managed(self, node_id: str) -> list[ObservedContainer]:  # noqa: ARG002 - the protocol's signature
+    async def list_managed(self, node_id: str) -> list[ObservedContainer]:
         return [
-            ObservedContainer(container_id, name, "", name.removeprefix("sandboxd-"), "running", "Up")
+            ObservedContainer(container_id, name, "", name.removeprefix("sandboxd-"), "running", "Up", node_id)
             for name, container_id in self.running.items()
         ]
 
-    async def remove(self, ref: str, stop_timeout_seconds: int) -> None:  # noqa: ARG002 - the protocol's signature
+    async def remove(
+        self,
+        identity: ContainerIdentity,
+        stop_timeout_seconds: int,  # noqa: ARG002 - the protocol's signature
+        ref: str | None = None,
+    ) -> None:
         await asyncio.sleep(0)
         if self.remove_errors:
             raise self.remove_errors.pop(0)
-        self.removed.append(ref)
-        for name, container_id in list(self.running.items()):
-            if ref in (name, container_id):
-                del self.running[name]
+        wanted = ref or identity.name
+        name = next((n for n, cid in self.running.items() if wanted in (n, cid)), None)
+        if name is None:
+            return
+        spec = self.specs.get(name)
+        if spec is not None and spec.identity != identity:
+            self.left_alone.append(name)
+            return
+        self.removed.append(self.running.pop(name))

@@ -21,6 +21,7 @@ from shared.contracts import (
     CreateResult,
     CreateSandbox,
     PreviousSession,
+    RejectReason,
     SandboxFailed,
     SandboxRunning,
     SessionStatus,
@@ -238,8 +239,12 @@ async def test_a_create_waits_for_a_claim_in_flight(world: World) -> None:
 
 async def test_malformed_commands_are_rejected_once(world: World) -> None:
     chat = str(uuid.uuid4())
-    await world.handlers.reject_malformed(MalformedCommand("invalid_json", "bad", chat_id=chat, command_id=None))
-    await world.handlers.reject_malformed(MalformedCommand("invalid_subject", "bad", chat_id=None, command_id="c-1"))
+    await world.handlers.reject_malformed(
+        MalformedCommand(RejectReason.INVALID_JSON, "bad", chat_id=chat, command_id=None)
+    )
+    await world.handlers.reject_malformed(
+        MalformedCommand(RejectReason.INVALID_SUBJECT, "bad", chat_id=None, command_id="c-1")
+    )
     assert world.store.types(chat) == ["rejected"]
     invalid = world.store.subjects[INVALID_EVENTS_SUBJECT]
     assert [(s.event.type, s.event.reason, s.event.causation_id) for s in invalid] == [
