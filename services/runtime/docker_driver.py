@@ -328,18 +328,26 @@ _SET_ID_BITS = stat.S_ISUID | stat.S_ISGID
 
 
 def prepare_chats_root(path: str) -> None:
-    """Create the chats root for root's eyes only: what sandboxes write there (set-id bits
-    included) is then out of reach of every other host user. An existing root that others
-    may enter is reported, not changed."""
+    """Keep the chats root for its owner's eyes only (mode 0700): what sandboxes write there,
+    set-id bits included, is then out of reach of every other host user. Sandboxes do not
+    need it: each gets its own chat directory bind-mounted."""
     root = Path(path).resolve()
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     mode = stat.S_IMODE(root.stat().st_mode)
-    if mode & 0o077:
+    if not mode & 0o077:
+        return
+    try:
+        root.chmod(0o700)
+    except OSError as exc:
         log.warning(
-            "sandbox.chats_root %s has mode %o: other host users can reach what sandboxes write there; chmod 700 it",
+            "sandbox.chats_root %s has mode %o and cannot be made 700 (%s): other host users can reach what "
+            "sandboxes write there",
             root,
             mode,
+            exc,
         )
+        return
+    log.info("sandbox.chats_root %s had mode %o; made it 700", root, mode)
 
 
 def _hand_over(root: Path, uid: int, gid: int) -> None:

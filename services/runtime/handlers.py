@@ -365,8 +365,13 @@ class CommandHandlers:
         failpoint("after_start")
         await progress()
         # created_at/expires_at stay as claimed: the container's labels carry the same values.
+        # The image is what the container runs, whatever the claim said.
         running = msgspec.structs.replace(
-            claim, container_id=container_id, status=SessionStatus.RUNNING, updated_at=self._d.clock.now()
+            claim,
+            container_id=container_id,
+            image=spec.image,
+            status=SessionStatus.RUNNING,
+            updated_at=self._d.clock.now(),
         )
         result = CreateResult.REPLACED if previous is not None else CreateResult.CREATED
         # A NatsUnavailable here propagates: the append may have landed, so the container

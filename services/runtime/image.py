@@ -3,6 +3,7 @@ static busybox (Debian: busybox-static), since no image registry is assumed reac
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shutil
 import struct
@@ -13,6 +14,9 @@ import docker
 from docker.errors import BuildError, ImageNotFound
 
 IMAGE_CONTEXT = Path(__file__).resolve().parents[2] / "infra" / "sandbox-image"
+# The digest of what the image was built from: an image built from an older Dockerfile (or
+# another busybox) is rebuilt rather than used as found.
+CONTEXT_LABEL = "sandboxd.image.context"
 _PT_INTERP = 3
 
 
@@ -48,6 +52,20 @@ def image_exists(client: docker.DockerClient, tag: str) -> bool:
     return True
 
 
+def context_digest(busybox: Path) -> str:
+    digest = hashlib.sha256((IMAGE_CONTEXT / "Dockerfile").read_bytes())
+    digest.update(busybox.read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def image_is_current(client: docker.DockerClient, tag: str, digest: str) -> bool:
+    try:
+        image = client.images.get(tag)
+    except ImageNotFound:
+        return False
+    return bool((image.labels or {}).get(CONTEXT_LABEL) == digest)
+
+
 def build_sandbox_image(client: docker.DockerClient, tag: str) -> str:
     """Build the image under `tag`; its id."""
     busybox = find_static_busybox()
@@ -57,15 +75,22 @@ def build_sandbox_image(client: docker.DockerClient, tag: str) -> str:
         tar.add(busybox, arcname="busybox")
     context.seek(0)
     try:
-        image, _ = client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True, forcerm=True)
+        image, _ = client.images.build(
+            fileobj=context,
+            custom_context=True,
+            tag=tag,
+            rm=True,
+            forcerm=True,
+            labels={CONTEXT_LABEL: context_digest(busybox)},
+        )
     except BuildError as exc:
         raise ImageBuildError(f"building {tag} failed: {exc.msg}") from exc
     return str(image.id)
 
 
 def ensure_sandbox_image(client: docker.DockerClient, tag: str) -> bool:
-    """Build the image if it is missing; True when it was built."""
-    if image_exists(client, tag):
+    """Build the image if it is missing or was built from another context; True when built."""
+    if image_is_current(client, tag, context_digest(find_static_busybox())):
         return False
     build_sandbox_image(client, tag)
     return True

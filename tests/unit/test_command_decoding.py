@@ -58,3 +58,28 @@ def test_a_rejection_keeps_the_command_id_when_it_can_be_read() -> None:
     with pytest.raises(MalformedCommand) as caught:
         decode_command(f"sandbox.cmd.create.{CHAT}", body(ttl_seconds="x"))
     assert caught.value.command_id == CMD
+
+
+@pytest.mark.parametrize(
+    ("data", "reason", "needle"),
+    [
+        (body(ttl_second=5), "invalid_payload", "ttl_second"),  # a misspelt field never falls back to a default
+        (body(image="evil:latest"), "invalid_payload", "image"),
+        (body()[:-1] + b', "requested_by": "\xff"}', "invalid_json", "utf-8"),
+        (b"[" * 5000 + b"]" * 5000, "invalid_payload", "object"),
+        (body(labels={})[:-3] + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}", "invalid_payload", "$.labels"),
+        (body(labels={"team": "a\nb"}), "invalid_payload", "$.labels"),
+        (body(labels={"bad key!": "v"}), "invalid_payload", "$.labels"),
+    ],
+)
+def test_strict_decoding_refuses_what_it_does_not_know(data: bytes, reason: str, needle: str) -> None:
+    with pytest.raises(MalformedCommand) as caught:
+        decode_command(f"sandbox.cmd.create.{CHAT}", data)
+    assert caught.value.reason == reason
+    assert needle in caught.value.detail
+
+
+def test_a_rejection_names_a_command_id_only_when_it_is_a_uuid() -> None:
+    with pytest.raises(MalformedCommand) as caught:
+        decode_command(f"sandbox.cmd.create.{CHAT}", json.dumps({"command_id": "../x", "chat_id": 5}).encode())
+    assert caught.value.command_id is None

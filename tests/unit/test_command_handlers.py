@@ -10,6 +10,7 @@ from datetime import timedelta
 import msgspec
 import pytest
 
+from services.runtime.capacity import NodeCapacity
 from services.runtime.containers import ContainerSpec, container_name
 from services.runtime.decisions import Policy
 from services.runtime.handlers import CommandHandlers, HandlerDeps
@@ -294,3 +295,66 @@ async def test_only_the_owning_node_touches_a_container(world: World) -> None:
     await node_b.handle(stop, world.progress)
     assert world.store.types(str(chat))[-1] == "stopped"
     assert world.driver.running == {}
+
+
+async def test_one_command_id_on_two_chats_gets_an_outcome_on_each(world: World) -> None:
+    first, second = uuid.uuid4(), uuid.uuid4()
+    command_id = str(uuid.uuid4())
+    for chat in (first, second):
+        command = msgspec.convert({"command_id": command_id, "chat_id": str(chat)}, CreateSandbox)
+        await world.handlers.handle(command, world.progress)
+    assert world.outcome(first, uuid.UUID(command_id)).type == "running"
+    assert world.outcome(second, uuid.UUID(command_id)).type == "running"
+
+
+async def test_a_create_beyond_the_nodes_capacity_is_refused(world: World) -> None:
+    async def live() -> set[str]:
+        return {c.session_id for c in await world.driver.list_managed("node-a")}
+
+    world.handlers = CommandHandlers(
+        HandlerDeps(world.store, world.driver, world.clock, POLICY, SandboxSettings(), capacity=NodeCapacity(2, live)),
+        new_id=lambda: str(uuid.uuid4()),
+    )
+    chats = [uuid.uuid4() for _ in range(4)]
+    commands = await asyncio.gather(*(world.create(chat) for chat in chats))
+    outcomes = [world.outcome(chat, c.command_id) for chat, c in zip(chats, commands, strict=True)]
+    refused = [o for o in outcomes if isinstance(o, CommandRejected)]
+    assert sorted(o.type for o in outcomes) == ["rejected", "rejected", "running", "running"]
+    assert {o.reason for o in refused} == {"capacity_exceeded"}
+    assert all(o.error is not None and "2" in o.error.message for o in refused)
+    assert len(world.driver.running) == 2
+    # Reuse is not limited; a stop makes room for a chat that was refused.
+    running = [c for c, o in zip(chats, outcomes, strict=True) if o.type == "running"]
+    late = next(c for c, o in zip(chats, outcomes, strict=True) if o.type == "rejected")
+    assert world.outcome(running[0], (await world.create(running[0])).command_id).type == "reused"
+    await world.stop(running[0])
+    assert world.outcome(late, (await world.create(late)).command_id).type == "running"
+    assert len(world.driver.running) == 2
+
+
+async def test_a_container_that_is_not_the_sessions_is_left_alone(world: World) -> None:
+    chat, other = uuid.uuid4(), uuid.uuid4()
+    mine = world.outcome(chat, (await world.create(chat)).command_id)
+    theirs = world.outcome(other, (await world.create(other)).command_id)
+    assert mine.session is not None
+    assert theirs.session is not None
+    # A record (forged, or corrupt) naming the other chat's session and container: a stop
+    # must not remove the other chat's container.
+    forged = msgspec.structs.replace(mine.session, session_id=theirs.session.session_id, container_id="anything")
+    state = await world.store.read(str(chat))
+    await world.store.append(
+        SandboxRunning(
+            event_id="forged",
+            chat_id=str(chat),
+            session_id=forged.session_id,
+            causation_id=None,
+            occurred_at=world.clock.now(),
+            node_id="node-a",
+            session=forged,
+        ),
+        expected_seq=state.seq,
+        msg_id="forged",
+    )
+    assert world.outcome(chat, (await world.stop(chat)).command_id).type == "stopped"
+    assert world.driver.left_alone == [container_name(theirs.session.session_id)]
+    assert container_name(theirs.session.session_id) in world.driver.running

@@ -253,3 +253,23 @@ def test_keepalive_refusals() -> None:
         decision = decide_keepalive(event, command, NOW, POLICY)
         assert isinstance(decision, Reject), reason
         assert decision.reason == reason
+
+
+def test_keepalive_never_passes_the_lifetime_cap() -> None:
+    capped = Policy(
+        node_id="node-a",
+        image="img",
+        default_ttl=timedelta(minutes=5),
+        max_ttl=timedelta(hours=1),
+        claim_timeout=timedelta(seconds=60),
+        max_lifetime=timedelta(minutes=10),
+    )
+    alive = session()  # created a minute ago: the cap is 9 minutes from now
+    decision = decide_keepalive(last(SandboxRunning, alive), keepalive(ttl_seconds=3600), NOW, capped)
+    assert isinstance(decision, Extend)
+    assert decision.capped
+    assert decision.session.expires_at == alive.created_at + timedelta(minutes=10)
+    within = decide_keepalive(last(SandboxRunning, alive), keepalive(ttl_seconds=60), NOW, capped)
+    assert isinstance(within, Extend)
+    assert not within.capped
+    assert within.session.expires_at == NOW + timedelta(seconds=60)

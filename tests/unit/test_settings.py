@@ -76,3 +76,26 @@ def test_the_redrive_grace_must_exceed_the_claim_timeout() -> None:
         environ={"SANDBOXD_REAPER_REDRIVE_GRACE_SECONDS": "60", "SANDBOXD_RUNTIME_CLAIM_TIMEOUT_SECONDS": "30"}
     )
     assert ok.reaper.redrive_grace_seconds == 60
+
+
+@pytest.mark.parametrize(
+    ("environ", "needles"),
+    [
+        (
+            {"SANDBOXD_SANDBOX_MAX_TTL_SECONDS": "100", "SANDBOXD_SANDBOX_MAX_LIFETIME_SECONDS": "50"},
+            ["SANDBOXD_SANDBOX_MAX_TTL_SECONDS", "sandbox.max_lifetime_seconds"],
+        ),
+        (
+            {"SANDBOXD_SANDBOX_TTL_SECONDS": "100", "SANDBOXD_SANDBOX_MAX_TTL_SECONDS": "50"},
+            ["SANDBOXD_SANDBOX_TTL_SECONDS", "sandbox.max_ttl_seconds"],
+        ),
+        ({"SANDBOXD_SANDBOX_USER": "root"}, ["SANDBOXD_SANDBOX_USER"]),
+        ({"SANDBOXD_SANDBOX_MEMORY_LIMIT": "lots"}, ["SANDBOXD_SANDBOX_MEMORY_LIMIT"]),
+        ({"SANDBOXD_RUNTIME_MAX_DELIVERIES": "1"}, ["SANDBOXD_RUNTIME_MAX_DELIVERIES"]),
+    ],
+)
+def test_limits_are_checked_and_named(environ: dict[str, str], needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ=environ)
+    for needle in needles:
+        assert needle in str(caught.value)
