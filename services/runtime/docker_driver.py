@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +91,7 @@ class DockerDriver:
         self._api = client.api
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="docker")
         self._telemetry = telemetry or telemetry_disabled()
+        self._id_offset: tuple[int, int] | None = None  # the engine's user-namespace remap
 
     @classmethod
     def from_env(
@@ -159,11 +161,18 @@ class DockerDriver:
         mounts: list[DockerMount] = []
         for m in spec.mounts:
             if m.create:
-                prepare_owned_dir(m)
+                prepare_owned_dir(m, self._host_id_offset())
             elif not m.source.is_dir():
                 raise SandboxStartFailed(f"read-only mount source {m.source} ({m.setting}) does not exist")
             mounts.append(DockerMount(target=m.target, source=str(m.source), type="bind", read_only=m.read_only))
         return mounts
+
+    def _host_id_offset(self) -> tuple[int, int]:
+        """(uid, gid) that container ids are shifted by on the host: non-zero when the engine
+        remaps user namespaces (its root dir then ends in `<uid>.<gid>`)."""
+        if self._id_offset is None:
+            self._id_offset = userns_offset(self._info())
+        return self._id_offset
 
     def _host_config(self, spec: ContainerSpec, mounts: list[DockerMount]) -> Any:
         return self._api.create_host_config(
@@ -303,8 +312,16 @@ class DockerDriver:
         return info
 
 
-def prepare_owned_dir(mount: Mount) -> None:
-    """Create a writable mount source and hand it to its owner (the sandbox's user), mode 0700.
+def userns_offset(info: dict[str, Any]) -> tuple[int, int]:
+    if not any("name=userns" in option for option in info.get("SecurityOptions") or []):
+        return (0, 0)
+    match = re.search(r"/(\d+)\.(\d+)/?$", str(info.get("DockerRootDir", "")))
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def prepare_owned_dir(mount: Mount, id_offset: tuple[int, int] = (0, 0)) -> None:
+    """Create a writable mount source and hand it to its owner (the sandbox's user, as the
+    host sees it under a user-namespace remap), mode 0700.
 
     A directory found with another owner (made by an older version, whose sandboxes ran as
     root) is handed over with everything in it, set-id bits stripped, so nothing a sandbox
@@ -314,7 +331,7 @@ def prepare_owned_dir(mount: Mount) -> None:
         mount.source.mkdir(mode=0o700, exist_ok=True)
         if mount.owner is None:
             return
-        uid, gid = mount.owner
+        uid, gid = mount.owner[0] + id_offset[0], mount.owner[1] + id_offset[1]
         info = mount.source.lstat()
         if (info.st_uid, info.st_gid) != (uid, gid):
             _hand_over(mount.source, uid, gid)
