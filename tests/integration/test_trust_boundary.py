@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import stat
 import subprocess
+import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ import pytest
 from nats.aio.client import Client
 
 from services.reaper.service import running_reaper
+from services.runtime.docker_driver import DockerDriver, userns_offset
+from services.runtime.image import ensure_sandbox_image
 from services.runtime.projector import Projector
 from services.runtime.replay import replay
 from services.runtime.service import RuntimeHandle, running_runtime
@@ -35,9 +39,10 @@ from shared.contracts import SessionRecord, SessionStatus, encode
 from shared.event_store import EventStore
 from shared.registry import Registry
 from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, SESSIONS_BUCKET, command_subject, event_subject
-from tests.conftest import TEST_IMAGE, TEST_TOKEN, settings_for
+from tests.conftest import TEST_IMAGE, TEST_TOKEN, missing, settings_for
 from tests.support.api_server import serving_api
 from tests.support.nats_server import NatsServer
+from tests.support.private_dockerd import PrivateDockerd, private_dockerd
 
 API = "/api/v1"
 
@@ -541,3 +546,46 @@ async def test_sandboxes_run_unprivileged_and_cannot_plant_set_id_binaries(
             pass  # what happens here: the chats root is closed to it
         else:
             assert attempt.returncode != 0 or attempt.stdout.strip() != "0", attempt
+
+
+@pytest.fixture
+def remapped_engine() -> Iterator[PrivateDockerd]:
+    # The remapped root must be able to traverse the data root's parents (pytest's are 0700);
+    # short, too: unix socket paths are limited.
+    root = Path(tempfile.mkdtemp(prefix="sbd-udk-", dir="/tmp"))
+    root.chmod(0o711)
+    try:
+        with private_dockerd(root, "--userns-remap=default") as started:
+            client = started.client()
+            ensure_sandbox_image(client, TEST_IMAGE)
+            client.close()
+            yield started
+    except RuntimeError as exc:
+        missing(f"cannot run a private dockerd with --userns-remap: {exc}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_sandboxes_under_a_user_namespace_remap(settings: Settings, remapped_engine: PrivateDockerd) -> None:
+    """On an engine that remaps user namespaces, the chat directory goes to the remapped ids
+    and the sandbox's user can still write it."""
+    client = remapped_engine.client()
+    offset = userns_offset(client.info())
+    assert offset != (0, 0), "the engine remaps user namespaces"
+    driver = DockerDriver(remapped_engine.client())
+    async with (
+        running_runtime(settings, driver=driver),
+        serving_api(settings) as base,
+        httpx.AsyncClient(base_url=base, headers={"X-API-Token": TEST_TOKEN}, timeout=30) as http,
+    ):
+        chat = str(uuid.uuid4())
+        created = await http.post(f"{API}/sandboxes", json={"chat_id": chat})
+        assert created.status_code == 201, created.text
+        container = created.json()["container_id"]
+        assert run_in(client, container, "id", "-u") == (0, "10001")
+        assert run_in(client, container, "sh", "-c", "echo hi > /workspace/chat/note")[0] == 0
+        note = Path(settings.sandbox.chats_root).resolve() / chat / "note"
+        assert note.stat().st_uid == offset[0] + 10001
+        assert (await http.delete(f"{API}/sandboxes/{chat}")).status_code == 200
+    driver.close()
+    client.close()

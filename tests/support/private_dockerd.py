@@ -19,6 +19,7 @@ from docker.errors import DockerException
 @dataclass
 class PrivateDockerd:
     root: Path
+    extra_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,6 +52,7 @@ class PrivateDockerd:
                 "--bridge=none",
                 "--iptables=false",
                 "--ip6tables=false",
+                *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -88,9 +90,9 @@ class PrivateDockerd:
 
 
 @contextlib.contextmanager
-def private_dockerd(root: Path) -> Iterator[PrivateDockerd]:
+def private_dockerd(root: Path, *extra_args: str) -> Iterator[PrivateDockerd]:
     root.mkdir(parents=True, exist_ok=True)
-    engine = PrivateDockerd(root)
+    engine = PrivateDockerd(root, extra_args)
     try:
         engine.start()
         yield engine
