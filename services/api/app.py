@@ -11,11 +11,9 @@ and a body that does not arrive within `http.body_timeout_seconds` is a 408.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -28,12 +26,16 @@ from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, JSONBody, QueryParameter
-from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 from nats.aio.client import Client
-from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from services.api.gateway import CommandGateway, OutcomeWaiter
+from services.api.middleware import (
+    body_timeout_middleware,
+    host_check_middleware,
+    json_errors_middleware,
+    tracing_middleware,
+)
 from services.api.status import StatusEnvelope, build_status
 from services.api.views import (
     RETRY_AFTER_SECONDS,
@@ -70,7 +72,7 @@ from shared.nats_connection import connect
 from shared.poison import DECODE_ERRORS, Quarantine
 from shared.registry import Registry
 from shared.subjects import canonical_chat_id
-from shared.telemetry import Telemetry, elapsed_ms, extract, setup_telemetry
+from shared.telemetry import Telemetry, setup_telemetry
 from shared.topology import ensure_topology, topology_missing
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,15 @@ def _chat(raw: str) -> str:
     return _uuid(raw, "chat_id")
 
 
+def _bounded_int(name: str, raw: str | None, low: int, high: int) -> int | None:
+    """A query parameter written as plain decimal digits within [low, high] (no `1e3`)."""
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        raise HTTPException(status_code=400, detail=f"{name} must be an integer from {low} to {high}, not {raw[:40]!r}")
+    return int(raw)
+
+
 def _json(body: object, status: int) -> Response[Any]:
     return Response(content=body, status_code=status, media_type="application/json")
 
@@ -125,7 +136,7 @@ def strict_body(
 
     async def check(request: Request[Any, Any, Any]) -> None:
         raw = await request.body()
-        if optional and not raw.strip():
+        if optional and not raw:
             return
         try:
             decoder.decode(raw)
@@ -313,12 +324,12 @@ async def keepalive_sandbox(
 async def sandbox_events(
     request: Request[Any, Any, Any],
     chat_id: FromPath[str],
-    limit: Annotated[int | None, QueryParameter(ge=1, le=10_000, required=False)] = None,
+    limit: Annotated[str | None, QueryParameter(required=False, description="1 to 10000")] = None,
 ) -> EventHistory:
     """The chat's event history from the stream, oldest first (the last `limit` events)."""
     ctx = _ctx(request)
     chat = _chat(chat_id)
-    stored = await ctx.events.history(chat, limit=limit)
+    stored = await ctx.events.history(chat, limit=_bounded_int("limit", limit, 1, 10_000))
     return EventHistory(
         chat_id=chat, events=[StoredEventView(seq=s.seq, event=msgspec.to_builtins(s.event)) for s in stored]
     )
@@ -335,87 +346,6 @@ async def status(request: Request[Any, Any, Any]) -> StatusEnvelope:
 async def metrics() -> Response[bytes]:
     """Prometheus text format (every metric this process recorded)."""
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
-
-
-# Metric labels and span names come from a closed set, never from what a client sends.
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-
-class BodyTimeout(HTTPException):
-    status_code = 408
-
-
-def body_timeout_middleware(seconds: float) -> Callable[[ASGIApp], ASGIApp]:
-    """A request body must arrive whole within `seconds` (a client that announces more than
-    it sends must not hold a connection open forever); after it, reads are not limited."""
-
-    def wrap(app: ASGIApp) -> ASGIApp:
-        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-            if str(scope["type"]) != "http":
-                await app(scope, receive, send)
-                return
-            deadline = asyncio.get_running_loop().time() + seconds
-            complete = False
-
-            async def timed_receive() -> ReceiveMessage:
-                nonlocal complete
-                if complete:
-                    return await receive()
-                remaining = deadline - asyncio.get_running_loop().time()
-                try:
-                    message = await asyncio.wait_for(receive(), max(remaining, 0.0))
-                except TimeoutError:
-                    raise BodyTimeout(detail=f"the request body did not arrive within {seconds:g}s") from None
-                if message["type"] != "http.request" or not message.get("more_body", False):
-                    complete = True
-                return message
-
-            await app(scope, timed_receive, send)
-
-        return middleware
-
-    return wrap
-
-
-def tracing_middleware(telemetry: Telemetry) -> Callable[[ASGIApp], ASGIApp]:
-    """A server span per HTTP request, continuing a caller's W3C trace context."""
-
-    def wrap(app: ASGIApp) -> ASGIApp:
-        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-            if str(scope["type"]) != "http":
-                await app(scope, receive, send)
-                return
-            method = str(scope.get("method", ""))
-            method = method if method in _METHODS else "OTHER"
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            started = time.perf_counter()
-            status_code = 500
-
-            async def send_wrapper(message: Message) -> None:
-                nonlocal status_code
-                if message["type"] == "http.response.start":
-                    status_code = message["status"]
-                await send(message)
-
-            with telemetry.tracer.span(
-                f"HTTP {method}",
-                {"http.request.method": method, "url.path": str(scope.get("path", ""))},
-                kind=SpanKind.SERVER,
-                parent=extract(headers),
-            ) as span:
-                try:
-                    await app(scope, receive, send_wrapper)
-                finally:
-                    span.set_attribute("http.response.status_code", status_code)
-                    telemetry.metrics.record(
-                        "sandbox.api.request.duration_ms",
-                        elapsed_ms(started),
-                        {"method": method, "status": str(status_code)},
-                    )
-
-        return middleware
-
-    return wrap
 
 
 # --------------------------------------------------------------------------- errors
@@ -473,7 +403,12 @@ def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Tel
     api = Router(path=API_PREFIX, route_handlers=[health, ready, protected])
     return Litestar(
         route_handlers=[api, metrics],
-        middleware=[tracing_middleware(telemetry), body_timeout_middleware(settings.http.body_timeout_seconds)],
+        middleware=[
+            host_check_middleware,
+            json_errors_middleware,
+            tracing_middleware(telemetry),
+            body_timeout_middleware(settings.http.body_timeout_seconds),
+        ],
         lifespan=[lifespan],
         exception_handlers={NatsUnavailable: _nats_unavailable},
         openapi_config=OpenAPIConfig(title="sandboxd", version=VERSION, path=f"{API_PREFIX}/schema"),
