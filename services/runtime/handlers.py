@@ -331,19 +331,24 @@ class CommandHandlers:
             return await self._outcome(SandboxFailed, command, old, claim_seq, error=_error(exc))
         decision = provision_after_replace(command, old, self._new_id(), self._d.clock.now(), self._d.policy)
         if isinstance(decision, Reject):
-            return await self._outcome(
-                CommandRejected,
-                command,
-                None,
-                claim_seq,
-                reason=decision.reason,
-                error=ErrorInfo(decision.reason, decision.detail),
+            return await self._refuse_after_replace(command, claim_seq, decision)
+        async with self._d.capacity.admit(decision.session.session_id) as refused:
+            if refused is not None:  # the old container is gone, and its place was taken meanwhile
+                refusal = Reject(RejectReason.CAPACITY_EXCEEDED, refused.detail)
+                return await self._refuse_after_replace(command, claim_seq, refusal)
+            seq = await self._claim(
+                SandboxProvisioning, command, decision.session, claim_seq, previous=decision.previous
             )
-        seq = await self._claim(SandboxProvisioning, command, decision.session, claim_seq, previous=decision.previous)
-        if seq is None:
-            return False
-        await progress()
-        return await self._start(command, decision.session, seq, decision.previous, progress)
+            if seq is None:
+                return False
+            await progress()
+            return await self._start(command, decision.session, seq, decision.previous, progress)
+
+    async def _refuse_after_replace(self, command: CreateSandbox, claim_seq: int, refusal: Reject) -> bool:
+        """The old session's container is removed and no new one may start: the chat is left
+        with no session."""
+        error = ErrorInfo(refusal.reason, refusal.detail)
+        return await self._outcome(CommandRejected, command, None, claim_seq, reason=refusal.reason, error=error)
 
     async def _start(
         self,
