@@ -521,6 +521,48 @@ async def test_admin_purges_and_keeps_its_replies_private(system: System) -> Non
     await agent.close()
 
 
+# --------------------------------------------------------------------------- what the design rests on
+# nats-server behaviour, shown inside SANDBOXD on scratch objects: why outside parties get
+# accounts of their own and may not use the legacy create subject. Should a server version
+# change this, these fail, and shared/nats_roles.py could be simpler.
+
+
+async def test_inside_one_account_an_answer_aimed_at_the_api_is_executed(system: System) -> None:
+    js = system.admin.nc.jetstream()
+    await js.add_stream(name="SCRATCH", subjects=["scratch.>"])
+    reaper = await system.connect(Role.REAPER)  # may direct-get registry keys, nothing more
+    control = await reaper.nc.subscribe("_INBOX_reaper.control")
+    nothing = f"{API}.DIRECT.GET.{SESSIONS}.{KV}.{uuid.uuid4()}"
+    await reaper.nc.publish(nothing, b"", reply=f"{API}.STREAM.DELETE.SCRATCH")
+    await reaper.nc.publish(nothing, b"", reply="_INBOX_reaper.control")
+    await control.next_msg(timeout=5)
+
+    async def scratch_exists() -> bool:
+        try:
+            await system.stream("SCRATCH")
+        except NotFoundError:
+            return False
+        return True
+
+    await eventually(scratch_exists, lambda exists: not exists)  # deleted by the server's own answer
+    assert reaper.errors == []  # and no permission of the reaper's was needed
+    await reaper.close()
+
+
+async def test_the_legacy_create_subject_rewrites_a_durable_named_in_the_body(system: System) -> None:
+    js = system.admin.nc.jetstream()
+    await js.add_consumer(EVENTS_STREAM, ConsumerConfig(durable_name="scratch", filter_subject="sandbox.events.>"))
+    api = await system.connect(Role.API)  # may use the legacy subject for its ordered consumers
+    config = {"name": "scratch", "ack_policy": "explicit", "filter_subject": "sandbox.events.none"}
+    body = {"stream_name": EVENTS_STREAM, "config": config}
+    reply = await api.nc.request(f"{API}.CONSUMER.CREATE.{EVENTS_STREAM}", json.dumps(body).encode(), timeout=5)
+    assert json.loads(reply.data).get("name") == "scratch", reply.data
+    rewritten = (await system.consumer(EVENTS_STREAM, "scratch")).config
+    assert rewritten.filter_subject == "sandbox.events.none"
+    assert rewritten.durable_name is None
+    await api.close()
+
+
 # --------------------------------------------------------------------------- chat-scoped agents
 
 
