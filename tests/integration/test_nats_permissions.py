@@ -25,7 +25,8 @@ from nats.js.errors import NotFoundError
 
 from services.reaper.service import running_reaper
 from services.runtime.service import running_runtime
-from shared.config import Settings, StreamSettings
+from shared.config import NKEY_FILE_KEY, Settings, StreamSettings
+from shared.nats_connection import NatsRefused, connect
 from shared.nats_credentials import ensure_seed
 from shared.nats_roles import PROJECTOR_CONSUMER, RUNTIME_CONSUMER, Role
 from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, SESSIONS_BUCKET, STATUS_BUCKET
@@ -171,6 +172,19 @@ async def test_anonymous_and_unknown_users_are_refused(secured: NatsServer, tmp_
     ensure_seed(stranger)
     with pytest.raises(Exception, match="Authorization Violation"):
         await connect_as(secured, seed_file=stranger)
+
+
+async def test_a_refused_key_fails_start_up_naming_it(secured: NatsServer, tmp_path: Path, node_id: str) -> None:
+    stranger = tmp_path / "stranger.nk"
+    ensure_seed(stranger)
+    for extra, needle in (
+        ({"SANDBOXD_NATS_NKEY_FILE": str(stranger)}, f"refused the user of {NKEY_FILE_KEY} = {stranger}"),
+        ({}, f"requires authentication (nats: 'Authorization Violation'): set {NKEY_FILE_KEY}"),
+    ):
+        settings = settings_for(secured.url, tmp_path, node_id, **extra)
+        with pytest.raises(NatsRefused) as refused:
+            await connect(settings.nats, name="test")
+        assert needle in str(refused.value)
 
 
 async def test_each_process_runs_as_its_role(system: System, caplog: pytest.LogCaptureFixture) -> None:
