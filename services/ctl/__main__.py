@@ -108,7 +108,7 @@ def cmd_declare(_: argparse.Namespace) -> int:
 
 
 def cmd_nats_credentials(args: argparse.Namespace) -> int:
-    from shared.nats_credentials import NkeyFileError, write_credentials  # noqa: PLC0415
+    from shared.nats_credentials import NkeyFileError, chat_seed_path, write_credentials  # noqa: PLC0415
     from shared.subjects import canonical_chat_id  # noqa: PLC0415
 
     try:
@@ -124,7 +124,7 @@ def cmd_nats_credentials(args: argparse.Namespace) -> int:
     for role in Role:
         print(f"{role.value:<8} {credentials.seed_file(role)}")
     for chat in credentials.chats:
-        print(f"chat     {credentials.directory / f'chat-{chat}.nk'}")
+        print(f"chat     {chat_seed_path(credentials.directory, chat)}")
     print(f"users    {credentials.users_file} (include it beside accounts.conf; reload the server after a change)")
     return 0
 
