@@ -68,9 +68,15 @@ def stack(tmp_path: Path, docker_client: docker.DockerClient, node_id: str, node
     try:
         yield Stack(base, token, proc, runtime_metrics, reaper_metrics, nats_port)
     finally:
+        # SIGTERM, so that `up` stops its children (they run in their own sessions and would
+        # outlive a SIGKILL of `up`); a kill only if it does not stop.
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         log.close()
 
 
