@@ -33,6 +33,10 @@ bootstrap:
 schemas:
     uv run sandboxctl schemas
 
+# Regenerate infra/nats/ (nats-server configs with the roles) after changing shared/nats_roles.py.
+nats-infra:
+    uv run sandboxctl nats-infra
+
 # Build (or rebuild) the default sandbox image.
 image:
     uv run sandboxctl build-image

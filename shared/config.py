@@ -20,9 +20,11 @@ from typing import Annotated, Any
 import msgspec
 
 from shared.failpoints import FAILPOINT_ENV
+from shared.nats_credentials import NkeyFileError, read_user_seed
 
 ENV_PREFIX = "SANDBOXD_"
 CONFIG_FILE_ENV = "SANDBOXD_CONFIG"
+NKEY_FILE_KEY = "nats.nkey_file (SANDBOXD_NATS_NKEY_FILE)"
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -43,6 +45,9 @@ class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     embedded_port: Port = 4222
     connect_timeout_seconds: PositiveSeconds = 5.0
     request_timeout_seconds: PositiveSeconds = 5.0
+    # The NATS user nkey seed this process connects with (`.sandboxd/nats/<role>.nk`, written
+    # by `sandboxctl up` / `sandboxctl nats-credentials`); unset: no authentication.
+    nkey_file: str | None = None
 
 
 class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -237,8 +242,18 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
     return settings
 
 
+def _check_nkey_file(settings: NatsSettings) -> None:
+    """A seed file that is missing or not a seed stops start-up here, naming the key."""
+    if settings.nkey_file is not None:
+        try:
+            read_user_seed(settings.nkey_file)
+        except NkeyFileError as exc:
+            raise ConfigError(f"{NKEY_FILE_KEY}: {exc}") from exc
+
+
 def _check_relations(settings: Settings) -> None:
-    """Constraints between keys, each message naming both."""
+    """Constraints between keys, each message naming both; files a key names must be usable."""
+    _check_nkey_file(settings.nats)
     if settings.sandbox.max_ttl_seconds > settings.sandbox.max_lifetime_seconds:
         raise ConfigError(
             f"sandbox.max_ttl_seconds ({env_name('sandbox', 'max_ttl_seconds')}={settings.sandbox.max_ttl_seconds}) "

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from typing import Any
 
-import nats
 from nats.aio.client import Client
+from nats.errors import AuthorizationError
 
-from shared.config import NatsSettings
+from shared.config import NKEY_FILE_KEY, ConfigError, NatsSettings
+from shared.nats_credentials import NkeyFileError, read_user_seed
+from shared.nats_roles import OUTSIDE_INBOX, Role, inbox_prefix
 
 log = logging.getLogger(__name__)
 
@@ -18,26 +23,89 @@ def nats_url(settings: NatsSettings) -> str:
     return settings.url or f"nats://127.0.0.1:{settings.embedded_port}"
 
 
-async def connect(settings: NatsSettings, name: str) -> Client:
-    """A client that reconnects forever once connected; the first connect fails fast."""
+def _seed(settings: NatsSettings) -> str | None:
+    if settings.nkey_file is None:
+        return None
+    try:
+        return read_user_seed(settings.nkey_file)
+    except NkeyFileError as exc:
+        raise ConfigError(f"{NKEY_FILE_KEY}: {exc}") from exc
+
+
+class NatsRefused(ConnectionError):
+    """The first connection failed: the server refused our credentials or never answered."""
+
+
+def _refusal(settings: NatsSettings, url: str, exc: Exception) -> str:
+    if settings.nkey_file is None:
+        return (
+            f"NATS at {url} requires authentication ({exc}): set {NKEY_FILE_KEY} to this role's seed "
+            "(`sandboxctl up` writes them to .sandboxd/nats/<role>.nk)"
+        )
+    return f"NATS at {url} refused the user of {NKEY_FILE_KEY} = {settings.nkey_file} ({exc}): not one of its users"
+
+
+def _is_refusal(exc: Exception) -> bool:
+    return isinstance(exc, AuthorizationError) or "authorization violation" in str(exc).lower()
+
+
+async def connect(settings: NatsSettings, name: str, *, role: Role | None = None) -> Client:
+    """A client that reconnects forever once connected. The first connection fails fast:
+    NatsRefused when the server rejects the credentials or does not answer within
+    `nats.connect_timeout_seconds` (nats-py alone would retry both forever).
+
+    It authenticates with `nats.nkey_file` when set (a ConfigError naming the key if the file
+    is missing or not a seed) and uses `role`'s private inbox prefix, which is what that role's
+    NATS user may subscribe to."""
+    seed = _seed(settings)
+    url = nats_url(settings)
+    loop = asyncio.get_running_loop()
+    refused: asyncio.Future[Exception] = loop.create_future()
+    connected = abandoned = False
 
     async def on_error(exc: Exception) -> None:
+        if abandoned:
+            return
+        if not connected and _is_refusal(exc):
+            if not refused.done():
+                refused.set_result(exc)
+            return
         log.warning("nats error: %s", exc)
 
     async def on_disconnected() -> None:
-        log.warning("nats disconnected")
+        if connected:
+            log.warning("nats disconnected")
 
     async def on_reconnected() -> None:
         log.info("nats reconnected")
 
-    return await nats.connect(
-        nats_url(settings),
-        name=name,
-        connect_timeout=settings.connect_timeout_seconds,
-        allow_reconnect=True,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        error_cb=on_error,
-        disconnected_cb=on_disconnected,
-        reconnected_cb=on_reconnected,
-    )
+    # nats-py types the time-outs as int; it takes seconds as float.
+    options: dict[str, Any] = {
+        "name": name,
+        "connect_timeout": settings.connect_timeout_seconds,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnected,
+        "reconnected_cb": on_reconnected,
+        "nkeys_seed_str": seed,
+        "inbox_prefix": inbox_prefix(role) if role is not None else OUTSIDE_INBOX,
+    }
+    nc = Client()
+    connecting: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(url, **options))
+    waiting: set[asyncio.Future[Any]] = {connecting, refused}
+    done, _ = await asyncio.wait(waiting, timeout=settings.connect_timeout_seconds, return_when=asyncio.FIRST_COMPLETED)
+    if connecting in done:
+        connecting.result()
+        connected = True
+        return nc
+    abandoned = True
+    connecting.cancel()
+    with contextlib.suppress(BaseException):
+        await connecting
+    with contextlib.suppress(Exception):
+        await nc.close()
+    if refused.done():
+        raise NatsRefused(_refusal(settings, url, refused.result()))
+    raise NatsRefused(f"no NATS server answered at {url} within {settings.connect_timeout_seconds:g}s")

@@ -16,6 +16,10 @@ EVENT_SUBJECTS = f"{EVENT_PREFIX}.>"
 # Rejections of commands whose subject names no valid chat id land here.
 INVALID_EVENTS_SUBJECT = f"{EVENT_PREFIX}.invalid"
 
+# The system's durable consumers (the runtime's command queue, the registry projector).
+RUNTIME_CONSUMER = "sandboxd-runtime"
+PROJECTOR_CONSUMER = "sandboxd-projector"
+
 EVENT_TYPE_HEADER = "Sandbox-Event"
 MSG_ID_HEADER = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ_HEADER = "Nats-Expected-Last-Subject-Sequence"

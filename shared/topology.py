@@ -1,15 +1,27 @@
-"""Idempotent declaration of the streams and the KV bucket every process relies on."""
+"""The streams and buckets every process relies on.
+
+Declaring (creating what is missing, updating settings that may change) is the admin's job:
+`sandboxctl up` and `sandboxctl declare` call `ensure_topology` / `ensure_status_bucket`.
+The processes only attach (`attach_topology` / `attach_status_bucket`): they look the
+topology up, create what is missing only where their NATS user may (an open test server),
+and never change an existing stream's settings.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RePublish, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from shared.config import StreamSettings
+from shared.nats_roles import FEED_SUBJECTS
+from shared.service import StartupError
 from shared.subjects import (
     COMMAND_SUBJECTS,
     COMMANDS_STREAM,
@@ -20,6 +32,7 @@ from shared.subjects import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # A command is two ids and at most 32 labels; an event carries one session record.
@@ -29,6 +42,10 @@ EVENT_MAX_BYTES = 256 * 1024
 
 class TopologyError(Exception):
     """An existing stream conflicts with the contract in a way we must not change silently."""
+
+
+class TopologyMissing(TopologyError, StartupError):
+    """A stream or bucket is missing and this process may not create it; says what to run."""
 
 
 def commands_stream_config(settings: StreamSettings) -> StreamConfig:
@@ -64,7 +81,45 @@ def events_stream_config(settings: StreamSettings) -> StreamConfig:
         max_msg_size=EVENT_MAX_BYTES,
         discard=DiscardPolicy.OLD,
         allow_direct=True,
+        # Outside parties' core subscriptions (`sandbox.events.>` in their accounts) read this
+        # copy of what was stored; see shared/nats_roles.py for why not the stream subjects.
+        republish=RePublish(src=EVENT_SUBJECTS, dest=FEED_SUBJECTS),
     )
+
+
+_MUTABLE = (
+    "duplicate_window",
+    "max_age",
+    "max_bytes",
+    "max_msgs_per_subject",
+    "max_msg_size",
+    "discard",
+    "num_replicas",
+    "allow_direct",
+    "description",
+)
+
+
+def _republish(config: StreamConfig) -> tuple[str | None, str | None, bool]:
+    r = config.republish
+    return (None, None, False) if r is None else (r.src, r.dest, bool(r.headers_only))
+
+
+def _check_contract(name: str, have: StreamConfig, wanted: StreamConfig) -> None:
+    if have.retention != wanted.retention:
+        raise TopologyError(
+            f"stream {name} exists with retention {have.retention}, the contract needs "
+            f"{wanted.retention}; it cannot be changed in place (delete or rename the old stream)"
+        )
+    if set(have.subjects or []) != set(wanted.subjects or []):
+        raise TopologyError(f"stream {name} exists with subjects {have.subjects}, expected {wanted.subjects}")
+
+
+def _drifted(have: StreamConfig, wanted: StreamConfig) -> list[str]:
+    fields = [f for f in _MUTABLE if getattr(have, f) != getattr(wanted, f)]
+    if _republish(have) != _republish(wanted):
+        fields.append("republish")
+    return fields
 
 
 async def _ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
@@ -75,46 +130,43 @@ async def _ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
         await js.add_stream(wanted)
         log.info("created stream %s", name)
         return
-    have = info.config
-    if have.retention != wanted.retention:
-        raise TopologyError(
-            f"stream {name} exists with retention {have.retention}, the contract needs "
-            f"{wanted.retention}; it cannot be changed in place (delete or rename the old stream)"
-        )
-    if set(have.subjects or []) != set(wanted.subjects or []):
-        raise TopologyError(f"stream {name} exists with subjects {have.subjects}, expected {wanted.subjects}")
-    mutable = (
-        "duplicate_window",
-        "max_age",
-        "max_bytes",
-        "max_msgs_per_subject",
-        "max_msg_size",
-        "discard",
-        "num_replicas",
-        "allow_direct",
-        "description",
-    )
-    if any(getattr(have, f) != getattr(wanted, f) for f in mutable):
+    _check_contract(name, info.config, wanted)
+    if _drifted(info.config, wanted):
         await js.update_stream(wanted)
         log.info("updated stream %s settings", name)
 
 
+async def _create_sessions_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    kv = await js.create_key_value(
+        bucket=SESSIONS_BUCKET,
+        description="sandboxd session registry: one record per chat with a live session",
+        history=1,
+        replicas=settings.replicas,
+        direct=True,
+    )
+    log.info("created KV bucket %s", SESSIONS_BUCKET)
+    return kv
+
+
+async def _create_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    kv = await js.create_key_value(
+        bucket=STATUS_BUCKET,
+        description="sandboxd process status blocks (reaper.<id>, ...)",
+        history=1,
+        replicas=settings.replicas,
+    )
+    log.info("created KV bucket %s", STATUS_BUCKET)
+    return kv
+
+
 async def ensure_topology(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
-    """Create what is missing, update settings that may change, leave data alone."""
+    """Create what is missing, update settings that may change, leave data alone (admin)."""
     await _ensure_stream(js, commands_stream_config(settings))
     await _ensure_stream(js, events_stream_config(settings))
     try:
         return await js.key_value(SESSIONS_BUCKET)
     except BucketNotFoundError:
-        kv = await js.create_key_value(
-            bucket=SESSIONS_BUCKET,
-            description="sandboxd session registry: one record per chat with a live session",
-            history=1,
-            replicas=settings.replicas,
-            direct=True,
-        )
-        log.info("created KV bucket %s", SESSIONS_BUCKET)
-        return kv
+        return await _create_sessions_bucket(js, settings)
 
 
 async def ensure_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
@@ -122,12 +174,61 @@ async def ensure_status_bucket(js: JetStreamContext, settings: StreamSettings) -
     try:
         return await js.key_value(STATUS_BUCKET)
     except BucketNotFoundError:
-        return await js.create_key_value(
-            bucket=STATUS_BUCKET,
-            description="sandboxd process status blocks (reaper.<id>, ...)",
-            history=1,
-            replicas=settings.replicas,
+        return await _create_status_bucket(js, settings)
+
+
+# --------------------------------------------------------------------------- attaching
+
+DECLARE_HINT = (
+    "only the admin role may create streams and buckets: run `sandboxctl declare` with admin "
+    "credentials (it uses .sandboxd/nats/admin.nk when that file exists, else SANDBOXD_NATS_NKEY_FILE)"
+)
+
+
+async def _create_or_explain(what: str, create: Callable[[], Awaitable[T]]) -> T:
+    """Create a missing piece if this process's NATS user may; a clear TopologyMissing if not
+    (a permission violation reaches the client only as a request time-out)."""
+    try:
+        return await create()
+    except (NatsError, TimeoutError) as exc:
+        raise TopologyMissing(
+            f"{what} does not exist and this process could not create it ({type(exc).__name__}: {exc}); {DECLARE_HINT}"
+        ) from exc
+
+
+async def _attach_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
+    name = wanted.name or ""
+    try:
+        info = await js.stream_info(name)
+    except NotFoundError:
+        await _create_or_explain(f"stream {name}", lambda: js.add_stream(wanted))
+        log.info("created stream %s", name)
+        return
+    _check_contract(name, info.config, wanted)
+    drift = _drifted(info.config, wanted)
+    if drift:
+        log.warning(
+            "stream %s differs from this process's settings in %s; left as it is (`sandboxctl declare` applies them)",
+            name,
+            ", ".join(drift),
         )
+
+
+async def attach_topology(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    """Check the streams and open the registry bucket without changing anything that exists."""
+    await _attach_stream(js, commands_stream_config(settings))
+    await _attach_stream(js, events_stream_config(settings))
+    try:
+        return await js.key_value(SESSIONS_BUCKET)
+    except BucketNotFoundError:
+        return await _create_or_explain(f"KV bucket {SESSIONS_BUCKET}", lambda: _create_sessions_bucket(js, settings))
+
+
+async def attach_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    try:
+        return await js.key_value(STATUS_BUCKET)
+    except BucketNotFoundError:
+        return await _create_or_explain(f"KV bucket {STATUS_BUCKET}", lambda: _create_status_bucket(js, settings))
 
 
 async def topology_missing(js: JetStreamContext) -> list[str]:

@@ -69,11 +69,12 @@ from shared.contracts import (
 from shared.errors import NatsUnavailable
 from shared.event_store import EventStore
 from shared.nats_connection import connect
+from shared.nats_roles import Role
 from shared.poison import DECODE_ERRORS, Quarantine
 from shared.registry import Registry
 from shared.subjects import canonical_chat_id
 from shared.telemetry import Telemetry, setup_telemetry
-from shared.topology import ensure_topology, topology_missing
+from shared.topology import attach_topology, topology_missing
 
 log = logging.getLogger(__name__)
 
@@ -363,9 +364,9 @@ def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Tel
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        nc = await connect(settings.nats, name="sandboxd-api")
+        nc = await connect(settings.nats, name="sandboxd-api", role=Role.API)
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
-        kv = await ensure_topology(js, settings.streams)
+        kv = await attach_topology(js, settings.streams)
         waiter = OutcomeWaiter()
         await waiter.start(js)
         quarantine = Quarantine(telemetry.metrics)

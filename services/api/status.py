@@ -18,11 +18,18 @@ from nats.js import JetStreamContext
 
 from shared.poison import DECODE_ERRORS
 from shared.registry import Registry
-from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, SESSIONS_BUCKET, STATUS_BUCKET
+from shared.subjects import (
+    COMMANDS_STREAM,
+    EVENTS_STREAM,
+    PROJECTOR_CONSUMER,
+    RUNTIME_CONSUMER,
+    SESSIONS_BUCKET,
+    STATUS_BUCKET,
+)
 
 SCHEMA_VERSION = 1
 _SECTION_TIMEOUT = 3.0
-_CONSUMERS = ((COMMANDS_STREAM, "sandboxd-runtime"), (EVENTS_STREAM, "sandboxd-projector"))
+_CONSUMERS = ((COMMANDS_STREAM, RUNTIME_CONSUMER), (EVENTS_STREAM, PROJECTOR_CONSUMER))
 
 
 class Section(msgspec.Struct, omit_defaults=True):

@@ -5,13 +5,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
 
 import docker
 import msgspec
+from nats.aio.client import Client
+from nats.errors import Error as NatsError
 
-from shared.config import ConfigError, Settings, load_settings
-from shared.nats_connection import connect
+from shared.config import ConfigError, NatsSettings, Settings, load_settings
+from shared.nats_connection import connect, nats_url
+from shared.nats_credentials import EMBEDDED_DIR, role_seed_path
+from shared.nats_roles import Role
 from shared.service import setup_logging
+from shared.topology import TopologyError
+
+T = TypeVar("T")
 
 
 def _settings() -> Settings:
@@ -20,6 +30,34 @@ def _settings() -> Settings:
     except ConfigError as exc:
         print(f"sandboxctl: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
+
+
+def admin_nats(settings: Settings) -> NatsSettings:
+    """The operator commands connect as admin: `nats.nkey_file` when set, else the embedded
+    server's admin seed when `sandboxctl up` has written one here."""
+    seed = role_seed_path(EMBEDDED_DIR, Role.ADMIN)
+    if settings.nats.nkey_file is None and seed.is_file():
+        return msgspec.structs.replace(settings.nats, nkey_file=str(seed))
+    return settings.nats
+
+
+def _with_admin(settings: Settings, name: str, work: Callable[[Client], Awaitable[T]]) -> T:
+    """Run `work` on an admin connection; NATS and topology failures end the command with a
+    message instead of a traceback."""
+    nats = admin_nats(settings)
+
+    async def run() -> T:
+        nc = await connect(nats, name=name, role=Role.ADMIN)
+        try:
+            return await work(nc)
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(run())
+    except (ConfigError, TopologyError, NatsError, OSError, TimeoutError) as exc:
+        print(f"sandboxctl: {name} against {nats_url(nats)} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
 
 
 def cmd_up(_: argparse.Namespace) -> int:
@@ -55,19 +93,52 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 
 
 def cmd_declare(_: argparse.Namespace) -> int:
-    from shared.topology import ensure_topology  # noqa: PLC0415
+    from shared.topology import ensure_status_bucket, ensure_topology  # noqa: PLC0415
 
     settings = _settings()
 
-    async def run() -> None:
-        nc = await connect(settings.nats, name="sandboxctl")
-        try:
-            await ensure_topology(nc.jetstream(), settings.streams)
-        finally:
-            await nc.close()
+    async def run(nc: Client) -> None:
+        js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
+        await ensure_topology(js, settings.streams)
+        await ensure_status_bucket(js, settings.streams)
 
-    asyncio.run(run())
-    print("SANDBOX_COMMANDS, SANDBOX_EVENTS and sandbox_sessions are declared")
+    _with_admin(settings, "sandboxctl-declare", run)
+    print("SANDBOX_COMMANDS, SANDBOX_EVENTS, sandbox_sessions and sandbox_status are declared")
+    return 0
+
+
+def cmd_nats_credentials(args: argparse.Namespace) -> int:
+    from shared.nats_credentials import NkeyFileError, chat_seed_path, write_credentials  # noqa: PLC0415
+    from shared.subjects import canonical_chat_id  # noqa: PLC0415
+
+    try:
+        chats = tuple(canonical_chat_id(c) for c in args.chat)
+    except ValueError:
+        print(f"sandboxctl: --chat takes chat ids (UUIDs), got {args.chat}", file=sys.stderr)
+        return 2
+    try:
+        credentials = write_credentials(Path(args.out), chats)
+    except NkeyFileError as exc:
+        print(f"sandboxctl: {exc}: delete it to have a new key generated", file=sys.stderr)
+        return 1
+    for role in Role:
+        print(f"{role.value:<8} {credentials.seed_file(role)}")
+    for chat in credentials.chats:
+        print(f"chat     {chat_seed_path(credentials.directory, chat)}")
+    print(f"users    {credentials.users_file} (include it beside accounts.conf; reload the server after a change)")
+    return 0
+
+
+def cmd_nats_infra(args: argparse.Namespace) -> int:
+    from shared.nats_infra import INFRA_DIR, stale, write  # noqa: PLC0415
+
+    if args.check:
+        out = stale()
+        for name in out:
+            print(f"stale: infra/nats/{name}")
+        return 1 if out else 0
+    for path in write():
+        print(f"wrote {path.relative_to(INFRA_DIR.parents[1])}")
     return 0
 
 
@@ -76,51 +147,43 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from services.runtime.replay import replay  # noqa: PLC0415
     from shared.event_store import EventStore  # noqa: PLC0415
     from shared.registry import Registry  # noqa: PLC0415
-    from shared.topology import ensure_topology  # noqa: PLC0415
+    from shared.topology import attach_topology  # noqa: PLC0415
 
     settings = _settings()
 
-    async def run() -> int:
-        nc = await connect(settings.nats, name="sandboxctl-replay")
-        try:
-            js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
-            kv = await ensure_topology(js, settings.streams)
-            registry = Registry(js, kv)
-            report = await replay(js, registry, Projector(js, EventStore(js), registry), repair=not args.dry_run)
-        finally:
-            await nc.close()
+    async def run(nc: Client) -> int:
+        js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
+        kv = await attach_topology(js, settings.streams)
+        registry = Registry(js, kv)
+        report = await replay(js, registry, Projector(js, EventStore(js), registry), repair=not args.dry_run)
         print(msgspec.json.format(msgspec.json.encode(report)).decode())
         return 1 if args.dry_run and report.drift else 0
 
-    return asyncio.run(run())
+    return _with_admin(settings, "sandboxctl-replay", run)
 
 
 def cmd_status(_: argparse.Namespace) -> int:
     from shared.registry import Registry  # noqa: PLC0415
-    from shared.topology import ensure_status_bucket, ensure_topology  # noqa: PLC0415
+    from shared.topology import attach_status_bucket, attach_topology  # noqa: PLC0415
 
     settings = _settings()
 
-    async def run() -> None:
-        nc = await connect(settings.nats, name="sandboxctl-status")
-        try:
-            js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
-            sessions = await ensure_topology(js, settings.streams)
-            status = await ensure_status_bucket(js, settings.streams)
-            live = await Registry(js, sessions).list()
-            out: dict[str, object] = {"registry": {"sessions": len(live)}}
-            watcher = await status.watchall()
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.value:
-                    out[entry.key] = msgspec.json.decode(entry.value)
-            await watcher.stop()  # type: ignore[no-untyped-call]
-        finally:
-            await nc.close()
+    async def run(nc: Client) -> None:
+        js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
+        sessions = await attach_topology(js, settings.streams)
+        status = await attach_status_bucket(js, settings.streams)
+        live = await Registry(js, sessions).list()
+        out: dict[str, object] = {"registry": {"sessions": len(live)}}
+        watcher = await status.watchall()
+        async for entry in watcher:
+            if entry is None:
+                break
+            if entry.value:
+                out[entry.key] = msgspec.json.decode(entry.value)
+        await watcher.stop()  # type: ignore[no-untyped-call]
         print(msgspec.json.format(msgspec.json.encode(out)).decode())
 
-    asyncio.run(run())
+    _with_admin(settings, "sandboxctl-status", run)
     return 0
 
 
@@ -133,7 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     schemas = sub.add_parser("schemas", help="regenerate schemas/ from the contracts")
     schemas.add_argument("--check", action="store_true", help="only report stale files (exit 1 if any)")
     schemas.set_defaults(fn=cmd_schemas)
-    sub.add_parser("declare", help="declare the streams and the KV bucket").set_defaults(fn=cmd_declare)
+    sub.add_parser("declare", help="declare the streams and the KV buckets (as admin)").set_defaults(fn=cmd_declare)
+    creds = sub.add_parser("nats-credentials", help="write role seeds (reused if present) and users.conf")
+    creds.add_argument("--out", required=True, help="directory for <role>.nk, chat-<id>.nk and users.conf")
+    creds.add_argument("--chat", action="append", default=[], help="also a chat-scoped agent for this chat id")
+    creds.set_defaults(fn=cmd_nats_credentials)
+    infra = sub.add_parser("nats-infra", help="regenerate infra/nats/ from shared/nats_roles.py")
+    infra.add_argument("--check", action="store_true", help="only report stale files (exit 1 if any)")
+    infra.set_defaults(fn=cmd_nats_infra)
     replay_cmd = sub.add_parser("replay", help="rebuild sandbox_sessions from the event stream, report drift")
     replay_cmd.add_argument("--dry-run", action="store_true", help="only report drift (exit 1 if there is any)")
     replay_cmd.set_defaults(fn=cmd_replay)

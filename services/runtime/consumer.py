@@ -27,13 +27,11 @@ from shared.consumers import bind_durable
 from shared.contracts import COMMAND_TYPES, AnyCommand
 from shared.errors import TransientError, WrongNode
 from shared.logs import bound_log_context
-from shared.subjects import COMMAND_SUBJECTS, COMMANDS_STREAM, split_command_subject
+from shared.subjects import COMMAND_SUBJECTS, COMMANDS_STREAM, RUNTIME_CONSUMER, split_command_subject
 from shared.telemetry import Telemetry, extract
 from shared.telemetry import disabled as telemetry_disabled
 
 log = logging.getLogger(__name__)
-
-RUNTIME_CONSUMER = "sandboxd-runtime"
 
 
 _QUICK_HANDOVERS = 20

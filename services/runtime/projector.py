@@ -29,13 +29,12 @@ from shared.consumers import bind_durable
 from shared.event_store import EventStore
 from shared.poison import PoisonSource, Quarantine
 from shared.registry import Registry
-from shared.subjects import EVENT_SUBJECTS, EVENTS_STREAM, INVALID_EVENTS_SUBJECT, chat_of
+from shared.subjects import EVENT_SUBJECTS, EVENTS_STREAM, INVALID_EVENTS_SUBJECT, PROJECTOR_CONSUMER, chat_of
 from shared.telemetry import Telemetry, extract
 from shared.telemetry import disabled as telemetry_disabled
 
 log = logging.getLogger(__name__)
 
-PROJECTOR_CONSUMER = "sandboxd-projector"
 _CAS_ATTEMPTS = 10
 PROJECTOR_MAX_DELIVER = 20
 _RETRY_DELAY_SECONDS = 0.5

@@ -15,11 +15,11 @@ import msgspec
 from nats.js import JetStreamContext
 
 from services.runtime.capacity import UNLIMITED, NodeCapacity, auto_limit, is_live_state
-from services.runtime.consumer import RUNTIME_CONSUMER, CommandConsumer
+from services.runtime.consumer import CommandConsumer
 from services.runtime.docker_driver import ContainerDriver, DockerDriver, prepare_chats_root
 from services.runtime.handlers import CommandHandlers, HandlerDeps, policy_from
 from services.runtime.observe import ActiveSandboxes
-from services.runtime.projector import PROJECTOR_CONSUMER, Projector
+from services.runtime.projector import Projector
 from services.runtime.reconcile import NodeReconciler
 from services.runtime.replay import replay
 from shared.clock import Clock, SystemClock
@@ -27,13 +27,14 @@ from shared.config import Settings
 from shared.errors import DockerUnavailable
 from shared.event_store import EventStore
 from shared.nats_connection import connect, nats_url
+from shared.nats_roles import Role
 from shared.poison import Quarantine
 from shared.registry import Registry
 from shared.service import StartupError
 from shared.status_blocks import prometheus_endpoint, publish_periodically
-from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM
+from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, PROJECTOR_CONSUMER, RUNTIME_CONSUMER
 from shared.telemetry import Telemetry, setup_telemetry
-from shared.topology import ensure_status_bucket, ensure_topology
+from shared.topology import attach_status_bucket, attach_topology
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,14 @@ async def running_runtime(  # noqa: PLR0915 - the composition root wires everyth
     clock = clock or SystemClock()
     telemetry = telemetry or setup_telemetry("sandboxd-runtime", otlp_endpoint=settings.telemetry.otlp_endpoint)
     try:
-        nc = await connect(settings.nats, name=f"sandboxd-runtime:{settings.runtime.node_id}")
+        nc = await connect(settings.nats, name=f"sandboxd-runtime:{settings.runtime.node_id}", role=Role.RUNTIME)
     except Exception as exc:
         raise StartupError(f"cannot connect to NATS at {nats_url(settings.nats)}: {exc}") from exc
     owned: DockerDriver | None = None
     try:
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
-        kv = await ensure_topology(js, settings.streams)
-        status_bucket = await ensure_status_bucket(js, settings.streams)
+        kv = await attach_topology(js, settings.streams)
+        status_bucket = await attach_status_bucket(js, settings.streams)
         if driver is None:
             try:
                 owned = DockerDriver.from_env(settings.runtime.docker_timeout_seconds, telemetry=telemetry)

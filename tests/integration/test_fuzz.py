@@ -40,10 +40,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
-from services.runtime.consumer import RUNTIME_CONSUMER
 from services.runtime.service import RuntimeHandle
 from shared.config import Settings
-from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM
+from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, RUNTIME_CONSUMER
 from tests.conftest import TEST_TOKEN, settings_for
 from tests.support.api_server import serving_api
 from tests.support.fuzz import (

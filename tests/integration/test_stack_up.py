@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -14,9 +16,14 @@ from pathlib import Path
 
 import docker
 import httpx
+import nats
 import pytest
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from tests.support.nats_server import free_port
+from shared.nats_roles import Role
+from tests.support.nats_parties import connect_as, until
+from tests.support.nats_server import NatsServer, free_port
 
 
 @dataclass
@@ -26,6 +33,7 @@ class Stack:
     proc: subprocess.Popen[bytes]
     runtime_metrics: int
     reaper_metrics: int
+    nats_port: int
 
 
 @pytest.fixture
@@ -58,11 +66,17 @@ def stack(tmp_path: Path, docker_client: docker.DockerClient, node_id: str, node
             raise AssertionError((tmp_path / "up.log").read_text())
         time.sleep(0.1)
     try:
-        yield Stack(base, token, proc, runtime_metrics, reaper_metrics)
+        yield Stack(base, token, proc, runtime_metrics, reaper_metrics, nats_port)
     finally:
+        # SIGTERM, so that `up` stops its children (they run in their own sessions and would
+        # outlive a SIGKILL of `up`); a kill only if it does not stop.
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         log.close()
 
 
@@ -110,6 +124,56 @@ def test_up_serves_the_readme_flow_and_stops_cleanly(
     assert all(token not in line for line in json_lines), "the API token is never logged"
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{base}/api/v1/health", timeout=1)
+
+
+async def test_up_runs_nats_with_a_user_per_role(stack: Stack, tmp_path: Path) -> None:
+    url = f"nats://127.0.0.1:{stack.nats_port}"
+    with pytest.raises(Exception, match="Authorization Violation"):
+        await nats.connect(url, allow_reconnect=False, connect_timeout=5)
+
+    seeds = tmp_path / ".sandboxd" / "nats"
+    assert stat.S_IMODE(seeds.stat().st_mode) == 0o700
+    for role in Role:
+        assert stat.S_IMODE((seeds / f"{role.value}.nk").stat().st_mode) == 0o600, role
+
+    # The agent's seed: a create straight over NATS gets its outcome; a forged event is refused.
+    agent = await connect_as(NatsServer(stack.nats_port, seeds), seed_file=seeds / "agent.nk")
+    chat = str(uuid.uuid4())
+    events: list[dict[str, object]] = []
+
+    async def on_event(msg: Msg) -> None:
+        events.append(json.loads(msg.data))
+
+    await agent.js.subscribe(
+        f"sandbox.events.{chat}",
+        stream="SANDBOX_EVENTS",
+        cb=on_event,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL,
+        config=ConsumerConfig(name=f"agent-{uuid.uuid4().hex[:8]}"),
+    )
+    command_id = str(uuid.uuid4())
+    body = json.dumps({"command_id": command_id, "chat_id": chat}).encode()
+    await agent.nc.jetstream(timeout=10).publish(
+        f"sandbox.cmd.create.{chat}", body, headers={"Nats-Msg-Id": command_id}
+    )
+    await until(lambda: any(e.get("causation_id") == command_id and e["type"] == "running" for e in events), 30)
+    forged = json.dumps({"type": "stopped", "chat_id": chat}).encode()
+    assert await agent.attempt(f"sandbox.events.{chat}", forged)
+
+    # The API, with the token, serves the session the agent created, then stops it.
+    headers = {"X-API-Token": stack.token}
+    async with httpx.AsyncClient(base_url=f"{stack.base}/api/v1", headers=headers, timeout=30) as http:
+        got = (await http.get(f"/sandboxes/{chat}")).json()
+        running = next(e for e in events if e["type"] == "running")
+        assert got["session_id"] == running["session_id"]
+        status = (await http.get("/status")).json()
+        assert all(section["ok"] for section in status["sections"].values()), status
+        assert (await http.delete(f"/sandboxes/{chat}")).status_code == 200
+    await until(lambda: any(e["type"] == "stopped" for e in events), 30)
+    await agent.close()
+    log = (tmp_path / "up.log").read_text()
+    assert "agent seed .sandboxd/nats/agent.nk" in log
 
 
 def scrape(url: str) -> dict[tuple[str, str], float]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import nats
 import pytest
 from nats.aio.client import Client
 from nats.js.api import RetentionPolicy, StreamConfig
 
 from shared.config import StreamSettings
+from shared.nats_roles import FEED_SUBJECTS
 from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, SESSIONS_BUCKET
-from shared.topology import TopologyError, ensure_topology, topology_missing
+from shared.topology import TopologyError, attach_topology, ensure_topology, topology_missing
 from tests.support.nats_server import NatsServer
 
 
@@ -40,6 +43,22 @@ async def test_a_conflicting_stream_is_refused_by_name(nats: NatsServer) -> None
     )
     with pytest.raises(TopologyError, match="SANDBOX_COMMANDS exists with retention"):
         await ensure_topology(js, StreamSettings())
+    await nc.close()
+
+
+async def test_attaching_changes_nothing_that_exists(nats: NatsServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Processes attach: a stream whose settings differ from theirs is left alone (warned about);
+    only the admin's `ensure_topology` updates it."""
+    nc = await _connect(nats)
+    js = nc.jetstream()
+    await ensure_topology(js, StreamSettings())
+    with caplog.at_level(logging.WARNING, logger="shared.topology"):
+        await attach_topology(js, StreamSettings(events_max_age_seconds=3600))
+    events = await js.stream_info(EVENTS_STREAM)
+    assert events.config.max_age == StreamSettings().events_max_age_seconds
+    assert events.config.republish is not None
+    assert (events.config.republish.src, events.config.republish.dest) == ("sandbox.events.>", FEED_SUBJECTS)
+    assert any("SANDBOX_EVENTS differs" in r.getMessage() and "max_age" in r.getMessage() for r in caplog.records)
     await nc.close()
 
 

