@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import docker
 import httpx
 import pytest
 from nats.aio.msg import Msg
@@ -42,7 +43,6 @@ from tests.conftest import TEST_TOKEN, missing, settings_for
 from tests.support.api_server import serving_api
 from tests.support.nats_parties import Party, connect_as, eventually, until
 from tests.support.nats_server import NatsServer, secured_nats_server
-from tests.unit.fakes_runtime import FakeDriver
 
 CHAT = "3f0c9a7e-2b1d-4c8e-9f6a-5d4e3c2b1a09"  # the chat-scoped agent's chat
 API = "$JS.API"
@@ -101,9 +101,11 @@ def role_settings(server: NatsServer, root: Path, node_id: str, role: Role) -> S
 
 
 @pytest.fixture
-async def system(secured: NatsServer, tmp_path: Path, node_id: str) -> AsyncIterator[System]:
-    """Declared as admin, then the runtime (a fake container driver: no Docker needed here),
-    the reaper and the API, each with its own seed."""
+async def system(
+    secured: NatsServer, tmp_path: Path, node_id: str, docker_client: docker.DockerClient, node_containers: None
+) -> AsyncIterator[System]:
+    """Declared as admin, then the runtime (on the real Docker engine), the reaper and the
+    API, each with its own seed."""
     for sub in ("chats", "deps", "tools"):
         (tmp_path / sub).mkdir()
     admin = await connect_as(secured, Role.ADMIN)
@@ -112,7 +114,7 @@ async def system(secured: NatsServer, tmp_path: Path, node_id: str) -> AsyncIter
     await ensure_status_bucket(js, StreamSettings())
     as_role = {role: role_settings(secured, tmp_path, node_id, role) for role in (Role.RUNTIME, Role.REAPER, Role.API)}
     async with (
-        running_runtime(as_role[Role.RUNTIME], driver=FakeDriver()),
+        running_runtime(as_role[Role.RUNTIME]),
         running_reaper(as_role[Role.REAPER]) as reaper,
         serving_api(as_role[Role.API]) as base,
     ):
@@ -229,7 +231,7 @@ async def test_a_process_without_a_declared_topology_says_what_to_run(
 ) -> None:
     settings = role_settings(secured, tmp_path, node_id, Role.RUNTIME)
     with pytest.raises(TopologyMissing, match=r"stream SANDBOX_COMMANDS does not exist.*sandboxctl declare"):
-        async with running_runtime(settings, driver=FakeDriver()):
+        async with running_runtime(settings):
             pass
 
 
