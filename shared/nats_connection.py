@@ -73,7 +73,7 @@ async def connect(settings: NatsSettings, name: str, *, role: Role | None = None
         log.warning("nats error: %s", exc)
 
     async def on_disconnected() -> None:
-        if connected:
+        if connected and not (nc.is_closed or nc.is_draining):  # not our own shutdown
             log.warning("nats disconnected")
 
     async def on_reconnected() -> None:
