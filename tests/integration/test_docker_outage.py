@@ -13,12 +13,11 @@ import httpx
 import pytest
 
 from services.runtime.docker_driver import DockerDriver
-from services.runtime.image import ensure_sandbox_image
 from services.runtime.service import running_runtime
 from shared.config import Settings
 from tests.conftest import TEST_IMAGE, TEST_TOKEN, missing
 from tests.support.api_server import serving_api
-from tests.support.private_dockerd import PrivateDockerd, private_dockerd
+from tests.support.private_dockerd import PrivateDockerd, private_dockerd_with_image
 
 
 @pytest.fixture
@@ -26,10 +25,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateDockerd]
     # A short path: unix socket paths are limited to ~100 bytes.
     root = Path(tmp_path_factory.mktemp("dkr"))
     try:
-        with private_dockerd(root) as started:
-            client = started.client()
-            ensure_sandbox_image(client, TEST_IMAGE)
-            client.close()
+        with private_dockerd_with_image(root, TEST_IMAGE) as started:
             yield started
     except RuntimeError as exc:
         missing(f"cannot run a private dockerd: {exc}")

@@ -30,7 +30,6 @@ from nats.aio.client import Client
 
 from services.reaper.service import running_reaper
 from services.runtime.docker_driver import DockerDriver, userns_offset
-from services.runtime.image import ensure_sandbox_image
 from services.runtime.projector import Projector
 from services.runtime.replay import replay
 from services.runtime.service import RuntimeHandle, running_runtime
@@ -42,7 +41,7 @@ from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, SESSIONS_BUCKET, com
 from tests.conftest import TEST_IMAGE, TEST_TOKEN, missing, settings_for
 from tests.support.api_server import serving_api
 from tests.support.nats_server import NatsServer
-from tests.support.private_dockerd import PrivateDockerd, private_dockerd
+from tests.support.private_dockerd import PrivateDockerd, private_dockerd_with_image
 
 API = "/api/v1"
 
@@ -113,15 +112,6 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: f
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"not within {timeout:g}s: {what}")
-
-
-@pytest.fixture
-async def api(settings: Settings, runtime: RuntimeHandle) -> AsyncIterator[httpx.AsyncClient]:
-    async with (
-        serving_api(settings) as base_url,
-        httpx.AsyncClient(base_url=base_url, headers={"X-API-Token": TEST_TOKEN}, timeout=30) as client,
-    ):
-        yield client
 
 
 @pytest.fixture
@@ -555,10 +545,7 @@ def remapped_engine() -> Iterator[PrivateDockerd]:
     root = Path(tempfile.mkdtemp(prefix="sbd-udk-", dir="/tmp"))
     root.chmod(0o711)
     try:
-        with private_dockerd(root, "--userns-remap=default") as started:
-            client = started.client()
-            ensure_sandbox_image(client, TEST_IMAGE)
-            client.close()
+        with private_dockerd_with_image(root, TEST_IMAGE, "--userns-remap=default") as started:
             yield started
     except RuntimeError as exc:
         missing(f"cannot run a private dockerd with --userns-remap: {exc}")

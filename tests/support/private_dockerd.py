@@ -103,3 +103,17 @@ def private_dockerd(root: Path, *extra_args: str) -> Iterator[PrivateDockerd]:
                 container.remove(force=True)
         client.close()
         engine.stop()
+
+
+@contextlib.contextmanager
+def private_dockerd_with_image(root: Path, image: str, *extra_args: str) -> Iterator[PrivateDockerd]:
+    """A private engine that has the sandbox image (built there: engines share no images)."""
+    from services.runtime.image import ensure_sandbox_image  # noqa: PLC0415 - only these tests build
+
+    with private_dockerd(root, *extra_args) as engine:
+        client = engine.client()
+        try:
+            ensure_sandbox_image(client, image)
+        finally:
+            client.close()
+        yield engine
