@@ -26,6 +26,8 @@ UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 Uuid = Annotated[str, msgspec.Meta(pattern=UUID_PATTERN)]
 NodeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 ContainerId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
+# Times read back are compared with the clock: one without a zone would raise there.
+AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 
 
 class SessionStatus(enum.StrEnum):
@@ -139,9 +141,9 @@ class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
     container_id: ContainerId | None
     image: str
     status: SessionStatus
-    created_at: datetime
-    expires_at: datetime
-    updated_at: datetime
+    created_at: AwareDatetime
+    expires_at: AwareDatetime
+    updated_at: AwareDatetime
     labels: Labels = msgspec.field(default_factory=dict)
     version: int = 0
 
@@ -173,7 +175,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     chat_id: str  # the chat of its subject (`invalid` for commands whose subject names none)
     session_id: Uuid | None
     causation_id: str | None
-    occurred_at: datetime
+    occurred_at: AwareDatetime
     node_id: NodeId | None
     result: CreateResult | None = None
     reason: str | None = None

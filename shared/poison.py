@@ -25,7 +25,6 @@ DECODE_ERRORS: tuple[type[Exception], ...] = (ValueError, RecursionError)
 class PoisonSource(enum.StrEnum):
     EVENT = "event"  # a message on SANDBOX_EVENTS
     RECORD = "record"  # a value in the sandbox_sessions bucket
-    STATUS = "status"  # a status block in the sandbox_status bucket
 
 
 class Quarantine:

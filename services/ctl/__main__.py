@@ -18,6 +18,7 @@ from shared.config import ConfigError, NatsSettings, Settings, load_settings
 from shared.nats_connection import connect, nats_url
 from shared.nats_credentials import EMBEDDED_DIR, role_seed_path
 from shared.nats_roles import Role
+from shared.poison import DECODE_ERRORS
 from shared.service import setup_logging
 from shared.topology import TopologyError
 
@@ -146,6 +147,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from services.runtime.projector import Projector  # noqa: PLC0415
     from services.runtime.replay import replay  # noqa: PLC0415
     from shared.event_store import EventStore  # noqa: PLC0415
+    from shared.poison import Quarantine  # noqa: PLC0415
     from shared.registry import Registry  # noqa: PLC0415
     from shared.topology import attach_topology  # noqa: PLC0415
 
@@ -154,8 +156,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     async def run(nc: Client) -> int:
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
         kv = await attach_topology(js, settings.streams)
-        registry = Registry(js, kv)
-        report = await replay(js, registry, Projector(js, EventStore(js), registry), repair=not args.dry_run)
+        quarantine = Quarantine()  # one, so each poisoned message is reported once
+        registry = Registry(js, kv, quarantine=quarantine)
+        projector = Projector(js, EventStore(js, quarantine=quarantine), registry, quarantine=quarantine)
+        report = await replay(js, registry, projector, repair=not args.dry_run, quarantine=quarantine)
         print(msgspec.json.format(msgspec.json.encode(report)).decode())
         return 1 if args.dry_run and report.drift else 0
 
@@ -179,7 +183,10 @@ def cmd_status(_: argparse.Namespace) -> int:
             if entry is None:
                 break
             if entry.value:
-                out[entry.key] = msgspec.json.decode(entry.value)
+                try:
+                    out[entry.key] = msgspec.json.decode(entry.value)
+                except DECODE_ERRORS:
+                    out[entry.key] = {"error": "this status block does not decode"}
         await watcher.stop()  # type: ignore[no-untyped-call]
         print(msgspec.json.format(msgspec.json.encode(out)).decode())
 

@@ -48,7 +48,9 @@ def runtime_consumer_config(durable: str, max_in_flight: int, ack_wait: float, m
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=ack_wait,
         max_ack_pending=max(1000, max_in_flight * 4),
-        max_deliver=max_deliver,
+        # One more than the runtime tries: a runtime that dies during a command's last try
+        # leaves it one delivery in which to give it its `failed` outcome.
+        max_deliver=max_deliver + 1,
         filter_subject=COMMAND_SUBJECTS,
     )
 

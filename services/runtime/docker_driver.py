@@ -213,7 +213,7 @@ class DockerDriver:
                 if exc.status_code != _HTTP_CONFLICT:
                     raise SandboxStartFailed(f"docker create failed: {exc.explanation or exc}") from exc
                 # A retry of the same session finds its container by name, if it is the session's.
-                found = self._api.inspect_container(spec.name)
+                found = self._inspect_for_retry(spec.name)
                 if not spec.identity.matches(found.get("Config", {}).get("Labels") or {}):
                     raise SandboxStartFailed(
                         f"a container named {spec.name} exists that is not this session's; it is left alone"
@@ -227,6 +227,13 @@ class DockerDriver:
             return container_id
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
             raise _unavailable(exc) from exc
+
+    def _inspect_for_retry(self, name: str) -> dict[str, Any]:
+        try:
+            found: dict[str, Any] = self._api.inspect_container(name)
+        except APIError as exc:  # it went away between the conflict and now, or Docker refused
+            raise SandboxStartFailed(f"docker create of {name} conflicted, then inspect failed: {exc}") from exc
+        return found
 
     def _force_remove_quietly(self, ref: str) -> None:
         try:

@@ -329,6 +329,7 @@ class CommandHandlers:
         except (InfrastructureError, DockerUnavailable) as exc:
             log.warning("replace of session %s: removing its container failed: %s", old.session_id, exc)
             return await self._outcome(SandboxFailed, command, old, claim_seq, error=_error(exc))
+        self._d.capacity.removed(old.session_id)
         decision = provision_after_replace(command, old, self._new_id(), self._d.clock.now(), self._d.policy)
         if isinstance(decision, Reject):
             return await self._refuse_after_replace(command, claim_seq, decision)
@@ -443,6 +444,7 @@ class CommandHandlers:
             return await self._outcome(
                 SandboxFailed, command, session, claim_seq, error=_error(exc), reason=command.reason
             )
+        self._d.capacity.removed(session.session_id)
         stopped = msgspec.structs.replace(session, status=SessionStatus.STOPPED, updated_at=self._d.clock.now())
         return await self._outcome(SandboxStopped, command, stopped, claim_seq, reason=command.reason)
 

@@ -36,8 +36,13 @@ from shared.telemetry import disabled as telemetry_disabled
 log = logging.getLogger(__name__)
 
 _CAS_ATTEMPTS = 10
-PROJECTOR_MAX_DELIVER = 20
-_RETRY_DELAY_SECONDS = 0.5
+# With the back-off below, a chat is retried for about 20 minutes (a NATS outage) before
+# it is given up; replay repairs it then.
+PROJECTOR_MAX_DELIVER = 50
+
+
+def retry_delay(deliveries: int) -> float:
+    return float(min(0.5 * 2 ** max(deliveries - 1, 0), 30.0))
 
 
 def projector_consumer_config(durable: str, batch: int) -> ConsumerConfig:
@@ -147,11 +152,19 @@ class Projector:
             if isinstance(result, BaseException) or result == "contended":
                 failed.add(chat)
         for m in msgs:
-            chat = chat_of(m.subject)
-            if chat not in failed:
-                await m.ack()
-            elif m.metadata.num_delivered >= PROJECTOR_MAX_DELIVER:
-                log.error("giving up projecting chat %s after %d tries; replay repairs it", chat, PROJECTOR_MAX_DELIVER)
-                await m.term()
-            else:
-                await m.nak(delay=_RETRY_DELAY_SECONDS)
+            try:
+                await _settle(m, failed)
+            except Exception as exc:  # noqa: BLE001 - an unsettled message is redelivered; the loop goes on
+                log.warning("could not settle %s: %s", m.subject, exc)
+
+
+async def _settle(m: Msg, failed: set[str]) -> None:
+    chat = chat_of(m.subject)
+    deliveries = m.metadata.num_delivered
+    if chat not in failed:
+        await m.ack()
+    elif deliveries >= PROJECTOR_MAX_DELIVER:
+        log.error("giving up projecting chat %s after %d tries; replay repairs it", chat, deliveries)
+        await m.term()
+    else:
+        await m.nak(delay=retry_delay(deliveries))

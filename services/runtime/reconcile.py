@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 
 import msgspec
 
-from services.runtime.containers import ContainerIdentity
+from services.runtime.containers import ContainerIdentity, container_name
 from services.runtime.docker_driver import ContainerDriver, ObservedContainer
 from services.runtime.handlers import outcome_msg_id
 from services.runtime.observe import ActiveSandboxes
@@ -41,7 +41,7 @@ from shared.contracts import (
     SessionRecord,
     SessionStatus,
 )
-from shared.errors import AppendConflict, SandboxdError
+from shared.errors import AppendConflict
 from shared.event_store import ChatState, EventStore
 from shared.registry import Registry
 from shared.subjects import canonical_chat_id
@@ -110,11 +110,21 @@ def decide_for_chat(
     return actions
 
 
-def _is_chat_id(value: str) -> bool:
+def _is_uuid(value: str) -> bool:
     try:
         return canonical_chat_id(value) == value
     except ValueError:
         return False
+
+
+def _made_by_us(container: ObservedContainer) -> bool:
+    """Its chat and session labels are ids and its name is its session's: only then is it
+    reconciled (a session label would otherwise name the event recorded for it)."""
+    return (
+        _is_uuid(container.chat_id)
+        and _is_uuid(container.session_id)
+        and container.name == container_name(container.session_id)
+    )
 
 
 def _key(action: Action) -> tuple[str, str]:
@@ -199,10 +209,12 @@ class NodeReconciler:
         report.containers = len(containers)
         by_chat: dict[str, list[ObservedContainer]] = {}
         for c in containers:
-            if _is_chat_id(c.chat_id):
+            if _made_by_us(c):
                 by_chat.setdefault(c.chat_id, []).append(c)
-            else:  # labelled as ours, but not by us: never touched
-                log.warning("container %s carries no valid chat id label; left alone", c.name)
+            else:  # labelled as ours, but not made by us: never touched
+                log.warning(
+                    "container %s is labelled managed but not named for a session of a chat; left alone", c.name
+                )
         chats = set(by_chat)
         chats |= {r.chat_id for r in await self._registry.list() if r.node_id == self._node_id}
         report.chats = len(chats)
@@ -210,7 +222,7 @@ class NodeReconciler:
         for chat in sorted(chats):
             try:
                 await self._reconcile_chat(chat, by_chat.get(chat, []), seen_now, report)
-            except (SandboxdError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - one chat's failure must not end the pass
                 report.errors += 1
                 log.warning("reconciling chat %s failed: %s", chat, exc)
         self._seen = seen_now

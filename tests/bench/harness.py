@@ -519,6 +519,9 @@ async def main() -> None:
             SANDBOXD_TELEMETRY_REAPER_METRICS_PORT="0",
             SANDBOXD_TELEMETRY_LOG_LEVEL="WARNING",
             SANDBOXD_REAPER_TICK_SECONDS="1",
+            # The expiry section keeps BENCH_EXPIRY tiny busybox sandboxes alive at once, more
+            # than the default capacity (engine memory / memory_limit) admits.
+            SANDBOXD_RUNTIME_MAX_SESSIONS="1000",
         )
         procs = [spawn(m, env, root / f"{m}.log") for m in ("services.runtime", "services.reaper", "services.api")]
         base = f"http://127.0.0.1:{port}"

@@ -132,15 +132,21 @@ async def test_reconciliation_marks_lost_and_removes_orphans(
     chat = str(uuid.uuid4())
     created = (await api.post("/api/v1/sandboxes", json={"chat_id": chat})).json()
     docker_client.containers.get(created["container_id"]).remove(force=True)
-    orphan_chat = str(uuid.uuid4())
+    orphan_chat, orphan_session = str(uuid.uuid4()), str(uuid.uuid4())
     labels: dict[str, str] = {
         "sandboxd.managed": "true",
         "sandboxd.node_id": node_id,
         "sandboxd.chat_id": orphan_chat,
-        "sandboxd.session_id": str(uuid.uuid4()),
+        "sandboxd.session_id": orphan_session,
     }
     orphan = docker_client.containers.run(
-        "sandboxd-sandbox:latest", ["sleep", "infinity"], detach=True, init=True, network_mode="none", labels=labels
+        "sandboxd-sandbox:latest",
+        ["sleep", "infinity"],
+        detach=True,
+        init=True,
+        network_mode="none",
+        labels=labels,
+        name=f"sandboxd-{orphan_session}",  # as sandboxd names a session's container
     )
     first = await runtime.reconciler.run_once()
     assert (first.lost, first.orphans_removed, first.pending_confirmation) == (0, 0, 2), "one observation is not enough"

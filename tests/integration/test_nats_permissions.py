@@ -84,6 +84,15 @@ class System:
         except NotFoundError:
             return None
 
+    async def registry_version(self, chat: str) -> int | None:
+        """The `version` of the chat's registry record: the event sequence it reflects."""
+        try:
+            raw = await self.admin.nc.jetstream().get_last_msg(SESSIONS, f"{KV}.{chat}")
+        except NotFoundError:
+            return None
+        version = json.loads(raw.data or b"{}").get("version")
+        return int(version) if version is not None else None
+
     async def connect(self, role: Role | None = None, *, chat: str | None = None) -> Party:
         return await connect_as(self.server, role, chat=chat)
 
@@ -269,8 +278,10 @@ async def test_agent_cannot_write_events_registry_or_status(system: System) -> N
     agent = await system.connect(Role.AGENT)
     chat = str(uuid.uuid4())
     await create_as(agent, chat)
-    await eventually(lambda: system.registry_revision(chat), lambda r: r is not None)
-    event_seq, revision = await system.last_event_seq(chat), await system.registry_revision(chat)
+    event_seq = await system.last_event_seq(chat)
+    # The registry has caught up with the chat's last event (not just its first).
+    await eventually(lambda: system.registry_version(chat), lambda v: v == event_seq)
+    revision = await system.registry_revision(chat)
     forged = json.dumps({"type": "stopped", "chat_id": chat}).encode()
 
     assert await agent.attempt(f"sandbox.events.{chat}", forged, {"Sandbox-Event": "stopped"})

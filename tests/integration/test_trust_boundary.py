@@ -279,7 +279,7 @@ async def test_poisoned_registry_entries_are_skipped_reported_and_repaired(
     try:
         js = nc.jetstream()
         kv = await js.key_value(SESSIONS_BUCKET)
-        garbage, mismatch, extra = (str(uuid.uuid4()) for _ in range(3))
+        garbage, mismatch, extra, naive = (str(uuid.uuid4()) for _ in range(4))
         await kv.put(garbage, b"\xff{not json")
         wrong = SessionRecord(
             session_id=str(uuid.uuid4()),
@@ -294,6 +294,11 @@ async def test_poisoned_registry_entries_are_skipped_reported_and_repaired(
         )
         await kv.put(mismatch, encode(wrong))
         await kv.put(extra, encode(msgspec_replace(wrong, chat_id=extra)))
+        # Decodes as JSON of the right shape, but its times have no zone: comparing them with
+        # the clock would raise in the reaper and in reconciliation.
+        zoneless = json.loads(encode(msgspec_replace(wrong, chat_id=naive)))
+        zoneless["expires_at"] = "2026-01-01T00:00:00"
+        await kv.put(naive, json.dumps(zoneless).encode())
         held = await kv.get(live)
         forged = json.loads(held.value or b"{}")
         forged["version"] = 10**9  # a record that claims to be newer than the stream
