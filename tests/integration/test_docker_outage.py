@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 
 from services.runtime.docker_driver import DockerDriver
@@ -33,6 +34,9 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateDockerd]
 
 async def test_docker_outage(settings: Settings, engine: PrivateDockerd) -> None:
     driver = DockerDriver(engine.client())
+    # A node limit makes every create list the engine's containers first: that, too, must
+    # fail fast when the engine is down.
+    settings = msgspec.structs.replace(settings, runtime=msgspec.structs.replace(settings.runtime, max_sessions=20))
     async with (
         running_runtime(settings, driver=driver) as runtime,
         serving_api(settings) as url,
