@@ -300,6 +300,9 @@ async def test_agent_cannot_manage_streams_or_consumers(system: System) -> None:
     """(d) purge, delete, update, message delete, consumer delete and pause: all refused."""
     agent = await system.connect(Role.AGENT)
     await create_as(agent, str(uuid.uuid4()))
+    # The runtime acknowledges the command just after its outcome: wait until the work queue
+    # is empty, or its first sequence moves under the snapshot.
+    await eventually(lambda: system.stream(COMMANDS_STREAM), lambda info: info.state.messages == 0)
     before = {s: (await system.stream(s)).state for s in (COMMANDS_STREAM, EVENTS_STREAM, SESSIONS)}
     config = (await system.stream(EVENTS_STREAM)).config.as_dict()
     for subject, body in [
