@@ -161,7 +161,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         projector = Projector(js, EventStore(js, quarantine=quarantine), registry, quarantine=quarantine)
         report = await replay(js, registry, projector, repair=not args.dry_run, quarantine=quarantine)
         print(msgspec.json.format(msgspec.json.encode(report)).decode())
-        return 1 if args.dry_run and report.drift else 0
+        # Scripts can tell: 1 when a dry run found drift, or a repair left some unrepaired.
+        return 1 if (args.dry_run and report.drift) or report.unrepaired else 0
 
     return _with_admin(settings, "sandboxctl-replay", run)
 
