@@ -1,10 +1,11 @@
 """In-memory stand-ins for the event store, the handled-command index, the Docker driver and
 the clock (unit tests only).
 
-FakeStore keeps the real store's semantics that the handlers rely on, in the server's order:
-message-id de-duplication first (inside the stream's duplicate window, which expires on the
-fake clock), then the per-subject expected sequence (AppendConflict); one global sequence.
-tests/integration/test_event_log_contract.py runs one suite against it and the real store.
+FakeStore keeps the real store's semantics that the handlers rely on, in nats-server 2.14's
+order: the per-subject expected sequence first (AppendConflict, even for a message id seen
+before), then stream-wide message-id de-duplication inside the duplicate window (which
+expires on the fake clock); one global sequence. tests/integration/test_event_log_contract.py
+runs one suite against it and the real store.
 """
 
 from __future__ import annotations
@@ -56,14 +57,14 @@ class FakeStore:
         await asyncio.sleep(0)
         if self.fail_next[event.type]:
             raise self.fail_next[event.type].pop(0)
-        now = self.clock.now()
-        seen = self.msg_ids.get(msg_id)
-        if seen is not None and now - seen[1] < self.duplicate_window:
-            return Appended(seen[0], duplicate=True)  # before any expected-sequence check
         events = self.subjects[subject]
         last = events[-1].seq if events else 0
         if expected_seq is not None and expected_seq != last:
             raise AppendConflict(f"{subject}: last is {last}, not {expected_seq}")
+        now = self.clock.now()
+        seen = self.msg_ids.get(msg_id)
+        if seen is not None and now - seen[1] < self.duplicate_window:
+            return Appended(seen[0], duplicate=True)
         self.seq += 1
         self.msg_ids[msg_id] = (self.seq, now)
         events.append(StoredEvent(self.seq, event))
