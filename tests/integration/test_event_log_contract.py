@@ -19,7 +19,7 @@ from nats.js.api import StreamConfig
 from shared.contracts import SandboxRunning
 from shared.errors import AppendConflict
 from shared.event_store import EventLog, EventStore
-from shared.subjects import EVENT_SUBJECTS, event_subject
+from shared.subjects import EVENT_SUBJECTS
 from tests.support.nats_server import NatsServer
 from tests.support.records import session_record
 from tests.unit.fakes_runtime import FakeClock, FakeStore
