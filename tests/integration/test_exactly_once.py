@@ -22,14 +22,20 @@ from shared.handled import handled_key
 from shared.subjects import HANDLED_BUCKET, command_subject
 from shared.topology import ensure_topology
 from tests.support.eventually import eventually, holds
+from tests.support.nats_server import NatsServer
+
+
+async def connect(url: str) -> Client:
+    return await nats.connect(url)  # a module-level function: tests name their server fixture `nats`
+
 
 OUTCOMES = {t.__struct_config__.tag for t in OUTCOME_TYPES}
 WINDOW = 1.0  # seconds; the contract's minimum is 120 s, too long to wait for in a test
 
 
 @pytest.fixture
-async def js(settings: Settings) -> AsyncIterator[JetStreamContext]:
-    nc: Client = await nats.connect(settings.nats.url)
+async def js(nats: NatsServer) -> AsyncIterator[JetStreamContext]:
+    nc: Client = await connect(nats.url)
     js = nc.jetstream()
     # Declared before the runtime attaches, with a short duplicate window.
     await ensure_topology(js, StreamSettings(events_duplicate_window_seconds=WINDOW))
