@@ -104,7 +104,7 @@ def cmd_declare(_: argparse.Namespace) -> int:
         await ensure_status_bucket(js, settings.streams)
 
     _with_admin(settings, "sandboxctl-declare", run)
-    print("SANDBOX_COMMANDS, SANDBOX_EVENTS, sandbox_sessions and sandbox_status are declared")
+    print("SANDBOX_COMMANDS, SANDBOX_EVENTS, sandbox_sessions, sandbox_handled and sandbox_status are declared")
     return 0
 
 
