@@ -64,6 +64,10 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # A chat keeps its newest events only, so no chat can grow the stream without bound and a
     # chat's latest event is never dropped for its own history.
     events_max_msgs_per_subject: Annotated[int, msgspec.Meta(ge=10)] = 1000
+    # How long `sandbox_handled` remembers that a command had its outcome (no command id is
+    # carried out twice within it); at least commands_max_age_seconds, so no redelivery
+    # outlives it.
+    handled_max_age_seconds: PositiveSeconds = 7 * 24 * 3600.0
 
 
 class HttpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -265,6 +269,14 @@ def _check_relations(settings: Settings) -> None:
             f"sandbox.ttl_seconds ({env_name('sandbox', 'ttl_seconds')}={settings.sandbox.ttl_seconds}) must not "
             f"exceed sandbox.max_ttl_seconds ({env_name('sandbox', 'max_ttl_seconds')}="
             f"{settings.sandbox.max_ttl_seconds})"
+        )
+    streams = settings.streams
+    if streams.handled_max_age_seconds < streams.commands_max_age_seconds:
+        raise ConfigError(
+            f"streams.handled_max_age_seconds ({env_name('streams', 'handled_max_age_seconds')}="
+            f"{streams.handled_max_age_seconds:g}) must be at least streams.commands_max_age_seconds "
+            f"({env_name('streams', 'commands_max_age_seconds')}={streams.commands_max_age_seconds:g}): a command "
+            "redelivered after its record expired could be carried out twice"
         )
     if settings.reaper.redrive_grace_seconds <= settings.runtime.claim_timeout_seconds:
         raise ConfigError(

@@ -278,3 +278,26 @@ def decode_record(data: bytes) -> SessionRecord:
 
 def is_outcome(event: Event) -> bool:
     return isinstance(event, OUTCOME_TYPES)
+
+
+# --------------------------------------------------------------------------- handled commands
+
+
+class HandledCommand(msgspec.Struct, frozen=True, kw_only=True):
+    """A command that has had its outcome, as `sandbox_handled` holds it (key
+    `<chat_id>.<command_id>`). A command id found there is never carried out again: a
+    redelivery or a client re-sending it long after the event stream's de-duplication window
+    gets no second outcome. `outcome_seq` is the outcome event's sequence in SANDBOX_EVENTS."""
+
+    chat_id: Uuid
+    command_id: Uuid
+    kind: str  # the command's kind: create, stop or keepalive
+    outcome_seq: Annotated[int, msgspec.Meta(ge=1)]
+    recorded_at: AwareDatetime
+
+
+_handled_decoder = msgspec.json.Decoder(HandledCommand)
+
+
+def decode_handled(data: bytes) -> HandledCommand:
+    return _handled_decoder.decode(data)

@@ -39,6 +39,7 @@ from shared.subjects import (
     EVENT_PREFIX,
     EVENT_SUBJECTS,
     EVENTS_STREAM,
+    HANDLED_BUCKET,
     PROJECTOR_CONSUMER,
     RUNTIME_CONSUMER,
     SESSIONS_BUCKET,
@@ -76,6 +77,8 @@ SESSIONS_STREAM = f"KV_{SESSIONS_BUCKET}"
 STATUS_STREAM = f"KV_{STATUS_BUCKET}"
 SESSIONS_KEYS = f"$KV.{SESSIONS_BUCKET}"
 STATUS_KEYS = f"$KV.{STATUS_BUCKET}"
+HANDLED_STREAM = f"KV_{HANDLED_BUCKET}"
+HANDLED_KEYS = f"$KV.{HANDLED_BUCKET}"
 
 # Inboxes. Outside accounts receive their consumers' deliveries through SANDBOXD's `_INBOX.>`
 # (AGENTS) and `_INBOX_chat.>` (CHATS); nobody inside SANDBOXD uses those prefixes, so no reply
@@ -286,10 +289,13 @@ ROLES: dict[Role, RoleSpec] = {
             publish=(
                 EVENT_SUBJECTS,
                 f"{SESSIONS_KEYS}.>",
+                f"{HANDLED_KEYS}.>",
                 f"{STATUS_KEYS}.runtime.>",
                 ACCOUNT_INFO,
                 stream_info(COMMANDS_STREAM),
                 stream_info(STATUS_STREAM),
+                stream_info(HANDLED_STREAM),
+                *direct_get(HANDLED_STREAM),
                 *_durable(COMMANDS_STREAM, RUNTIME_CONSUMER),
                 *_durable(EVENTS_STREAM, PROJECTOR_CONSUMER),
                 *_ordered_reads(EVENTS_STREAM, direct=True),
@@ -298,7 +304,8 @@ ROLES: dict[Role, RoleSpec] = {
             subscribe=(f"{inbox_prefix(Role.RUNTIME)}.>",),
         ),
         "consume commands (durable `sandboxd-runtime`); append events; project them "
-        "(durable `sandboxd-projector`) into the registry; write `sandbox_status` `runtime.>`",
+        "(durable `sandboxd-projector`) into the registry; record handled commands in `sandbox_handled`; "
+        "write `sandbox_status` `runtime.>`",
     ),
     Role.REAPER: RoleSpec(
         Role.REAPER,

@@ -25,6 +25,7 @@ DECODE_ERRORS: tuple[type[Exception], ...] = (ValueError, RecursionError)
 class PoisonSource(enum.StrEnum):
     EVENT = "event"  # a message on SANDBOX_EVENTS
     RECORD = "record"  # a value in the sandbox_sessions bucket
+    HANDLED = "handled"  # a value in the sandbox_handled bucket
 
 
 class Quarantine:

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from shared.contracts import COMMAND_TYPES, EVENT_TYPES, AnyEvent, SessionRecord
+from shared.contracts import COMMAND_TYPES, EVENT_TYPES, AnyEvent, HandledCommand, SessionRecord
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
 _DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -40,6 +40,11 @@ def generate() -> dict[str, str]:
     )
     docs["session-record.json"] = _document(
         SessionRecord, "sandbox_sessions KV value", "The registry's record of a chat's live session (key: chat_id)."
+    )
+    docs["handled-command.json"] = _document(
+        HandledCommand,
+        "sandbox_handled KV value",
+        "A command that has had its outcome (key: <chat_id>.<command_id>); it is never carried out again.",
     )
     return {path: json.dumps(doc, indent=2, sort_keys=True) + "\n" for path, doc in docs.items()}
 

@@ -8,6 +8,9 @@ COMMANDS_STREAM = "SANDBOX_COMMANDS"
 EVENTS_STREAM = "SANDBOX_EVENTS"
 SESSIONS_BUCKET = "sandbox_sessions"
 STATUS_BUCKET = "sandbox_status"
+# Which commands have had their outcome (key `<chat_id>.<command_id>`): exactly once,
+# beyond the event stream's de-duplication window.
+HANDLED_BUCKET = "sandbox_handled"
 
 COMMAND_PREFIX = "sandbox.cmd"
 EVENT_PREFIX = "sandbox.events"

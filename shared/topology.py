@@ -27,6 +27,7 @@ from shared.subjects import (
     COMMANDS_STREAM,
     EVENT_SUBJECTS,
     EVENTS_STREAM,
+    HANDLED_BUCKET,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
 )
@@ -148,6 +149,19 @@ async def _create_sessions_bucket(js: JetStreamContext, settings: StreamSettings
     return kv
 
 
+async def _create_handled_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    kv = await js.create_key_value(
+        bucket=HANDLED_BUCKET,
+        description="sandboxd handled commands: <chat_id>.<command_id> for every command that had its outcome",
+        history=1,
+        ttl=settings.handled_max_age_seconds,
+        replicas=settings.replicas,
+        direct=True,
+    )
+    log.info("created KV bucket %s", HANDLED_BUCKET)
+    return kv
+
+
 async def _create_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
     kv = await js.create_key_value(
         bucket=STATUS_BUCKET,
@@ -163,10 +177,25 @@ async def ensure_topology(js: JetStreamContext, settings: StreamSettings) -> Key
     """Create what is missing, update settings that may change, leave data alone (admin)."""
     await _ensure_stream(js, commands_stream_config(settings))
     await _ensure_stream(js, events_stream_config(settings))
+    await ensure_handled_bucket(js, settings)
     try:
         return await js.key_value(SESSIONS_BUCKET)
     except BucketNotFoundError:
         return await _create_sessions_bucket(js, settings)
+
+
+async def ensure_handled_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    """The index of handled commands (shared/handled.py); its TTL follows the settings."""
+    try:
+        kv = await js.key_value(HANDLED_BUCKET)
+    except BucketNotFoundError:
+        return await _create_handled_bucket(js, settings)
+    info = await js.stream_info(f"KV_{HANDLED_BUCKET}")
+    if info.config.max_age != settings.handled_max_age_seconds:
+        info.config.max_age = settings.handled_max_age_seconds
+        await js.update_stream(info.config)
+        log.info("updated KV bucket %s max age", HANDLED_BUCKET)
+    return kv
 
 
 async def ensure_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
@@ -222,6 +251,13 @@ async def attach_topology(js: JetStreamContext, settings: StreamSettings) -> Key
         return await js.key_value(SESSIONS_BUCKET)
     except BucketNotFoundError:
         return await _create_or_explain(f"KV bucket {SESSIONS_BUCKET}", lambda: _create_sessions_bucket(js, settings))
+
+
+async def attach_handled_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    try:
+        return await js.key_value(HANDLED_BUCKET)
+    except BucketNotFoundError:
+        return await _create_or_explain(f"KV bucket {HANDLED_BUCKET}", lambda: _create_handled_bucket(js, settings))
 
 
 async def attach_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:

@@ -104,7 +104,7 @@ def cmd_declare(_: argparse.Namespace) -> int:
         await ensure_status_bucket(js, settings.streams)
 
     _with_admin(settings, "sandboxctl-declare", run)
-    print("SANDBOX_COMMANDS, SANDBOX_EVENTS, sandbox_sessions and sandbox_status are declared")
+    print("SANDBOX_COMMANDS, SANDBOX_EVENTS, sandbox_sessions, sandbox_handled and sandbox_status are declared")
     return 0
 
 
@@ -161,7 +161,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         projector = Projector(js, EventStore(js, quarantine=quarantine), registry, quarantine=quarantine)
         report = await replay(js, registry, projector, repair=not args.dry_run, quarantine=quarantine)
         print(msgspec.json.format(msgspec.json.encode(report)).decode())
-        return 1 if args.dry_run and report.drift else 0
+        # Scripts can tell: 1 when a dry run found drift, or a repair left some unrepaired.
+        return 1 if (args.dry_run and report.drift) or report.unrepaired else 0
 
     return _with_admin(settings, "sandboxctl-replay", run)
 

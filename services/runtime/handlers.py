@@ -53,6 +53,7 @@ from shared.contracts import (
     CreateResult,
     CreateSandbox,
     ErrorInfo,
+    HandledCommand,
     KeepaliveSandbox,
     PreviousSession,
     RejectReason,
@@ -71,6 +72,7 @@ from shared.contracts import (
 from shared.errors import AppendConflict, DockerUnavailable, InfrastructureError, WrongNode
 from shared.event_store import ChatState, EventLog
 from shared.failpoints import failpoint
+from shared.handled import HandledIndex
 from shared.subjects import INVALID_EVENTS_SUBJECT
 from shared.telemetry import Telemetry
 from shared.telemetry import disabled as telemetry_disabled
@@ -118,6 +120,7 @@ class HandlerDeps:
     telemetry: Telemetry = field(default_factory=telemetry_disabled)
     active: ActiveSandboxes = field(default_factory=ActiveSandboxes)
     capacity: NodeCapacity = field(default_factory=unlimited)
+    handled: HandledIndex = field(kw_only=True)  # the index of commands that had their outcome
 
 
 # The outcome appended while handling the current command (one list per handling task).
@@ -172,6 +175,12 @@ class CommandHandlers:
 
     async def _run(self, command: AnyCommand, progress: Progress) -> None:
         async with self._chat_turn(str(command.chat_id), progress):
+            if await self._d.handled.lookup(str(command.chat_id), str(command.command_id)) is not None:
+                # Seen again after its outcome (a re-send, or a redelivery after a lost ack):
+                # never decided afresh, whatever the chat's state is now.
+                log.info("command %s was handled before; not handling it again", command.command_id)
+                self._metrics.increment("sandbox.command.seen_again.total", {"kind": command.kind})
+                return
             match command:
                 case CreateSandbox():
                     await self.create(command, progress)
@@ -192,10 +201,30 @@ class CommandHandlers:
             return False
         command_id = str(command.command_id)
         history = await self._d.store.history(str(command.chat_id))
-        found = any(s.event.causation_id == command_id and is_outcome(s.event) for s in history)
-        if found:
-            log.info("command %s already has its outcome; not handling it again", command_id)
-        return found
+        found = next((s for s in history if s.event.causation_id == command_id and is_outcome(s.event)), None)
+        if found is None:
+            return False
+        log.info("command %s already has its outcome; not handling it again", command_id)
+        await self._record_handled(command, found.seq)
+        return True
+
+    async def _record_handled(self, command: AnyCommand, outcome_seq: int) -> None:
+        """Remember that the command had its outcome (before it is acknowledged)."""
+        await self._d.handled.record(
+            HandledCommand(
+                chat_id=str(command.chat_id),
+                command_id=str(command.command_id),
+                kind=command.kind,
+                outcome_seq=outcome_seq,
+                recorded_at=self._d.clock.now(),
+            )
+        )
+
+    async def _already_handled(self, command: AnyCommand, state: ChatState) -> bool:
+        """The chat's last event is this command's outcome (a redelivery): record it again,
+        in case the process that appended it died before recording it."""
+        await self._record_handled(command, state.seq)
+        return True
 
     def _own(self, session: SessionRecord) -> None:
         """Docker work on a session's container is for the node that runs it."""
@@ -256,7 +285,8 @@ class CommandHandlers:
         holder = _OUTCOME.get()
         if holder is not None and not appended.duplicate:  # a duplicate: the outcome was given before
             holder.append(event)
-        failpoint("after_outcome")  # appended, not yet acknowledged
+        failpoint("after_outcome")  # appended, not yet recorded or acknowledged
+        await self._record_handled(command, appended.seq)
         return True
 
     async def _reject(self, command: AnyCommand, state: ChatState, decision: Reject) -> bool:
@@ -295,7 +325,7 @@ class CommandHandlers:
         """True when the command is finished; False to read the chat again and re-decide."""
         match decision:
             case AlreadyHandled():
-                return True
+                return await self._already_handled(command, state)
             case Wait():
                 return False
             case Reject():
@@ -414,6 +444,7 @@ class CommandHandlers:
                     return
             match decision:
                 case AlreadyHandled():
+                    await self._already_handled(command, state)
                     return
                 case Wait():
                     await progress()
@@ -457,6 +488,7 @@ class CommandHandlers:
             decision = decide_keepalive(state.last, command, self._d.clock.now(), self._d.policy)
             match decision:
                 case AlreadyHandled():
+                    await self._already_handled(command, state)
                     return
                 case Wait():
                     await progress()

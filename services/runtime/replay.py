@@ -39,7 +39,8 @@ class DriftReport:
     stale: list[str] = field(default_factory=list)  # in the bucket, but not as the last event says
     extra: list[str] = field(default_factory=list)  # in the bucket, but no live session in the stream
     corrupt: list[str] = field(default_factory=list)  # keys whose value is poison
-    repaired: int = 0
+    repaired: int = 0  # drifted chats whose key now matches their last event
+    unrepaired: list[str] = field(default_factory=list)  # drifted chats a repair could not settle
     seconds: float = 0.0
 
     @property
@@ -133,15 +134,21 @@ async def replay(
         drifted = report.missing + report.stale + report.extra + report.corrupt
         semaphore = asyncio.Semaphore(64)
 
-        async def fix(chat: str) -> None:
+        async def fix(chat: str) -> bool:
             async with semaphore:
-                await projector.project_chat(chat)
+                try:
+                    return await projector.project_chat(chat) != "contended"
+                except Exception as exc:  # noqa: BLE001 - one chat's failure is reported, the rest go on
+                    log.warning("replay: repairing chat %s failed: %s", chat, exc)
+                    return False
 
-        await asyncio.gather(*(fix(chat) for chat in drifted))
-        report.repaired = len(drifted)
+        fixed = await asyncio.gather(*(fix(chat) for chat in drifted))
+        report.repaired = sum(fixed)
+        report.unrepaired = [chat for chat, ok in zip(drifted, fixed, strict=True) if not ok]
     report.seconds = time.perf_counter() - started
     log.info(
-        "replay: %d chats (%d live), drift missing=%d stale=%d extra=%d corrupt=%d, repaired %d in %.2fs",
+        "replay: %d chats (%d live), drift missing=%d stale=%d extra=%d corrupt=%d, repaired %d (unrepaired %d) "
+        "in %.2fs",
         report.chats,
         report.live,
         len(report.missing),
@@ -149,6 +156,7 @@ async def replay(
         len(report.extra),
         len(report.corrupt),
         report.repaired,
+        len(report.unrepaired),
         report.seconds,
     )
     return report

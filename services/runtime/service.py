@@ -26,6 +26,7 @@ from shared.clock import Clock, SystemClock
 from shared.config import Settings
 from shared.errors import DockerUnavailable
 from shared.event_store import EventStore
+from shared.handled import HandledCommands
 from shared.nats_connection import connect, nats_url
 from shared.nats_roles import Role
 from shared.poison import Quarantine
@@ -34,7 +35,7 @@ from shared.service import StartupError
 from shared.status_blocks import prometheus_endpoint, publish_periodically
 from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, PROJECTOR_CONSUMER, RUNTIME_CONSUMER
 from shared.telemetry import Telemetry, setup_telemetry
-from shared.topology import attach_status_bucket, attach_topology
+from shared.topology import attach_handled_bucket, attach_status_bucket, attach_topology
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ async def running_runtime(  # noqa: PLR0915 - the composition root wires everyth
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
         kv = await attach_topology(js, settings.streams)
         status_bucket = await attach_status_bucket(js, settings.streams)
+        handled_bucket = await attach_handled_bucket(js, settings.streams)
         if driver is None:
             try:
                 owned = DockerDriver.from_env(settings.runtime.docker_timeout_seconds, telemetry=telemetry)
@@ -93,7 +95,17 @@ async def running_runtime(  # noqa: PLR0915 - the composition root wires everyth
         policy = policy_from(runtime_settings.node_id, settings.sandbox, runtime_settings.claim_timeout_seconds)
         capacity = await node_capacity(settings, driver, owned)
         handlers = CommandHandlers(
-            HandlerDeps(store, driver, clock, policy, settings.sandbox, telemetry, active, capacity)
+            HandlerDeps(
+                store,
+                driver,
+                clock,
+                policy,
+                settings.sandbox,
+                telemetry,
+                active,
+                capacity,
+                handled=HandledCommands(js, handled_bucket, quarantine),
+            )
         )
         consumer = CommandConsumer(
             js,

@@ -1,7 +1,11 @@
-"""In-memory stand-ins for the event store, the Docker driver and the clock (unit tests only).
+"""In-memory stand-ins for the event store, the handled-command index, the Docker driver and
+the clock (unit tests only).
 
-FakeStore keeps the real store's semantics that the handlers rely on: per-subject expected
-sequences (AppendConflict), one global sequence, and message-id de-duplication.
+FakeStore keeps the real store's semantics that the handlers rely on, in nats-server 2.14's
+order: the per-subject expected sequence first (AppendConflict, even for a message id seen
+before), then stream-wide message-id de-duplication inside the duplicate window (which
+expires on the fake clock); one global sequence. tests/integration/test_event_log_contract.py
+runs one suite against it and the real store.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from datetime import UTC, datetime, timedelta
 
 from services.runtime.containers import ContainerIdentity, ContainerSpec
 from services.runtime.docker_driver import ObservedContainer
-from shared.contracts import AnyEvent
+from shared.contracts import AnyEvent, HandledCommand
 from shared.errors import AppendConflict, SandboxdError
 from shared.event_store import Appended, ChatState, StoredEvent
+from shared.handled import handled_key
 from shared.subjects import event_subject
 
 
@@ -32,9 +37,11 @@ class FakeClock:
 
 @dataclass
 class FakeStore:
+    clock: FakeClock = field(default_factory=FakeClock)
+    duplicate_window: timedelta = timedelta(seconds=600)
     seq: int = 0
     subjects: dict[str, list[StoredEvent]] = field(default_factory=lambda: defaultdict(list))
-    msg_ids: dict[str, int] = field(default_factory=dict)
+    msg_ids: dict[str, tuple[int, datetime]] = field(default_factory=dict)  # msg id -> (seq, stored at)
     # event type -> errors to raise on the next appends of that type
     fail_next: dict[str, list[Exception]] = field(default_factory=lambda: defaultdict(list))
 
@@ -54,10 +61,12 @@ class FakeStore:
         last = events[-1].seq if events else 0
         if expected_seq is not None and expected_seq != last:
             raise AppendConflict(f"{subject}: last is {last}, not {expected_seq}")
-        if msg_id in self.msg_ids:
-            return Appended(self.msg_ids[msg_id], duplicate=True)
+        now = self.clock.now()
+        seen = self.msg_ids.get(msg_id)
+        if seen is not None and now - seen[1] < self.duplicate_window:
+            return Appended(seen[0], duplicate=True)
         self.seq += 1
-        self.msg_ids[msg_id] = self.seq
+        self.msg_ids[msg_id] = (self.seq, now)
         events.append(StoredEvent(self.seq, event))
         return Appended(self.seq, duplicate=False)
 
@@ -70,6 +79,21 @@ class FakeStore:
 
     def types(self, chat_id: str) -> list[str]:
         return [e.type for e in self.events(chat_id)]
+
+
+@dataclass
+class FakeHandled:
+    """The handled-command index in memory (the real one is a KV bucket with a TTL)."""
+
+    entries: dict[str, HandledCommand] = field(default_factory=dict)
+
+    async def lookup(self, chat_id: str, command_id: str) -> HandledCommand | None:
+        await asyncio.sleep(0)
+        return self.entries.get(handled_key(chat_id, command_id))
+
+    async def record(self, handled: HandledCommand) -> None:
+        await asyncio.sleep(0)
+        self.entries[handled_key(handled.chat_id, handled.command_id)] = handled
 
 
 @dataclass

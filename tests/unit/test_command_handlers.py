@@ -38,19 +38,20 @@ from shared.errors import (
     WrongNode,
 )
 from shared.subjects import INVALID_EVENTS_SUBJECT
-from tests.unit.fakes_runtime import FakeClock, FakeDriver, FakeStore
+from tests.unit.fakes_runtime import FakeClock, FakeDriver, FakeHandled, FakeStore
 
 POLICY = Policy("node-a", "img", timedelta(minutes=5), timedelta(hours=1), timedelta(seconds=60))
 
 
 class World:
     def __init__(self) -> None:
-        self.store = FakeStore()
-        self.driver = FakeDriver()
         self.clock = FakeClock()
+        self.store = FakeStore(self.clock)
+        self.driver = FakeDriver()
+        self.handled = FakeHandled()
         ids = itertools.count(1)
         self.handlers = CommandHandlers(
-            HandlerDeps(self.store, self.driver, self.clock, POLICY, SandboxSettings()),
+            HandlerDeps(self.store, self.driver, self.clock, POLICY, SandboxSettings(), handled=self.handled),
             new_id=lambda: f"id-{next(ids)}",
         )
         self.progress_calls = 0
@@ -258,7 +259,7 @@ async def test_a_create_waits_for_another_process_claim(world: World) -> None:
     other = World()
     other.store = world.store  # a second runtime process sharing the log
     other.handlers = CommandHandlers(
-        HandlerDeps(world.store, world.driver, world.clock, POLICY, SandboxSettings()),
+        HandlerDeps(world.store, world.driver, world.clock, POLICY, SandboxSettings(), handled=world.handled),
         new_id=lambda: str(uuid.uuid4()),
     )
     gate = hold_starts(world.driver)
@@ -282,6 +283,7 @@ async def test_only_the_owning_node_touches_a_container(world: World) -> None:
             world.clock,
             Policy("node-b", "img", timedelta(minutes=5), timedelta(hours=1), timedelta(seconds=60)),
             SandboxSettings(),
+            handled=world.handled,
         ),
     )
     created = msgspec.convert({"command_id": str(uuid.uuid4()), "chat_id": str(chat)}, CreateSandbox)
@@ -312,7 +314,15 @@ async def test_a_create_beyond_the_nodes_capacity_is_refused(world: World) -> No
         return {c.session_id for c in await world.driver.list_managed("node-a")}
 
     world.handlers = CommandHandlers(
-        HandlerDeps(world.store, world.driver, world.clock, POLICY, SandboxSettings(), capacity=NodeCapacity(2, live)),
+        HandlerDeps(
+            world.store,
+            world.driver,
+            world.clock,
+            POLICY,
+            SandboxSettings(),
+            capacity=NodeCapacity(2, live),
+            handled=world.handled,
+        ),
         new_id=lambda: str(uuid.uuid4()),
     )
     chats = [uuid.uuid4() for _ in range(4)]

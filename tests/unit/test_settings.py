@@ -66,6 +66,18 @@ def test_a_bad_file_value_names_the_file_and_key(tmp_path: Path) -> None:
         load_settings(environ={"SANDBOXD_CONFIG": str(file)})
 
 
+def test_handled_commands_are_remembered_at_least_as_long_as_a_command_is_queued() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"SANDBOXD_STREAMS_HANDLED_MAX_AGE_SECONDS": "3600"})
+    message = str(caught.value)
+    assert "SANDBOXD_STREAMS_HANDLED_MAX_AGE_SECONDS=3600" in message
+    assert "streams.commands_max_age_seconds" in message
+    ok = load_settings(
+        environ={"SANDBOXD_STREAMS_HANDLED_MAX_AGE_SECONDS": "3600", "SANDBOXD_STREAMS_COMMANDS_MAX_AGE_SECONDS": "600"}
+    )
+    assert ok.streams.handled_max_age_seconds == 3600
+
+
 def test_the_redrive_grace_must_exceed_the_claim_timeout() -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(environ={"SANDBOXD_REAPER_REDRIVE_GRACE_SECONDS": "60"})
