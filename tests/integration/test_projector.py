@@ -4,7 +4,6 @@ concurrently, and never backwards."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -21,6 +20,7 @@ from shared.contracts import AnyEvent, SandboxRunning, SandboxStopped, SessionRe
 from shared.event_store import EventStore
 from shared.registry import Registry
 from shared.topology import ensure_topology
+from tests.support.eventually import eventually
 from tests.support.nats_server import NatsServer
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -140,12 +140,9 @@ async def test_the_projector_loop_keeps_the_bucket_in_step(
         await append(store, event(SandboxRunning, record(chat, SessionStatus.RUNNING)))
     for chat in chats[:10]:
         await append(store, event(SandboxStopped, record(chat, SessionStatus.STOPPED)))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        live = {r.chat_id for r in await registry.list()}
-        if live == set(chats[10:]):
-            break
-        await asyncio.sleep(0.05)
+    await eventually(
+        registry.list, lambda records: {r.chat_id for r in records} == set(chats[10:]), what="the live chats in KV"
+    )
     stopping.set()
     await task
     assert {r.chat_id for r in await registry.list()} == set(chats[10:])
