@@ -33,7 +33,7 @@ from services.runtime.projector import Projector
 from services.runtime.replay import replay
 from services.runtime.service import RuntimeHandle, running_runtime
 from shared.config import Settings
-from shared.contracts import AnyEvent, SessionRecord, SessionStatus, encode, is_outcome
+from shared.contracts import AnyEvent, SessionRecord, encode, is_outcome
 from shared.event_store import EventStore
 from shared.registry import Registry
 from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, SESSIONS_BUCKET, command_subject, event_subject
@@ -42,6 +42,7 @@ from tests.support.api_server import serving_api
 from tests.support.eventually import eventually
 from tests.support.nats_server import NatsServer
 from tests.support.private_dockerd import PrivateDockerd, private_dockerd_with_image
+from tests.support.records import session_record
 
 API = "/api/v1"
 
@@ -270,17 +271,8 @@ async def test_poisoned_registry_entries_are_skipped_reported_and_repaired(
         kv = await js.key_value(SESSIONS_BUCKET)
         garbage, mismatch, extra, naive = (str(uuid.uuid4()) for _ in range(4))
         await kv.put(garbage, b"\xff{not json")
-        wrong = SessionRecord(
-            session_id=str(uuid.uuid4()),
-            chat_id=str(uuid.uuid4()),
-            node_id=node_id,
-            container_id=None,
-            image=TEST_IMAGE,
-            status=SessionStatus.RUNNING,
-            created_at=datetime.now(UTC),
-            expires_at=datetime.now(UTC) + timedelta(hours=1),
-            updated_at=datetime.now(UTC),
-        )
+        # Well-formed, but its chat_id is not the key it is put under (`mismatch`).
+        wrong = session_record(node_id=node_id, container_id=None, image=TEST_IMAGE, now=datetime.now(UTC))
         await kv.put(mismatch, encode(wrong))
         await kv.put(extra, encode(msgspec_replace(wrong, chat_id=extra)))
         # Decodes as JSON of the right shape, but its times have no zone: comparing them with
