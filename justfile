@@ -6,12 +6,18 @@ export UV_PYTHON_DOWNLOADS := "never"
 up: bootstrap
     uv run sandboxctl up
 
-# ruff, mypy (strict) and the whole pytest suite (unit + real NATS + real Docker).
+# ruff, mypy (strict) and the whole pytest suite (unit + real NATS + real Docker), with a
+# branch-coverage report of shared/ and services/ (no threshold).
 test: bootstrap
     uv run ruff check .
     uv run ruff format --check .
     uv run mypy
-    uv run pytest
+    uv run pytest --cov --cov-report=term-missing:skip-covered
+
+# Only the fast tests: everything outside tests/integration (no NATS, no Docker, no ruff/mypy).
+unit:
+    uv sync --frozen --quiet
+    uv run pytest -m "not integration"
 
 # Install what the commands need: the locked Python environment and a static busybox
 # (the default sandbox image is built from it; no registry is needed).

@@ -1,7 +1,8 @@
 """Shared fixtures: a real nats-server per test, the real Docker engine, the sandbox image.
 
 A test that needs Docker or NATS skips when they are missing on a developer machine, and
-fails under CI=true: CI must never pass by skipping the parts that matter.
+fails under CI=true: CI must never pass by skipping the parts that matter. Every test under
+tests/integration carries the `integration` marker (`just unit` deselects them).
 """
 
 from __future__ import annotations
@@ -20,9 +21,17 @@ from services.runtime.service import RuntimeHandle, running_runtime
 from shared.config import Settings, load_settings
 from tests.support.nats_server import NatsServer, nats_server
 
+INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TEST_IMAGE = "sandboxd-sandbox:latest"
 TEST_TOKEN = "test-token-" + uuid.uuid4().hex
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark by place: a `pytestmark` in a conftest marks nothing, so the folder decides."""
+    for item in items:
+        if item.path.is_relative_to(INTEGRATION_DIR):
+            item.add_marker(pytest.mark.integration)
 
 
 def missing(what: str) -> None:

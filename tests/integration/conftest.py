@@ -12,8 +12,6 @@ from shared.config import Settings
 from tests.conftest import TEST_TOKEN
 from tests.support.api_server import serving_api
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture
 async def api(settings: Settings, runtime: RuntimeHandle) -> AsyncIterator[httpx.AsyncClient]:

@@ -4,7 +4,6 @@ failed stop kept and retried, and reconciliation converging once the engine is b
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,11 +46,11 @@ async def test_docker_outage(settings: Settings, engine: PrivateDockerd) -> None
             assert (await http.post("/api/v1/sandboxes", json={"chat_id": chat})).status_code == 201
 
         await asyncio.to_thread(engine.stop)
-        started = time.monotonic()
         fresh = [str(uuid.uuid4()) for _ in range(5)]
         answers = await asyncio.gather(*(http.post("/api/v1/sandboxes", json={"chat_id": c}) for c in fresh))
-        assert time.monotonic() - started < 10, "no command hangs while Docker is down"
         for answer in answers:
+            # An outcome, not the 202 the API answers when none came within api.wait_seconds:
+            # no command hangs while Docker is down.
             assert answer.status_code == 503, answer.text
             assert "Docker engine is unavailable" in answer.json()["detail"]
             assert answer.json()["error"]["type"] == "docker_unavailable"

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import nats
 from shared.config import Settings
 from shared.contracts import decode_record
 from shared.subjects import SESSIONS_BUCKET
+from tests.support.eventually import eventually, past
 
 Client = httpx.AsyncClient
 
@@ -31,17 +31,6 @@ async def kv_record(settings: Settings, chat_id: str) -> dict[str, Any] | None:
         return {"session_id": record.session_id, "status": str(record.status), "container_id": record.container_id}
     finally:
         await nc.close()
-
-
-async def eventually_kv(settings: Settings, chat_id: str, want: dict[str, Any] | None, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    got = None
-    while time.monotonic() < deadline:
-        got = await kv_record(settings, chat_id)
-        if got == want:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"KV for {chat_id}: wanted {want}, last saw {got}")
 
 
 async def test_create_reuse_stop_over_http(
@@ -82,9 +71,8 @@ async def test_create_reuse_stop_over_http(
     assert container.exec_run(["sh", "-c", "echo hi > /workspace/chat/f"]).exit_code == 0
     assert (tmp_path / "chats" / chat / "f").read_text() == "hi\n"
     assert container.exec_run(["sh", "-c", "echo x > /opt/dependencies/f"]).exit_code != 0
-    await eventually_kv(
-        settings, chat, {"session_id": view["session_id"], "status": "running", "container_id": view["container_id"]}
-    )
+    want = {"session_id": view["session_id"], "status": "running", "container_id": view["container_id"]}
+    await eventually(lambda: kv_record(settings, chat), lambda got: got == want, what="the registry has the session")
 
     reused = await api.post("/api/v1/sandboxes", json={"chat_id": chat})
     assert reused.status_code == 200, reused.text
@@ -102,7 +90,7 @@ async def test_create_reuse_stop_over_http(
     assert stopped.json()["status"] == "stopped"
     assert not docker_client.containers.list(all=True, filters={"name": f"sandboxd-{view['session_id']}"})
     assert (tmp_path / "chats" / chat / "f").exists(), "the chat directory outlives the sandbox"
-    await eventually_kv(settings, chat, None)
+    await eventually(lambda: kv_record(settings, chat), lambda got: got is None, what="the registry forgets it")
     assert (await api.get(f"/api/v1/sandboxes/{chat}")).status_code == 404
     again = await api.delete(f"/api/v1/sandboxes/{chat}")
     assert again.status_code == 404
@@ -133,7 +121,7 @@ async def test_seed_create_endpoint_and_uuid_normalisation(api: Client) -> None:
 async def test_expired_session_is_replaced(api: Client, docker_client: docker.DockerClient) -> None:
     chat = str(uuid.uuid4())
     old = (await api.post("/api/v1/sandboxes", json={"chat_id": chat, "ttl_seconds": 1})).json()
-    await asyncio.sleep(1.1)
+    await past(datetime.fromisoformat(old["expires_at"]))  # no reaper here: it stays, expired
     new = await api.post("/api/v1/sandboxes", json={"chat_id": chat})
     assert new.status_code == 201, new.text
     assert new.json()["result"] == "replaced"
@@ -199,8 +187,7 @@ async def test_docker_failure_is_an_error_that_says_so(
 
 async def test_nats_down_gives_503(api: Client, nats: Any) -> None:
     nats.stop()
-    await asyncio.sleep(0.3)
+    await eventually(lambda: api.get("/api/v1/ready"), lambda r: r.status_code == 503, what="the API sees NATS gone")
     response = await api.post("/api/v1/sandboxes", json={"chat_id": str(uuid.uuid4())})
     assert response.status_code == 503, response.text
     assert "NATS" in response.json()["detail"]
-    assert (await api.get("/api/v1/ready")).status_code == 503

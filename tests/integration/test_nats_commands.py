@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +18,8 @@ from nats.js.api import DeliverPolicy
 
 from services.runtime.service import RuntimeHandle
 from shared.config import Settings
-from shared.subjects import COMMANDS_STREAM, command_subject
+from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, RUNTIME_CONSUMER, command_subject
+from tests.support.eventually import eventually, until
 
 OUTCOMES = {"running", "reused", "extended", "stopped", "failed", "rejected"}
 
@@ -29,9 +29,11 @@ class EventLog:
 
     def __init__(self) -> None:
         self.events: list[tuple[str, dict[str, Any]]] = []
+        self.last_seq = 0  # the stream sequence of the last event seen
 
     async def on_msg(self, msg: Msg) -> None:
         self.events.append((msg.subject, json.loads(msg.data)))
+        self.last_seq = msg.metadata.sequence.stream
 
     def caused_by(self, command_id: str) -> list[dict[str, Any]]:
         return [e for _, e in self.events if e.get("causation_id") == command_id]
@@ -39,23 +41,12 @@ class EventLog:
     def outcomes_of(self, command_id: str) -> list[dict[str, Any]]:
         return [e for e in self.caused_by(command_id) if e["type"] in OUTCOMES]
 
-    async def outcome(self, command_id: str, timeout: float = 20.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.outcomes_of(command_id)
-            if found:
-                return found[0]
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"no outcome for command {command_id}")
+    def on_subject(self, subject: str) -> list[dict[str, Any]]:
+        return [e for s, e in self.events if s == subject]
 
-    async def on_subject(self, subject: str, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [e for s, e in self.events if s == subject]
-            if len(found) >= count:
-                return found
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"fewer than {count} events on {subject}")
+    async def outcome(self, command_id: str) -> dict[str, Any]:
+        await until(lambda: bool(self.outcomes_of(command_id)), what=f"an outcome for command {command_id}")
+        return self.outcomes_of(command_id)[0]
 
 
 @pytest.fixture
@@ -70,10 +61,25 @@ async def agent(settings: Settings, runtime: RuntimeHandle) -> AsyncIterator[tup
     await nc.close()
 
 
-async def publish(nc: Client, kind: str, chat: str, body: dict[str, Any] | bytes, msg_id: str | None = None) -> None:
+async def publish(nc: Client, kind: str, chat: str, body: dict[str, Any] | bytes, msg_id: str | None = None) -> int:
+    """Publish a command; its sequence in the commands stream."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-    await nc.jetstream().publish(command_subject(kind, chat), data, headers=headers)
+    return (await nc.jetstream().publish(command_subject(kind, chat), data, headers=headers)).seq
+
+
+async def settled(nc: Client, log: EventLog, seq: int) -> None:
+    """Wait until the runtime has settled (acked or terminated) every command up to `seq`,
+    then until the log has seen every event stored by then: whatever those commands caused
+    is in the log, and nothing is left to be redelivered."""
+    js = nc.jetstream()
+    await eventually(
+        lambda: js.consumer_info(COMMANDS_STREAM, RUNTIME_CONSUMER),
+        lambda info: info.ack_floor.stream_seq >= seq and info.num_ack_pending == 0,
+        what=f"commands up to {seq} settled",
+    )
+    stored = (await js.stream_info(EVENTS_STREAM)).state.last_seq
+    await until(lambda: log.last_seq >= stored, what=f"the log up to event {stored}")
 
 
 async def test_create_reuse_stop_by_hand(agent: tuple[Client, EventLog], docker_client: docker.DockerClient) -> None:
@@ -163,14 +169,13 @@ async def test_malformed_commands_are_rejected_once_and_never_redelivered(
     ]
     for kind, subject_chat, data, _ in cases:
         await publish(nc, kind, subject_chat, data)
-    await publish(nc, "create", "not-a-chat", json.dumps({"command_id": str(uuid.uuid4()), "chat_id": chat}).encode())
+    last = await publish(
+        nc, "create", "not-a-chat", json.dumps({"command_id": str(uuid.uuid4()), "chat_id": chat}).encode()
+    )
 
-    on_chat = await log.on_subject(f"sandbox.events.{chat}", len(cases))
-    invalid = await log.on_subject("sandbox.events.invalid", 1)
-    # Long enough for any redelivery (the first nak delay is 0.5 s) to show up.
-    await asyncio.sleep(1.5)
-    on_chat = [e for s, e in log.events if s == f"sandbox.events.{chat}"]
-    invalid = [e for s, e in log.events if s == "sandbox.events.invalid"]
+    await settled(nc, log, last)
+    on_chat = log.on_subject(f"sandbox.events.{chat}")
+    invalid = log.on_subject("sandbox.events.invalid")
     assert sorted(e["reason"] for e in on_chat) == sorted(c[3] for c in cases)
     assert all(e["type"] == "rejected" and e["session"] is None for e in on_chat)
     assert [e["reason"] for e in invalid] == ["invalid_subject"]
@@ -181,9 +186,10 @@ async def test_malformed_commands_are_rejected_once_and_never_redelivered(
     js = nc.jetstream()
     info = await js.stream_info(COMMANDS_STREAM)
     assert info.state.messages == 0, "terminated commands must leave the work queue"
-    consumer = await js.consumer_info(COMMANDS_STREAM, "sandboxd-runtime")
+    consumer = await js.consumer_info(COMMANDS_STREAM, RUNTIME_CONSUMER)
     assert consumer.num_ack_pending == 0
-    assert consumer.num_redelivered == 0
+    # Every delivery so far was a first one: each command was delivered once, never again.
+    assert consumer.delivered.consumer_seq == consumer.delivered.stream_seq == last
 
 
 async def test_duplicate_and_redelivered_commands_get_one_outcome(agent: tuple[Client, EventLog]) -> None:
@@ -197,8 +203,8 @@ async def test_duplicate_and_redelivered_commands_get_one_outcome(agent: tuple[C
     await log.outcome(command_id)
     # The same command again under another message id (a client retrying after the
     # duplicate window): its outcome is already in the log, so nothing new is appended.
-    await publish(nc, "create", chat, body, msg_id=command_id + "-retry")
-    await asyncio.sleep(1.0)
+    retry = await publish(nc, "create", chat, body, msg_id=command_id + "-retry")
+    await settled(nc, log, retry)
     assert len(log.outcomes_of(command_id)) == 1
     assert [e["type"] for e in log.caused_by(command_id)] == ["provisioning", "running"]
 
@@ -238,7 +244,7 @@ async def test_a_resent_create_whose_outcome_is_not_last_starts_nothing(
     await log.outcome(stop)
     # The same create again (a redelivery after a lost ack looks the same to the runtime):
     # its outcome is in the history, though no longer the chat's last event.
-    await publish(nc, "create", chat, body, msg_id=create + "-again")
-    await asyncio.sleep(1.5)
+    again = await publish(nc, "create", chat, body, msg_id=create + "-again")
+    await settled(nc, log, again)
     assert [e["type"] for e in log.caused_by(create)] == ["provisioning", "running"]
     assert not docker_client.containers.list(all=True, filters={"label": f"sandboxd.chat_id={chat}"})

@@ -41,7 +41,8 @@ from shared.subjects import (
 from shared.topology import TopologyMissing, ensure_status_bucket, ensure_topology
 from tests.conftest import TEST_TOKEN, missing, settings_for
 from tests.support.api_server import serving_api
-from tests.support.nats_parties import Party, connect_as, eventually, until
+from tests.support.eventually import eventually, until
+from tests.support.nats_parties import Party, connect_as
 from tests.support.nats_server import NatsServer, secured_nats_server
 
 CHAT = "3f0c9a7e-2b1d-4c8e-9f6a-5d4e3c2b1a09"  # the chat-scoped agent's chat

@@ -3,9 +3,7 @@ the command back to the stream instead of recording a stop it cannot perform."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 import uuid
 from pathlib import Path
 
@@ -16,7 +14,8 @@ import nats
 from services.runtime.service import running_runtime
 from shared.config import Settings
 from shared.event_store import EventStore
-from shared.subjects import command_subject
+from shared.subjects import COMMANDS_STREAM, RUNTIME_CONSUMER, command_subject
+from tests.support.eventually import eventually
 
 
 def on_node(settings: Settings, node_id: str) -> Settings:
@@ -40,21 +39,22 @@ async def test_a_stop_waits_for_the_owning_node(
     async def outcome_types(command_id: str) -> list[str]:
         return [s.event.type for s in await store.history(chat) if s.event.causation_id == command_id]
 
+    async def deliveries() -> int:
+        return (await js.consumer_info(COMMANDS_STREAM, RUNTIME_CONSUMER)).delivered.consumer_seq or 0
+
     async with running_runtime(settings):  # the owner, node_id
         create = await command("create")
-        deadline = time.monotonic() + 20
-        while "running" not in await outcome_types(create) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await eventually(lambda: outcome_types(create), lambda types: "running" in types, what="the create's outcome")
     other = f"{node_id}-other"
     async with running_runtime(on_node(settings, other)):
+        before = await deliveries()
         stop = await command("stop")
-        await asyncio.sleep(1.5)
+        # The other node has the stop again and again and hands it back each time.
+        await eventually(deliveries, lambda n: n >= before + 3, what="the stop delivered three times")
         assert await outcome_types(stop) == [], "the other node neither claims nor stops"
         assert len(docker_client.containers.list(filters={"label": f"sandboxd.chat_id={chat}"})) == 1
         async with running_runtime(settings):  # the owner is back: it takes the command
-            deadline = time.monotonic() + 20
-            while "stopped" not in await outcome_types(stop) and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await eventually(lambda: outcome_types(stop), lambda types: "stopped" in types, what="the stop's outcome")
     assert await outcome_types(stop) == ["stopping", "stopped"]
     assert not docker_client.containers.list(all=True, filters={"label": f"sandboxd.chat_id={chat}"})
     await nc.close()

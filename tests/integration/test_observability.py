@@ -3,9 +3,9 @@ path — with in-memory exporters, a real nats-server and the real Docker engine
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from shared.errors import SandboxStopFailed
 from shared.telemetry import Telemetry, setup_telemetry
 from tests.conftest import TEST_TOKEN
 from tests.support.api_server import serving_api
+from tests.support.eventually import past, until
 
 
 class StopFailsOnce:
@@ -93,7 +94,8 @@ async def test_one_create_is_one_trace_and_the_seed_metrics_follow_their_paths(
         chat = str(uuid.uuid4())
         created = await http.post("/api/v1/sandboxes", json={"chat_id": chat})
         assert created.status_code == 201
-        await asyncio.sleep(0.3)  # the projector's span follows the event asynchronously
+        # The projector's span follows the event asynchronously.
+        await until(lambda: bool(named(spans.get_finished_spans(), "projector.project_chat")), what="projector span")
 
         trace_ids = {
             name: {s.context.trace_id for s in named(spans.get_finished_spans(), name)}
@@ -120,7 +122,7 @@ async def test_one_create_is_one_trace_and_the_seed_metrics_follow_their_paths(
         assert (await http.post("/api/v1/sandboxes", json={"chat_id": chat})).status_code == 200
         short = str(uuid.uuid4())
         first = (await http.post("/api/v1/sandboxes", json={"chat_id": short, "ttl_seconds": 1})).json()
-        await asyncio.sleep(1.05)  # no reaper yet: the expired session is still there to replace
+        await past(datetime.fromisoformat(first["expires_at"]))  # no reaper yet: it stays, expired, to be replaced
         replaced = await http.post("/api/v1/sandboxes", json={"chat_id": short})
         assert replaced.status_code == 201
 
@@ -137,11 +139,13 @@ async def test_one_create_is_one_trace_and_the_seed_metrics_follow_their_paths(
         driver.fail_for = kept["session_id"]
         async with running_reaper(settings, telemetry=reaper_telemetry) as reaper:
             await reaper.ready()
-            for _ in range(80):
-                cleaned = total(runtime_metrics, "sandbox.cleanup.total")
-                if cleaned >= 1 and total(runtime_metrics, "sandbox.cleanup.error.total") >= 1:
-                    break
-                await asyncio.sleep(0.1)
+            await until(
+                lambda: (
+                    total(runtime_metrics, "sandbox.cleanup.total") >= 1
+                    and total(runtime_metrics, "sandbox.cleanup.error.total") >= 1
+                ),
+                what="a cleanup and a cleanup error",
+            )
 
     result_counts = {
         r: total(runtime_metrics, "sandbox.create.total", result=r) for r in ("created", "reused", "replaced", "error")

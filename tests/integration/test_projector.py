@@ -4,10 +4,8 @@ concurrently, and never backwards."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
 
 import msgspec
 import nats
@@ -21,28 +19,17 @@ from shared.contracts import AnyEvent, SandboxRunning, SandboxStopped, SessionRe
 from shared.event_store import EventStore
 from shared.registry import Registry
 from shared.topology import ensure_topology
+from tests.support.eventually import eventually
 from tests.support.nats_server import NatsServer
-
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
-SESSION = "5e55e55e-0000-4000-8000-000000000001"
+from tests.support.records import T0, session_record
 
 
 def session_n(i: int) -> str:
     return f"5e55e55e-0000-4000-8000-{i:012d}"
 
 
-def record(chat: str, status: SessionStatus, session_id: str = SESSION) -> SessionRecord:
-    return SessionRecord(
-        session_id=session_id,
-        chat_id=chat,
-        node_id="n",
-        container_id="c",
-        image="i",
-        status=status,
-        created_at=NOW,
-        expires_at=NOW + timedelta(hours=1),
-        updated_at=NOW,
-    )
+def stopped(session: SessionRecord) -> SessionRecord:
+    return msgspec.structs.replace(session, status=SessionStatus.STOPPED)
 
 
 def event(cls: type[AnyEvent], session: SessionRecord) -> AnyEvent:
@@ -51,7 +38,7 @@ def event(cls: type[AnyEvent], session: SessionRecord) -> AnyEvent:
         chat_id=session.chat_id,
         session_id=session.session_id,
         causation_id=None,
-        occurred_at=NOW,
+        occurred_at=T0,
         node_id="n",
         session=session,
     )
@@ -82,7 +69,8 @@ async def test_projection_follows_the_last_event(
 ) -> None:
     _, store, registry, projector = parts
     chat = str(uuid.uuid4())
-    seq = await append(store, event(SandboxRunning, record(chat, SessionStatus.RUNNING)))
+    running = session_record(chat_id=chat)
+    seq = await append(store, event(SandboxRunning, running))
     assert await projector.project_chat(chat) == "written"
     assert await projector.project_chat(chat) == "current"
     got = await registry.get(chat)
@@ -97,7 +85,7 @@ async def test_projection_follows_the_last_event(
     assert await projector.project_chat(chat) == "written"
     assert (await registry.get(chat)) == got
 
-    await append(store, event(SandboxStopped, record(chat, SessionStatus.STOPPED)))
+    await append(store, event(SandboxStopped, stopped(running)))
     assert await projector.project_chat(chat) == "deleted"
     assert await projector.project_chat(chat) == "absent"
     assert await registry.get(chat) is None
@@ -113,7 +101,7 @@ async def test_concurrent_projectors_converge_on_the_last_event(
         for i in range(15):
             status = SessionStatus.RUNNING if i % 2 == 0 else SessionStatus.STOPPED
             cls: type[AnyEvent] = SandboxRunning if i % 2 == 0 else SandboxStopped
-            await append(store, event(cls, record(chat, status, session_id=session_n(i))))
+            await append(store, event(cls, session_record(chat_id=chat, status=status, session_id=session_n(i))))
 
     async def projecting() -> None:
         for _ in range(15):
@@ -136,16 +124,14 @@ async def test_the_projector_loop_keeps_the_bucket_in_step(
     stopping = asyncio.Event()
     task = asyncio.create_task(projector.run(stopping))
     chats = [str(uuid.uuid4()) for _ in range(30)]
+    sessions = {chat: session_record(chat_id=chat) for chat in chats}
     for chat in chats:
-        await append(store, event(SandboxRunning, record(chat, SessionStatus.RUNNING)))
+        await append(store, event(SandboxRunning, sessions[chat]))
     for chat in chats[:10]:
-        await append(store, event(SandboxStopped, record(chat, SessionStatus.STOPPED)))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        live = {r.chat_id for r in await registry.list()}
-        if live == set(chats[10:]):
-            break
-        await asyncio.sleep(0.05)
+        await append(store, event(SandboxStopped, stopped(sessions[chat])))
+    await eventually(
+        registry.list, lambda records: {r.chat_id for r in records} == set(chats[10:]), what="the live chats in KV"
+    )
     stopping.set()
     await task
     assert {r.chat_id for r in await registry.list()} == set(chats[10:])

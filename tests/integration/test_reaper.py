@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -14,29 +15,29 @@ import msgspec
 import nats
 from nats.aio.client import Client
 
+from services.reaper.reaper import Reaper
 from services.reaper.service import running_reaper
 from shared.config import Settings, StreamSettings
 from shared.contracts import SessionRecord, SessionStatus, encode
 from shared.subjects import COMMANDS_STREAM
 from shared.topology import ensure_topology
 from tests.conftest import settings_for
+from tests.support.eventually import eventually, holds, until
 from tests.support.nats_server import NatsServer
+from tests.support.records import session_record
 
 
 def record(chat: str, status: SessionStatus, *, expires_in: float, updated_ago: float = 0) -> SessionRecord:
-    now = datetime.now(UTC)
-    return SessionRecord(
-        session_id=str(uuid.uuid4()),
-        chat_id=chat,
-        node_id="n",
-        container_id="c",
-        image="i",
-        status=status,
-        created_at=now,
-        expires_at=now + timedelta(seconds=expires_in),
-        updated_at=now - timedelta(seconds=updated_ago),
-        version=3,
+    """A session of `chat` last changed `updated_ago` seconds ago, expiring in `expires_in`."""
+    changed = datetime.now(UTC) - timedelta(seconds=updated_ago)
+    return session_record(
+        chat_id=chat, status=status, now=changed, ttl=timedelta(seconds=updated_ago + expires_in), version=3
     )
+
+
+def pass_after(reaper: Reaper, moment: datetime) -> bool:
+    """Whether a whole pass of `reaper` began after `moment` (what it publishes is out then)."""
+    return reaper.status.last_run_ts is not None and reaper.status.last_run_ts > moment
 
 
 async def commands(nc: Client) -> list[tuple[str, dict[str, Any]]]:
@@ -57,7 +58,7 @@ async def setup(nats_url: str) -> tuple[Client, Any]:
     return nc, kv
 
 
-async def test_expiry_and_redrive_with_kill_switches(nats: NatsServer, tmp_path: Any) -> None:
+async def test_two_reapers_both_act_and_each_stop_is_kept_once(nats: NatsServer, tmp_path: Any) -> None:
     nc, kv = await setup(nats.url)
     expiring, stuck, fine = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
     await kv.put(expiring, encode(record(expiring, SessionStatus.RUNNING, expires_in=0.3)))
@@ -76,9 +77,19 @@ async def test_expiry_and_redrive_with_kill_switches(nats: NatsServer, tmp_path:
     ):
         await first.ready()
         await second.ready()
-        await asyncio.sleep(1.0)
+
+        async def published_by_each() -> list[tuple[int, int]]:
+            return [(r.status.expired_published, r.status.redrive_published) for r in (first, second)]
+
+        # Both saw the expired and the stuck session, and both published a stop for each ...
+        await eventually(
+            published_by_each, lambda counts: min(min(c) for c in counts) >= 1, what="a stop of each kind from each"
+        )
+        # ... once: no reaper publishes the same stop again on its next passes.
+        await holds(published_by_each, lambda counts: counts == [(1, 1), (1, 1)], seconds=1.0, what="one of each")
         published = await commands(nc)
-        assert first.status.expired_published + second.status.expired_published >= 1
+    # Four publishes, two commands: the stream kept one stop per session (the message id is
+    # the command id, which both reapers derive from the session alike).
     by_chat = {body["chat_id"]: (subject, body) for subject, body in published}
     assert len(published) == 2, published
     assert by_chat[expiring][1]["reason"] == "expired"
@@ -91,21 +102,23 @@ async def test_expiry_and_redrive_with_kill_switches(nats: NatsServer, tmp_path:
 async def test_kill_switches_stop_each_mechanism(nats: NatsServer, tmp_path: Any) -> None:
     nc, kv = await setup(nats.url)
     expiring, stuck = str(uuid.uuid4()), str(uuid.uuid4())
-    await kv.put(expiring, encode(record(expiring, SessionStatus.RUNNING, expires_in=0.1)))
+    due = record(expiring, SessionStatus.RUNNING, expires_in=0.1)
+    await kv.put(expiring, encode(due))
     await kv.put(stuck, encode(record(stuck, SessionStatus.PROVISIONING, expires_in=60, updated_ago=999)))
     off: Settings = settings_for(
         nats.url, tmp_path, "n", SANDBOXD_REAPER_EXPIRY_ENABLED="false", SANDBOXD_REAPER_REDRIVE_ENABLED="false"
     )
     async with running_reaper(off) as reaper:
         await reaper.ready()
-        await asyncio.sleep(0.6)
+        # A pass after the session was due to expire and past the stuck one's grace: nothing.
+        await until(lambda: pass_after(reaper, due.expires_at), what="a reaper pass after the expiry")
         assert await commands(nc) == []
         assert reaper.status.sessions_tracked == 2
         assert (reaper.status.expiry_enabled, reaper.status.redrive_enabled) == (False, False)
     only_redrive = settings_for(nats.url, tmp_path, "n", SANDBOXD_REAPER_EXPIRY_ENABLED="false")
     async with running_reaper(only_redrive) as reaper:
         await reaper.ready()
-        await asyncio.sleep(0.6)
+        await until(lambda: pass_after(reaper, due.expires_at), what="a reaper pass after the expiry")
         assert [body["reason"] for _, body in await commands(nc)] == ["stuck_provisioning"]
     await nc.close()
 
@@ -119,7 +132,12 @@ def test_replay_from_the_command_line(nats: NatsServer, tmp_path: Any) -> None:
         return chat
 
     chat = asyncio.run(prepare())
-    env = {"SANDBOXD_NATS_URL": nats.url, "PATH": "/usr/bin:/bin"}
+    env = {
+        "SANDBOXD_NATS_URL": nats.url,
+        "PATH": "/usr/bin:/bin",
+        # Under `just test`, coverage measures child processes through these.
+        **{k: v for k, v in os.environ.items() if k.startswith("COVERAGE_")},
+    }
     dry = subprocess.run(
         [sys.executable, "-m", "services.ctl", "replay", "--dry-run"],
         env=env,

@@ -22,7 +22,8 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from shared.nats_roles import Role
-from tests.support.nats_parties import connect_as, until
+from tests.support.eventually import until
+from tests.support.nats_parties import connect_as
 from tests.support.nats_server import NatsServer, free_port
 
 
@@ -157,7 +158,7 @@ async def test_up_runs_nats_with_a_user_per_role(stack: Stack, tmp_path: Path) -
     await agent.nc.jetstream(timeout=10).publish(
         f"sandbox.cmd.create.{chat}", body, headers={"Nats-Msg-Id": command_id}
     )
-    await until(lambda: any(e.get("causation_id") == command_id and e["type"] == "running" for e in events), 30)
+    await until(lambda: any(e.get("causation_id") == command_id and e["type"] == "running" for e in events), timeout=30)
     forged = json.dumps({"type": "stopped", "chat_id": chat}).encode()
     assert await agent.attempt(f"sandbox.events.{chat}", forged)
 
@@ -170,7 +171,7 @@ async def test_up_runs_nats_with_a_user_per_role(stack: Stack, tmp_path: Path) -
         status = (await http.get("/status")).json()
         assert all(section["ok"] for section in status["sections"].values()), status
         assert (await http.delete(f"/sandboxes/{chat}")).status_code == 200
-    await until(lambda: any(e["type"] == "stopped" for e in events), 30)
+    await until(lambda: any(e["type"] == "stopped" for e in events), timeout=30)
     await agent.close()
     log = (tmp_path / "up.log").read_text()
     assert "agent seed .sandboxd/nats/agent.nk" in log

@@ -15,9 +15,8 @@ import shutil
 import stat
 import subprocess
 import tempfile
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,16 @@ from services.runtime.projector import Projector
 from services.runtime.replay import replay
 from services.runtime.service import RuntimeHandle, running_runtime
 from shared.config import Settings
-from shared.contracts import SessionRecord, SessionStatus, encode
+from shared.contracts import AnyEvent, SessionRecord, encode, is_outcome
 from shared.event_store import EventStore
 from shared.registry import Registry
 from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, SESSIONS_BUCKET, command_subject, event_subject
 from tests.conftest import TEST_IMAGE, TEST_TOKEN, missing, settings_for
 from tests.support.api_server import serving_api
+from tests.support.eventually import eventually
 from tests.support.nats_server import NatsServer
 from tests.support.private_dockerd import PrivateDockerd, private_dockerd_with_image
+from tests.support.records import session_record
 
 API = "/api/v1"
 
@@ -92,26 +93,15 @@ async def send(nc: Client, kind: str, chat: str, body: dict[str, Any], *, msg_id
 
 
 async def outcome(store: EventStore, chat: str, command_id: str, timeout: float = 30.0) -> dict[str, Any]:
-    outcomes = {"running", "reused", "extended", "stopped", "failed", "rejected"}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [s.event for s in await store.history(chat) if s.event.causation_id == command_id]
-        done = [e for e in found if e.type in outcomes]
-        if done:
-            assert len(done) == 1, done
-            found_outcome: dict[str, Any] = json.loads(encode(done[0]))
-            return found_outcome
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no outcome for {command_id} on {chat}")
+    async def outcomes() -> list[AnyEvent]:
+        return [
+            s.event for s in await store.history(chat) if s.event.causation_id == command_id and is_outcome(s.event)
+        ]
 
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not within {timeout:g}s: {what}")
+    done = await eventually(outcomes, timeout=timeout, what=f"an outcome for {command_id} on {chat}")
+    assert len(done) == 1, done
+    found_outcome: dict[str, Any] = json.loads(encode(done[0]))
+    return found_outcome
 
 
 @pytest.fixture
@@ -252,13 +242,13 @@ async def test_poisoned_events_never_stop_a_chat_or_the_projector(
         assert listing.status_code == 200, listing.text
         return fresh in {s["chat_id"] for s in listing.json()["sessions"]}
 
-    await eventually(listed, "the new session reaches the registry past the poison")
+    await eventually(listed, what="the new session reaches the registry past the poison")
 
     async def drained() -> bool:
         info = await js.consumer_info(EVENTS_STREAM, "sandboxd-projector")
         return (info.num_pending, info.num_ack_pending) == (0, 0)
 
-    await eventually(drained, "the projector acknowledges every poisoned message")
+    await eventually(drained, what="the projector acknowledges every poisoned message")
     for c in (chat, mismatched, fresh):
         assert (await api.delete(f"{API}/sandboxes/{c}")).status_code == 200
 
@@ -281,17 +271,8 @@ async def test_poisoned_registry_entries_are_skipped_reported_and_repaired(
         kv = await js.key_value(SESSIONS_BUCKET)
         garbage, mismatch, extra, naive = (str(uuid.uuid4()) for _ in range(4))
         await kv.put(garbage, b"\xff{not json")
-        wrong = SessionRecord(
-            session_id=str(uuid.uuid4()),
-            chat_id=str(uuid.uuid4()),
-            node_id=node_id,
-            container_id=None,
-            image=TEST_IMAGE,
-            status=SessionStatus.RUNNING,
-            created_at=datetime.now(UTC),
-            expires_at=datetime.now(UTC) + timedelta(hours=1),
-            updated_at=datetime.now(UTC),
-        )
+        # Well-formed, but its chat_id is not the key it is put under (`mismatch`).
+        wrong = session_record(node_id=node_id, container_id=None, image=TEST_IMAGE, now=datetime.now(UTC))
         await kv.put(mismatch, encode(wrong))
         await kv.put(extra, encode(msgspec_replace(wrong, chat_id=extra)))
         # Decodes as JSON of the right shape, but its times have no zone: comparing them with
@@ -477,7 +458,7 @@ async def test_a_command_that_cannot_be_carried_out_ends_after_max_deliveries(
                 info = await nc.jetstream().consumer_info(COMMANDS_STREAM, "sandboxd-runtime")
                 return (info.num_pending, info.num_ack_pending) == (0, 0)
 
-            await eventually(settled, "the command is terminated, not left pending")
+            await eventually(settled, what="the command is terminated, not left pending")
         finally:
             await nc.close()
 

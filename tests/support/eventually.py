@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -53,6 +54,12 @@ async def until(check: Callable[[], bool], *, timeout: float = DEFAULT_TIMEOUT, 
         return check()
 
     await eventually(read, timeout=timeout, what=what)
+
+
+async def past(moment: datetime, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Wait until the wall clock is past `moment` (e.g. a session's `expires_at`): when a
+    test needs time itself to pass, the moment is the condition, not a guessed sleep."""
+    await until(lambda: datetime.now(UTC) > moment, timeout=timeout, what=f"the clock past {moment.isoformat()}")
 
 
 async def holds(

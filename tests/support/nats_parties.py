@@ -7,24 +7,20 @@ it to the error callback; a request just times out), so a Party records those er
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from shared.nats_roles import Role, chat_inbox_prefix, inbox_prefix
+from tests.support.eventually import until
 from tests.support.nats_server import NatsServer
 
 # Requests a role may not make time out; keep that short, and never wait for it when the
 # violation itself can be awaited.
 SHORT = 1.0
-T = TypeVar("T")
 
 
 @dataclass
@@ -89,30 +85,3 @@ async def connect_as(
         connect_timeout=5,
     )
     return party
-
-
-async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for a condition; AssertionError when it never came."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met")
-        await asyncio.sleep(0.01)
-
-
-async def eventually(read: Callable[[], Awaitable[T]], check: Callable[[T], bool], timeout: float = 10.0) -> T:
-    """Read until `check` holds and return that reading; AssertionError when it never did.
-    A read that raises counts as "not yet"."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            value = await read()
-        except Exception as exc:  # noqa: BLE001 - e.g. "not found yet"
-            last = exc
-        else:
-            if check(value):
-                return value
-            last = value
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"condition not met; last reading: {last!r}")

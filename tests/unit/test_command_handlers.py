@@ -38,6 +38,7 @@ from shared.errors import (
     WrongNode,
 )
 from shared.subjects import INVALID_EVENTS_SUBJECT
+from tests.support.eventually import until
 from tests.unit.fakes_runtime import FakeClock, FakeDriver, FakeHandled, FakeStore
 
 POLICY = Policy("node-a", "img", timedelta(minutes=5), timedelta(hours=1), timedelta(seconds=60))
@@ -229,11 +230,11 @@ async def test_a_create_waits_for_a_claim_in_flight(world: World) -> None:
     chat = uuid.uuid4()
     gate = hold_starts(world.driver)
     first = asyncio.create_task(world.create(chat))
-    await asyncio.sleep(0.01)
+    await until(lambda: world.store.types(str(chat)) == ["provisioning"], what="the first create's claim")
     second = asyncio.create_task(world.create(chat))
-    await asyncio.sleep(1.2)
+    # The wait for the chat's turn reports progress each second; the claim holds meanwhile.
+    await until(lambda: world.progress_calls > 0, what="a waiting command keeps its message in progress")
     assert not second.done()
-    assert world.progress_calls > 0, "a waiting command keeps its message in progress"
     gate.set()
     await asyncio.gather(first, second)
     assert sorted(world.store.types(str(chat))) == ["provisioning", "reused", "running"]
@@ -264,11 +265,10 @@ async def test_a_create_waits_for_another_process_claim(world: World) -> None:
     )
     gate = hold_starts(world.driver)
     first = asyncio.create_task(other.create(chat))
-    await asyncio.sleep(0.01)
+    await until(lambda: world.store.types(str(chat)) == ["provisioning"], what="the other process's claim")
     second = asyncio.create_task(world.create(chat))
-    await asyncio.sleep(0.1)
+    await until(lambda: world.progress_calls > 0, what="a command waiting on another claim stays in progress")
     assert not second.done()
-    assert world.progress_calls > 0, "a command waiting on another process's claim stays in progress"
     gate.set()
     await asyncio.gather(first, second)
     assert sorted(world.store.types(str(chat))) == ["provisioning", "reused", "running"]

@@ -40,6 +40,7 @@ from shared.contracts import (
     SessionStatus,
     StopSandbox,
 )
+from tests.support.records import session_record
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 CHAT = uuid.UUID("6f1c2a9e-4b7d-4e8a-9c3f-2d5e8b1a7c40")
@@ -53,16 +54,14 @@ POLICY = Policy(
 
 
 def session(status: SessionStatus = SessionStatus.RUNNING, *, expires_at: datetime | None = None) -> SessionRecord:
-    return SessionRecord(
+    return session_record(
         session_id="sess-old",
         chat_id=str(CHAT),
-        node_id="node-a",
         container_id="container-old",
         image="img",
         status=status,
-        created_at=NOW - timedelta(minutes=1),
+        now=NOW - timedelta(minutes=1),
         expires_at=expires_at or NOW + timedelta(minutes=4),
-        updated_at=NOW - timedelta(minutes=1),
     )
 
 

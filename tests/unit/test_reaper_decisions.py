@@ -8,25 +8,13 @@ import msgspec
 
 from services.reaper.decisions import ExpirySchedule, expiry_order, redrive_order
 from shared.contracts import SessionRecord, SessionStatus
+from tests.support.records import session_record
 
 NOW = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
 
 
-def rec(
-    chat: str, *, expires_in: float = 60, status: SessionStatus = SessionStatus.RUNNING, sid: str = "s"
-) -> SessionRecord:
-    return SessionRecord(
-        session_id=f"{sid}-{chat}",
-        chat_id=chat,
-        node_id="n",
-        container_id="c",
-        image="i",
-        status=status,
-        created_at=NOW,
-        expires_at=NOW + timedelta(seconds=expires_in),
-        updated_at=NOW,
-        version=7,
-    )
+def rec(chat: str, *, expires_in: float = 60, status: SessionStatus = SessionStatus.RUNNING) -> SessionRecord:
+    return session_record(chat_id=chat, now=NOW, ttl=timedelta(seconds=expires_in), status=status, version=7)
 
 
 def test_due_sessions_come_out_in_expiry_order_and_only_once() -> None:

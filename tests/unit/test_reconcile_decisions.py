@@ -8,23 +8,14 @@ from services.runtime.docker_driver import ObservedContainer
 from services.runtime.reconcile import Adopt, MarkLost, RemoveOrphan, decide_for_chat
 from shared.contracts import AnyEvent, SandboxProvisioning, SandboxRunning, SandboxStopped, SessionRecord, SessionStatus
 from shared.event_store import ChatState
+from tests.support.records import session_record
 
 NOW = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
 TIMEOUT = timedelta(seconds=60)
 
 
 def rec(status: SessionStatus, *, node: str = "me", sid: str = "s1") -> SessionRecord:
-    return SessionRecord(
-        session_id=sid,
-        chat_id="chat",
-        node_id=node,
-        container_id="cid" if status != SessionStatus.PROVISIONING else None,
-        image="i",
-        status=status,
-        created_at=NOW,
-        expires_at=NOW + timedelta(hours=1),
-        updated_at=NOW,
-    )
+    return session_record(session_id=sid, chat_id="chat", node_id=node, status=status, now=NOW)
 
 
 def state(cls: type[AnyEvent], session: SessionRecord, *, age: float = 0) -> ChatState:
