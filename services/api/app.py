@@ -64,6 +64,7 @@ from shared.contracts import (
     SandboxRunning,
     SandboxStopped,
     SessionStatus,
+    StopReason,
     StopSandbox,
 )
 from shared.errors import NatsUnavailable
@@ -287,7 +288,7 @@ async def list_sandboxes(
 async def stop_sandbox(request: Request[Any, Any, Any], chat_id: FromPath[str]) -> Response[Any]:
     """Stop the chat's sandbox: 200 with the final view, 404 when it has none."""
     ctx = _ctx(request)
-    command = StopSandbox(chat_id=uuid.UUID(_chat(chat_id)), reason="api", **_now_fields(ctx))
+    command = StopSandbox(chat_id=uuid.UUID(_chat(chat_id)), reason=StopReason.API, **_now_fields(ctx))
     outcome = await _send(ctx, command)
     if isinstance(outcome, Response):
         return outcome

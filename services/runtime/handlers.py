@@ -46,13 +46,14 @@ from shared.clock import Clock
 from shared.commands import MalformedCommand
 from shared.config import SandboxSettings
 from shared.contracts import (
-    LIFETIME_CAPPED,
     AnyCommand,
     AnyEvent,
     CommandRejected,
     CreateResult,
     CreateSandbox,
     ErrorInfo,
+    ErrorType,
+    ExtendReason,
     KeepaliveSandbox,
     PreviousSession,
     RejectReason,
@@ -65,6 +66,7 @@ from shared.contracts import (
     SandboxStopping,
     SessionRecord,
     SessionStatus,
+    StopReason,
     StopSandbox,
     is_outcome,
 )
@@ -92,10 +94,10 @@ def _error(exc: Exception) -> ErrorInfo:
     if isinstance(exc, InfrastructureError):
         return ErrorInfo(exc.error_type, exc.message)
     if isinstance(exc, DockerUnavailable):
-        return ErrorInfo("docker_unavailable", str(exc))
+        return ErrorInfo(ErrorType.DOCKER_UNAVAILABLE, str(exc))
     if isinstance(exc, WrongNode):
-        return ErrorInfo("node_unavailable", str(exc))
-    return ErrorInfo("internal_error", f"{type(exc).__name__}: {exc}")
+        return ErrorInfo(ErrorType.NODE_UNAVAILABLE, str(exc))
+    return ErrorInfo(ErrorType.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
 
 
 class _Backoff:
@@ -315,7 +317,7 @@ class CommandHandlers:
                 return await self._start(command, session, state.seq, previous, progress)
             case ClaimReplace(old):
                 self._own(old)
-                seq = await self._claim(SandboxStopping, command, old, state.seq, reason="replaced")
+                seq = await self._claim(SandboxStopping, command, old, state.seq, reason=StopReason.REPLACED)
                 return seq is not None and await self._replace(command, old, seq, progress)
             case ResumeReplace(old):
                 self._own(old)
@@ -465,7 +467,7 @@ class CommandHandlers:
                 case Reject():
                     done = await self._reject(command, state, decision)
                 case Extend(session, capped):
-                    reason = LIFETIME_CAPPED if capped else None
+                    reason = ExtendReason.LIFETIME_CAP if capped else None
                     done = await self._outcome(SandboxExtended, command, session, state.seq, reason=reason)
                 case _:
                     assert_never(decision)
@@ -507,7 +509,9 @@ class CommandHandlers:
         cause = _error(exc)
         await self._fail(
             command,
-            ErrorInfo("gave_up", f"not carried out after {deliveries} deliveries: {cause.type}: {cause.message}"),
+            ErrorInfo(
+                ErrorType.GAVE_UP, f"not carried out after {deliveries} deliveries: {cause.type}: {cause.message}"
+            ),
         )
 
     async def _fail(self, command: AnyCommand, error: ErrorInfo) -> None:

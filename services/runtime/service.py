@@ -32,7 +32,7 @@ from shared.poison import Quarantine
 from shared.registry import Registry
 from shared.service import StartupError
 from shared.status_blocks import prometheus_endpoint, publish_periodically
-from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, PROJECTOR_CONSUMER, RUNTIME_CONSUMER
+from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, ConsumerName
 from shared.telemetry import Telemetry, setup_telemetry
 from shared.topology import attach_status_bucket, attach_topology
 
@@ -190,7 +190,7 @@ async def node_capacity(settings: Settings, driver: ContainerDriver, engine: Doc
 
 async def observe_consumer_lag(js: JetStreamContext, telemetry: Telemetry) -> None:
     """Consumer lag as gauges: messages not yet delivered and delivered but unacknowledged."""
-    for stream, consumer in ((COMMANDS_STREAM, RUNTIME_CONSUMER), (EVENTS_STREAM, PROJECTOR_CONSUMER)):
+    for stream, consumer in ((COMMANDS_STREAM, ConsumerName.RUNTIME), (EVENTS_STREAM, ConsumerName.PROJECTOR)):
         with contextlib.suppress(Exception):
             info = await js.consumer_info(stream, consumer)
             telemetry.metrics.set("sandbox.consumer.pending", info.num_pending or 0, {"consumer": consumer})
