@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
+@runtime_checkable  # Litestar checks an injected dependency with isinstance
 class Clock(Protocol):
     def now(self) -> datetime: ...
 

@@ -71,8 +71,50 @@ class RejectReason(enum.StrEnum):
     CAPACITY_EXCEEDED = "capacity_exceeded"
 
 
-# The `reason` of an `extended` event whose expiry was held at the session's lifetime cap.
-LIFETIME_CAPPED = "lifetime_cap"
+class StopReason(enum.StrEnum):
+    """The stop reasons sandboxd itself gives or interprets: the `reason` of a `stop` command
+    and of the `stopping` / `stopped` / `failed` events it leads to.
+
+    On the wire a stop's `reason` stays a free-form `Reason` (an agent may give its own, which
+    is recorded as given); only `expired` changes what a stop does."""
+
+    API = "api"  # a stop over HTTP, and one that names no reason
+    EXPIRED = "expired"  # the reaper's: stops only a session that *is* expired
+    STUCK_PROVISIONING = "stuck_provisioning"  # the reaper's re-drive of an abandoned claim
+    STUCK_STOPPING = "stuck_stopping"
+    REPLACED = "replaced"  # the `stopping` claim of a create replacing an expired session
+    ORPHAN_REMOVED = "orphan_removed"  # reconciliation removed a container no live session owns
+
+
+class LostReason(enum.StrEnum):
+    """Why node reconciliation recorded a running session as `lost`."""
+
+    CONTAINER_MISSING = "container_missing"
+    CONTAINER_NOT_RUNNING = "container_not_running"
+
+
+class ExtendReason(enum.StrEnum):
+    """The `reason` of an `extended` event (none when the keepalive got what it asked)."""
+
+    LIFETIME_CAP = "lifetime_cap"  # the expiry was held at created_at + sandbox.max_lifetime_seconds
+
+
+class RunningReason(enum.StrEnum):
+    """The `reason` of a `running` event (none when the create's own handler appended it)."""
+
+    ADOPTED = "adopted"  # reconciliation adopted the container of a create that crashed
+
+
+class ErrorType(enum.StrEnum):
+    """The `error.type` of a `failed` or `lost` event (a `rejected` event's is its RejectReason)."""
+
+    DOCKER_UNAVAILABLE = "docker_unavailable"  # the engine could not be reached
+    NODE_UNAVAILABLE = "node_unavailable"  # the session's container is on another node
+    SANDBOX_START_FAILED = "sandbox_start_failed"  # Docker refused to create or start it
+    SANDBOX_STOP_FAILED = "sandbox_stop_failed"  # Docker refused to stop or remove it
+    CONTAINER_STATE = "container_state"  # a lost session: what Docker says of its container
+    GAVE_UP = "gave_up"  # still not carried out after runtime.max_deliveries deliveries
+    INTERNAL_ERROR = "internal_error"  # a bug: the command still gets its outcome
 
 
 # --------------------------------------------------------------------------- commands
@@ -104,7 +146,7 @@ class StopSandbox(Command, frozen=True, kw_only=True):
 
     kind: ClassVar[str] = "stop"
     session_id: uuid.UUID | None = None
-    reason: Reason = "api"
+    reason: Reason = StopReason.API
 
 
 class KeepaliveSandbox(Command, frozen=True, kw_only=True):

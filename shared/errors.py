@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from shared.contracts import ErrorType
+
 
 class SandboxdError(Exception):
     """Root of every error sandboxd raises on purpose."""
@@ -22,7 +24,7 @@ class AppendConflict(SandboxdError):
 class InfrastructureError(SandboxdError):
     """A dependency answered with a definite failure."""
 
-    def __init__(self, error_type: str, message: str) -> None:
+    def __init__(self, error_type: ErrorType, message: str) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
@@ -45,9 +47,9 @@ class SandboxStartFailed(InfrastructureError):
     """The container could not be created or started."""
 
     def __init__(self, message: str) -> None:
-        super().__init__("sandbox_start_failed", message)
+        super().__init__(ErrorType.SANDBOX_START_FAILED, message)
 
 
 class SandboxStopFailed(InfrastructureError):
     def __init__(self, message: str) -> None:
-        super().__init__("sandbox_stop_failed", message)
+        super().__init__(ErrorType.SANDBOX_STOP_FAILED, message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from nats.aio.client import Client
@@ -13,6 +14,7 @@ from nats.errors import AuthorizationError
 from shared.config import NKEY_FILE_KEY, ConfigError, NatsSettings
 from shared.nats_credentials import NkeyFileError, read_user_seed
 from shared.nats_roles import OUTSIDE_INBOX, Role, inbox_prefix
+from shared.service import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -109,3 +111,18 @@ async def connect(settings: NatsSettings, name: str, *, role: Role | None = None
     if refused.done():
         raise NatsRefused(_refusal(settings, url, refused.result()))
     raise NatsRefused(f"no NATS server answered at {url} within {settings.connect_timeout_seconds:g}s")
+
+
+@contextlib.asynccontextmanager
+async def service_connection(settings: NatsSettings, name: str, *, role: Role) -> AsyncIterator[Client]:
+    """A service's connection for the block, drained when it ends; a first connection that
+    fails is a StartupError naming the server."""
+    try:
+        nc = await connect(settings, name, role=role)
+    except Exception as exc:
+        raise StartupError(f"cannot connect to NATS at {nats_url(settings)}: {exc}") from exc
+    try:
+        yield nc
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.drain()

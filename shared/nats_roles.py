@@ -40,10 +40,9 @@ from shared.subjects import (
     EVENT_SUBJECTS,
     EVENTS_STREAM,
     HANDLED_BUCKET,
-    PROJECTOR_CONSUMER,
-    RUNTIME_CONSUMER,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
+    ConsumerName,
     canonical_chat_id,
 )
 
@@ -240,7 +239,7 @@ def _reserved_consumers(stream: str, names: Iterable[str]) -> tuple[str, ...]:
 _OUTSIDE_EVENTS = _outside_reads(EVENTS_STREAM, direct=True, legacy_create=False)
 _OUTSIDE_REGISTRY = _outside_reads(SESSIONS_STREAM, direct=True, legacy_create=True)
 _OUTSIDE_STATUS = _outside_reads(STATUS_STREAM, direct=False, legacy_create=True)
-_OUTSIDE_DENY = _reserved_consumers(EVENTS_STREAM, (PROJECTOR_CONSUMER,))
+_OUTSIDE_DENY = _reserved_consumers(EVENTS_STREAM, (ConsumerName.PROJECTOR,))
 _OUTSIDE_SUBSCRIBE = (f"{OUTSIDE_INBOX}.>", EVENT_SUBJECTS)
 
 
@@ -273,7 +272,7 @@ ROLES: dict[Role, RoleSpec] = {
                 COMMAND_SUBJECTS,
                 ACCOUNT_INFO,
                 stream_info(COMMANDS_STREAM),
-                consumer_info(COMMANDS_STREAM, RUNTIME_CONSUMER),
+                consumer_info(COMMANDS_STREAM, ConsumerName.RUNTIME),
                 *_ordered_reads(EVENTS_STREAM, direct=True),
                 *_ordered_reads(SESSIONS_STREAM, direct=True),
                 *_ordered_reads(STATUS_STREAM, direct=False),
@@ -296,8 +295,8 @@ ROLES: dict[Role, RoleSpec] = {
                 stream_info(STATUS_STREAM),
                 stream_info(HANDLED_STREAM),
                 *direct_get(HANDLED_STREAM),
-                *_durable(COMMANDS_STREAM, RUNTIME_CONSUMER),
-                *_durable(EVENTS_STREAM, PROJECTOR_CONSUMER),
+                *_durable(COMMANDS_STREAM, ConsumerName.RUNTIME),
+                *_durable(EVENTS_STREAM, ConsumerName.PROJECTOR),
                 *_ordered_reads(EVENTS_STREAM, direct=True),
                 *_ordered_reads(SESSIONS_STREAM, direct=True),
             ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import uuid
 
 COMMANDS_STREAM = "SANDBOX_COMMANDS"
@@ -19,9 +20,13 @@ EVENT_SUBJECTS = f"{EVENT_PREFIX}.>"
 # Rejections of commands whose subject names no valid chat id land here.
 INVALID_EVENTS_SUBJECT = f"{EVENT_PREFIX}.invalid"
 
-# The system's durable consumers (the runtime's command queue, the registry projector).
-RUNTIME_CONSUMER = "sandboxd-runtime"
-PROJECTOR_CONSUMER = "sandboxd-projector"
+
+class ConsumerName(enum.StrEnum):
+    """The system's durable consumers (permissions, status and lag metrics name them too)."""
+
+    RUNTIME = "sandboxd-runtime"  # the runtimes' shared queue on SANDBOX_COMMANDS
+    PROJECTOR = "sandboxd-projector"  # the registry projector on SANDBOX_EVENTS
+
 
 EVENT_TYPE_HEADER = "Sandbox-Event"
 MSG_ID_HEADER = "Nats-Msg-Id"

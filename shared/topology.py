@@ -4,7 +4,8 @@ Declaring (creating what is missing, updating settings that may change) is the a
 `sandboxctl up` and `sandboxctl declare` call `ensure_topology` / `ensure_status_bucket`.
 The processes only attach (`attach_topology` / `attach_status_bucket`): they look the
 topology up, create what is missing only where their NATS user may (an open test server),
-and never change an existing stream's settings.
+and never change an existing stream's settings. Read-only operator commands
+(`sandboxctl status`, `replay --dry-run`) create nothing at all: `require_topology`.
 """
 
 from __future__ import annotations
@@ -267,16 +268,29 @@ async def attach_status_bucket(js: JetStreamContext, settings: StreamSettings) -
         return await _create_or_explain(f"KV bucket {STATUS_BUCKET}", lambda: _create_status_bucket(js, settings))
 
 
-async def topology_missing(js: JetStreamContext) -> list[str]:
-    """Names of the contract's streams and bucket that do not exist (for readiness)."""
+async def topology_missing(js: JetStreamContext, *, status_bucket: bool = False) -> list[str]:
+    """Names of the contract's streams and bucket (and, if asked, the status bucket) that do
+    not exist (for readiness)."""
     missing: list[str] = []
     for stream in (COMMANDS_STREAM, EVENTS_STREAM):
         try:
             await js.stream_info(stream)
         except NotFoundError:
             missing.append(stream)
-    try:
-        await js.key_value(SESSIONS_BUCKET)
-    except BucketNotFoundError:
-        missing.append(SESSIONS_BUCKET)
+    for bucket in (SESSIONS_BUCKET, STATUS_BUCKET) if status_bucket else (SESSIONS_BUCKET,):
+        try:
+            await js.key_value(bucket)
+        except BucketNotFoundError:
+            missing.append(bucket)
     return missing
+
+
+async def require_topology(js: JetStreamContext, *, status_bucket: bool = False) -> None:
+    """For a command that only reads: TopologyMissing naming what does not exist; it never
+    creates anything (an admin's connection could, and would hide a wrong server or account)."""
+    missing = await topology_missing(js, status_bucket=status_bucket)
+    if missing:
+        raise TopologyMissing(
+            f"{', '.join(missing)} not found on this NATS server: this command only reads and creates "
+            "nothing; run `sandboxctl declare` first (or point SANDBOXD_NATS_URL at the server that has them)"
+        )

@@ -1,8 +1,10 @@
 """The Litestar HTTP facade: `create_app(settings) -> Litestar`.
 
 Controllers only translate: validate and normalise input, send a command through the
-gateway (or read the registry / event stream), and map the outcome to a response. Errors
-become JSON `{status_code, detail}` in one place.
+gateway (or read the registry / event stream), and map the outcome to a response. What they
+use (the gateway, registry, event store, clock, and the path's chat id as a UUID) is injected
+as Litestar dependencies; the lifespan connects to NATS under an exit stack. Errors become
+JSON `{status_code, detail}` in one place; an outcome that is late is a 202, raised.
 
 Input is strict: a JSON body is decoded with the request type before Litestar sees it (no
 coercion of `"600"` to 600, unknown fields refused, invalid UTF-8 or absurd nesting a 400),
@@ -22,14 +24,17 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Litestar, Request, Response, Router, delete, get, post
 from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.types import Guard
 from nats.aio.client import Client
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from services.api.gateway import CommandGateway, OutcomeWaiter
+from services.api.gateway import CommandGateway, OutcomePending, OutcomeWaiter
 from services.api.middleware import (
     body_timeout_middleware,
     host_check_middleware,
@@ -53,9 +58,8 @@ from services.api.views import (
     session_view,
 )
 from shared.clock import Clock, SystemClock
-from shared.config import Settings
+from shared.config import ApiSettings, Settings
 from shared.contracts import (
-    AnyCommand,
     AnyEvent,
     CreateSandbox,
     KeepaliveSandbox,
@@ -64,11 +68,12 @@ from shared.contracts import (
     SandboxRunning,
     SandboxStopped,
     SessionStatus,
+    StopReason,
     StopSandbox,
 )
 from shared.errors import NatsUnavailable
 from shared.event_store import EventStore
-from shared.nats_connection import connect
+from shared.nats_connection import service_connection
 from shared.nats_roles import Role
 from shared.poison import DECODE_ERRORS, Quarantine
 from shared.registry import Registry
@@ -82,20 +87,14 @@ API_PREFIX = "/api/v1"
 VERSION = "0.1.0"
 
 
-@dataclass
-class ApiContext:
-    settings: Settings
+@dataclass(frozen=True, slots=True)
+class ApiServices:
+    """What the lifespan builds once NATS is connected; handlers get its parts injected."""
+
     nc: Client
     gateway: CommandGateway
     registry: Registry
     events: EventStore
-    clock: Clock
-    telemetry: Telemetry
-
-
-def _ctx(request: Request[Any, Any, Any]) -> ApiContext:
-    ctx: ApiContext = request.app.state.ctx
-    return ctx
 
 
 def _uuid(raw: str, name: str) -> str:
@@ -149,40 +148,69 @@ def strict_body(
     return check
 
 
-def _accepted(command: AnyCommand, wait: float) -> Response[Any]:
-    chat = str(command.chat_id)
-    return _json(
-        Accepted(
-            command_id=str(command.command_id),
-            chat_id=chat,
-            detail=f"accepted; the outcome did not arrive within {wait:g}s, it will appear in the chat's events",
-            status_url=f"{API_PREFIX}/sandboxes/{chat}/events",
-        ),
-        202,
-    )
+def _stamp(clock: Clock) -> dict[str, Any]:
+    """The fields of every command the API sends."""
+    return {"command_id": uuid.uuid4(), "requested_at": clock.now(), "requested_by": "api"}
 
 
-async def _send(ctx: ApiContext, command: AnyCommand) -> AnyEvent | Response[Any]:
-    wait = ctx.settings.api.wait_seconds
-    outcome = await ctx.gateway.send(command, wait)
-    if outcome is None:
-        return _accepted(command, wait)
-    return outcome
+# --------------------------------------------------------------------------- dependencies
 
 
-def _now_fields(ctx: ApiContext) -> dict[str, Any]:
-    return {"command_id": uuid.uuid4(), "requested_at": ctx.clock.now(), "requested_by": "api"}
+def _provide_services(state: State) -> ApiServices:
+    services: ApiServices = state.services  # set by the lifespan before the first request
+    return services
+
+
+def _provide_nc(services: NamedDependency[ApiServices]) -> Client:
+    return services.nc
+
+
+def _provide_gateway(services: NamedDependency[ApiServices]) -> CommandGateway:
+    return services.gateway
+
+
+def _provide_registry(services: NamedDependency[ApiServices]) -> Registry:
+    return services.registry
+
+
+def _provide_events(services: NamedDependency[ApiServices]) -> EventStore:
+    return services.events
+
+
+def _provide_chat(chat_id: FromPath[str]) -> uuid.UUID:
+    """The `{chat_id}` path parameter as a UUID: any spelling `uuid.UUID` reads (upper case,
+    no hyphens, braces), normalised; anything else is a 400 that says so."""
+    return uuid.UUID(_chat(chat_id))
+
+
+def _dependencies(clock: Clock) -> dict[str, Provide]:
+    def provide_clock() -> Clock:
+        return clock
+
+    return {
+        "clock": Provide(provide_clock, use_cache=True, sync_to_thread=False),
+        "services": Provide(_provide_services, sync_to_thread=False),
+        "nc": Provide(_provide_nc, sync_to_thread=False),
+        "gateway": Provide(_provide_gateway, sync_to_thread=False),
+        "registry": Provide(_provide_registry, sync_to_thread=False),
+        "events": Provide(_provide_events, sync_to_thread=False),
+        "chat": Provide(_provide_chat, sync_to_thread=False),
+    }
 
 
 # --------------------------------------------------------------------------- auth
 
 
-def token_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    settings: Settings = connection.app.state.ctx.settings
-    given = connection.headers.get(settings.api.token_header)
-    expected = settings.api.token or ""
-    if not given or not expected or not hmac.compare_digest(given.encode(), expected.encode()):
-        raise NotAuthorizedException(detail=f"missing or invalid API token (header {settings.api.token_header})")
+def token_guard(api: ApiSettings) -> Guard:
+    header = api.token_header
+    expected = (api.token or "").encode()
+
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        given = connection.headers.get(header)
+        if not given or not expected or not hmac.compare_digest(given.encode(), expected):
+            raise NotAuthorizedException(detail=f"missing or invalid API token (header {header})")
+
+    return guard
 
 
 # --------------------------------------------------------------------------- public
@@ -194,12 +222,11 @@ async def health() -> dict[str, str]:
 
 
 @get("/ready", operation_id="ready", tags=["meta"])
-async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-    ctx = _ctx(request)
-    if not ctx.nc.is_connected:
+async def ready(nc: NamedDependency[Client]) -> Response[dict[str, Any]]:
+    if not nc.is_connected:
         return Response({"status": "unavailable", "detail": "NATS is not connected"}, status_code=503)
     try:
-        missing = await topology_missing(ctx.nc.jetstream(timeout=2.0))
+        missing = await topology_missing(nc.jetstream(timeout=2.0))
     except Exception as exc:  # noqa: BLE001 - any failure means not ready, and says why
         return Response({"status": "unavailable", "detail": f"JetStream check failed: {exc!r}"}, status_code=503)
     if missing:
@@ -217,16 +244,13 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     status_code=201,
     before_request=strict_body(CreateSandboxRequest),
 )
-async def create_sandbox(request: Request[Any, Any, Any], data: JSONBody[CreateSandboxRequest]) -> Response[Any]:
+async def create_sandbox(
+    data: JSONBody[CreateSandboxRequest], gateway: NamedDependency[CommandGateway], clock: NamedDependency[Clock]
+) -> Response[Any]:
     """Create the chat's sandbox, or reuse its live one: 201 created/replaced, 200 reused."""
-    ctx = _ctx(request)
-    command = CreateSandbox(
-        chat_id=uuid.UUID(_chat(data.chat_id)), ttl_seconds=data.ttl_seconds, labels=data.labels, **_now_fields(ctx)
-    )
-    outcome = await _send(ctx, command)
-    if isinstance(outcome, Response):
-        return outcome
-    return _create_response(outcome, seed=False)
+    chat = uuid.UUID(_chat(data.chat_id))
+    command = CreateSandbox(chat_id=chat, ttl_seconds=data.ttl_seconds, labels=data.labels, **_stamp(clock))
+    return _create_response(await gateway.send(command), seed=False)
 
 
 @post(
@@ -236,14 +260,12 @@ async def create_sandbox(request: Request[Any, Any, Any], data: JSONBody[CreateS
     status_code=201,
     before_request=strict_body(SeedCreateRequest),
 )
-async def create_seed(request: Request[Any, Any, Any], data: JSONBody[SeedCreateRequest]) -> Response[Any]:
+async def create_seed(
+    data: JSONBody[SeedCreateRequest], gateway: NamedDependency[CommandGateway], clock: NamedDependency[Clock]
+) -> Response[Any]:
     """The seed service's create endpoint: same semantics, the seed's response fields."""
-    ctx = _ctx(request)
-    command = CreateSandbox(chat_id=uuid.UUID(_chat(data.chat_id)), **_now_fields(ctx))
-    outcome = await _send(ctx, command)
-    if isinstance(outcome, Response):
-        return outcome
-    return _create_response(outcome, seed=True)
+    command = CreateSandbox(chat_id=uuid.UUID(_chat(data.chat_id)), **_stamp(clock))
+    return _create_response(await gateway.send(command), seed=True)
 
 
 def _create_response(outcome: AnyEvent, *, seed: bool) -> Response[Any]:
@@ -261,12 +283,10 @@ def _create_response(outcome: AnyEvent, *, seed: bool) -> Response[Any]:
 
 
 @get("/sandboxes/{chat_id:str}", operation_id="getSandbox", tags=["sandboxes"])
-async def get_sandbox(request: Request[Any, Any, Any], chat_id: FromPath[str]) -> Response[Any]:
-    ctx = _ctx(request)
-    chat = _chat(chat_id)
+async def get_sandbox(chat: NamedDependency[uuid.UUID], events: NamedDependency[EventStore]) -> Response[Any]:
     # The chat's last event is the registry's source and never lags behind an answer this
     # API already gave (the KV view is projected from it asynchronously).
-    record = (await ctx.events.read(chat)).session
+    record = (await events.read(str(chat))).session
     if record is None or not record.is_live:
         return _error(404, f"chat {chat} has no live sandbox")
     return _json(session_view(record), 200)
@@ -274,23 +294,20 @@ async def get_sandbox(request: Request[Any, Any, Any], chat_id: FromPath[str]) -
 
 @get("/sandboxes", operation_id="listSandboxes", tags=["sandboxes"])
 async def list_sandboxes(
-    request: Request[Any, Any, Any],
+    registry: NamedDependency[Registry],
     status: Annotated[SessionStatus | None, QueryParameter(required=False)] = None,
 ) -> SessionList:
-    ctx = _ctx(request)
-    records = await ctx.registry.list()
+    records = await registry.list()
     views = [session_view(r) for r in records if status is None or r.status == status]
     return SessionList(sessions=views, count=len(views))
 
 
 @delete("/sandboxes/{chat_id:str}", operation_id="stopSandbox", tags=["sandboxes"], status_code=200)
-async def stop_sandbox(request: Request[Any, Any, Any], chat_id: FromPath[str]) -> Response[Any]:
+async def stop_sandbox(
+    chat: NamedDependency[uuid.UUID], gateway: NamedDependency[CommandGateway], clock: NamedDependency[Clock]
+) -> Response[Any]:
     """Stop the chat's sandbox: 200 with the final view, 404 when it has none."""
-    ctx = _ctx(request)
-    command = StopSandbox(chat_id=uuid.UUID(_chat(chat_id)), reason="api", **_now_fields(ctx))
-    outcome = await _send(ctx, command)
-    if isinstance(outcome, Response):
-        return outcome
+    outcome = await gateway.send(StopSandbox(chat_id=chat, reason=StopReason.API, **_stamp(clock)))
     if isinstance(outcome, SandboxStopped) and outcome.session is not None:
         return _json(session_view(outcome.session), 200)
     return _error(outcome_status(outcome), failure_detail(outcome), outcome)
@@ -304,18 +321,16 @@ async def stop_sandbox(request: Request[Any, Any, Any], chat_id: FromPath[str]) 
     before_request=strict_body(KeepaliveRequest, optional=True),
 )
 async def keepalive_sandbox(
-    request: Request[Any, Any, Any], chat_id: FromPath[str], data: JSONBody[KeepaliveRequest | None] = None
+    chat: NamedDependency[uuid.UUID],
+    gateway: NamedDependency[CommandGateway],
+    clock: NamedDependency[Clock],
+    data: JSONBody[KeepaliveRequest | None] = None,
 ) -> Response[Any]:
     """Move the live session's `expires_at` to now + ttl (default: the configured ttl)."""
-    ctx = _ctx(request)
     body = data or KeepaliveRequest()
     session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id else None
-    command = KeepaliveSandbox(
-        chat_id=uuid.UUID(_chat(chat_id)), ttl_seconds=body.ttl_seconds, session_id=session_id, **_now_fields(ctx)
-    )
-    outcome = await _send(ctx, command)
-    if isinstance(outcome, Response):
-        return outcome
+    command = KeepaliveSandbox(chat_id=chat, ttl_seconds=body.ttl_seconds, session_id=session_id, **_stamp(clock))
+    outcome = await gateway.send(command)
     if isinstance(outcome, SandboxExtended) and outcome.session is not None:
         return _json(session_view(outcome.session), 200)
     return _error(outcome_status(outcome), failure_detail(outcome), outcome)
@@ -323,24 +338,23 @@ async def keepalive_sandbox(
 
 @get("/sandboxes/{chat_id:str}/events", operation_id="sandboxEvents", tags=["sandboxes"])
 async def sandbox_events(
-    request: Request[Any, Any, Any],
-    chat_id: FromPath[str],
+    chat: NamedDependency[uuid.UUID],
+    events: NamedDependency[EventStore],
     limit: Annotated[str | None, QueryParameter(required=False, description="1 to 10000")] = None,
 ) -> EventHistory:
     """The chat's event history from the stream, oldest first (the last `limit` events)."""
-    ctx = _ctx(request)
-    chat = _chat(chat_id)
-    stored = await ctx.events.history(chat, limit=_bounded_int("limit", limit, 1, 10_000))
+    stored = await events.history(str(chat), limit=_bounded_int("limit", limit, 1, 10_000))
     return EventHistory(
-        chat_id=chat, events=[StoredEventView(seq=s.seq, event=msgspec.to_builtins(s.event)) for s in stored]
+        chat_id=str(chat), events=[StoredEventView(seq=s.seq, event=msgspec.to_builtins(s.event)) for s in stored]
     )
 
 
 @get("/status", operation_id="status", tags=["meta"])
-async def status(request: Request[Any, Any, Any]) -> StatusEnvelope:
+async def status(
+    nc: NamedDependency[Client], registry: NamedDependency[Registry], clock: NamedDependency[Clock]
+) -> StatusEnvelope:
     """A versioned envelope: NATS, streams, consumers (lag), registry, reapers, runtime nodes."""
-    ctx = _ctx(request)
-    return await build_status(ctx.nc, ctx.registry, ctx.clock.now())
+    return await build_status(nc, registry, clock.now())
 
 
 @get("/metrics", operation_id="metrics", tags=["meta"], include_in_schema=False)
@@ -356,7 +370,36 @@ def _nats_unavailable(_: Request[Any, Any, Any], exc: NatsUnavailable) -> Respon
     return _error(503, f"NATS is unreachable, nothing was done: {exc}")
 
 
+def _outcome_pending(_: Request[Any, Any, Any], exc: OutcomePending) -> Response[Any]:
+    """Accepted: the command is in the stream and its outcome will appear in the chat's events."""
+    chat, wait = str(exc.command.chat_id), exc.wait_seconds
+    accepted = Accepted(
+        command_id=str(exc.command.command_id),
+        chat_id=chat,
+        detail=f"accepted; the outcome did not arrive within {wait:g}s, it will appear in the chat's events",
+        status_url=f"{API_PREFIX}/sandboxes/{chat}/events",
+    )
+    return _json(accepted, 202)
+
+
 # --------------------------------------------------------------------------- app
+
+
+async def _connect(stack: contextlib.AsyncExitStack, settings: Settings, telemetry: Telemetry) -> ApiServices:
+    """Connect, attach and start waiting for outcomes; each undone when the stack unwinds."""
+    nc = await stack.enter_async_context(service_connection(settings.nats, "sandboxd-api", role=Role.API))
+    js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
+    kv = await attach_topology(js, settings.streams)
+    waiter = OutcomeWaiter()
+    await waiter.start(js)
+    stack.push_async_callback(waiter.stop)
+    quarantine = Quarantine(telemetry.metrics)
+    return ApiServices(
+        nc=nc,
+        gateway=CommandGateway(nc, js, waiter, telemetry, wait_seconds=settings.api.wait_seconds),
+        registry=Registry(js, kv, quarantine=quarantine),
+        events=EventStore(js, quarantine=quarantine),
+    )
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Telemetry | None = None) -> Litestar:
@@ -364,32 +407,14 @@ def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Tel
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        nc = await connect(settings.nats, name="sandboxd-api", role=Role.API)
-        js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
-        kv = await attach_topology(js, settings.streams)
-        waiter = OutcomeWaiter()
-        await waiter.start(js)
-        quarantine = Quarantine(telemetry.metrics)
-        app.state.ctx = ApiContext(
-            settings=settings,
-            nc=nc,
-            gateway=CommandGateway(nc, js, waiter, telemetry),
-            registry=Registry(js, kv, quarantine=quarantine),
-            events=EventStore(js, quarantine=quarantine),
-            clock=clock or SystemClock(),
-            telemetry=telemetry,
-        )
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(telemetry.shutdown)
+            app.state.services = await _connect(stack, settings, telemetry)
             yield
-        finally:
-            await waiter.stop()
-            with contextlib.suppress(Exception):
-                await nc.drain()
-            telemetry.shutdown()
 
     protected = Router(
         path="/",
-        guards=[token_guard],
+        guards=[token_guard(settings.api)],
         route_handlers=[
             create_sandbox,
             create_seed,
@@ -404,6 +429,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Tel
     api = Router(path=API_PREFIX, route_handlers=[health, ready, protected])
     return Litestar(
         route_handlers=[api, metrics],
+        dependencies=_dependencies(clock or SystemClock()),
         middleware=[
             host_check_middleware,
             json_errors_middleware,
@@ -411,7 +437,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Tel
             body_timeout_middleware(settings.http.body_timeout_seconds),
         ],
         lifespan=[lifespan],
-        exception_handlers={NatsUnavailable: _nats_unavailable},
+        exception_handlers={NatsUnavailable: _nats_unavailable, OutcomePending: _outcome_pending},
         openapi_config=OpenAPIConfig(title="sandboxd", version=VERSION, path=f"{API_PREFIX}/schema"),
         debug=False,
     )

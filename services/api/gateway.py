@@ -96,16 +96,34 @@ class OutcomeWaiter:
         fut.set_result(checked)
 
 
+class OutcomePending(Exception):
+    """The command is in the stream but its outcome did not come within the wait; it will
+    still come (the command is durable), so the request is accepted, not failed."""
+
+    def __init__(self, command: AnyCommand, wait_seconds: float) -> None:
+        super().__init__(f"no outcome for command {command.command_id} within {wait_seconds:g}s")
+        self.command = command
+        self.wait_seconds = wait_seconds
+
+
 class CommandGateway:
-    def __init__(self, nc: Client, js: JetStreamContext, waiter: OutcomeWaiter, telemetry: Telemetry) -> None:
+    def __init__(
+        self, nc: Client, js: JetStreamContext, waiter: OutcomeWaiter, telemetry: Telemetry, *, wait_seconds: float
+    ) -> None:
         self._nc = nc
         self._js = js
         self._waiter = waiter
         self._telemetry = telemetry
+        self._wait_seconds = wait_seconds
 
-    async def send(self, command: AnyCommand, wait_seconds: float) -> AnyEvent | None:
-        """Publish and wait for the outcome; None when it did not come in time (it will
-        still come: the command is durable in the stream)."""
+    async def send(self, command: AnyCommand) -> AnyEvent:
+        """Publish and wait for the outcome; OutcomePending when it did not come in time."""
+        outcome = await self._publish_and_wait(command, self._wait_seconds)
+        if outcome is None:
+            raise OutcomePending(command, self._wait_seconds)
+        return outcome
+
+    async def _publish_and_wait(self, command: AnyCommand, wait_seconds: float) -> AnyEvent | None:
         if not self._nc.is_connected:
             raise NatsUnavailable("NATS is not connected")
         command_id = str(command.command_id)

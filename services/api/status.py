@@ -21,15 +21,14 @@ from shared.registry import Registry
 from shared.subjects import (
     COMMANDS_STREAM,
     EVENTS_STREAM,
-    PROJECTOR_CONSUMER,
-    RUNTIME_CONSUMER,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
+    ConsumerName,
 )
 
 SCHEMA_VERSION = 1
 _SECTION_TIMEOUT = 3.0
-_CONSUMERS = ((COMMANDS_STREAM, RUNTIME_CONSUMER), (EVENTS_STREAM, PROJECTOR_CONSUMER))
+_CONSUMERS = ((COMMANDS_STREAM, ConsumerName.RUNTIME), (EVENTS_STREAM, ConsumerName.PROJECTOR))
 
 
 class Section(msgspec.Struct, omit_defaults=True):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 
@@ -11,6 +11,7 @@ from shared.contracts import (
     CommandRejected,
     CreateResult,
     ErrorInfo,
+    ErrorType,
     Event,
     Labels,
     RejectReason,
@@ -111,33 +112,60 @@ def session_view(record: SessionRecord, result: CreateResult | None = None) -> S
     )
 
 
-# HTTP status of a refusal, by the rejection reason the runtime gives (malformed: 400).
-_REJECTION_STATUS = {
-    RejectReason.NO_LIVE_SESSION: 404,
-    RejectReason.STALE_SESSION: 409,
-    RejectReason.NOT_RUNNING: 409,
-    RejectReason.EXPIRED: 409,
-    RejectReason.NOT_EXPIRED: 409,
-    RejectReason.TTL_TOO_LONG: 422,
-    RejectReason.CAPACITY_EXCEEDED: 429,
-}
 # What a 429 asks the client to wait: sessions free up as others stop or expire.
 RETRY_AFTER_SECONDS = 5
 
 
-def rejection_status(reason: str | None) -> int:
+def rejection_status(reason: RejectReason) -> int:
+    """The HTTP status of a refusal, for every reason the runtime gives."""
+    match reason:
+        case (
+            RejectReason.UNKNOWN_COMMAND
+            | RejectReason.INVALID_SUBJECT
+            | RejectReason.INVALID_JSON
+            | RejectReason.INVALID_PAYLOAD
+            | RejectReason.SUBJECT_MISMATCH
+        ):
+            return 400
+        case RejectReason.NO_LIVE_SESSION:
+            return 404
+        case RejectReason.STALE_SESSION | RejectReason.NOT_RUNNING | RejectReason.EXPIRED | RejectReason.NOT_EXPIRED:
+            return 409
+        case RejectReason.TTL_TOO_LONG:
+            return 422
+        case RejectReason.CAPACITY_EXCEEDED:
+            return 429
+        case _:
+            assert_never(reason)
+
+
+def failure_status(error_type: ErrorType) -> int:
+    """The HTTP status of a `failed` outcome, for every error type the runtime gives."""
+    match error_type:
+        case ErrorType.DOCKER_UNAVAILABLE:
+            return 503
+        case ErrorType.SANDBOX_START_FAILED | ErrorType.SANDBOX_STOP_FAILED:
+            return 502
+        case ErrorType.NODE_UNAVAILABLE | ErrorType.CONTAINER_STATE | ErrorType.GAVE_UP | ErrorType.INTERNAL_ERROR:
+            return 500
+        case _:
+            assert_never(error_type)
+
+
+def _rejected_status(reason: str | None) -> int:
     try:
-        return _REJECTION_STATUS.get(RejectReason(reason or ""), 400)
+        known = RejectReason(reason or "")
     except ValueError:
-        return 400
+        return 400  # a reason this version does not know (a newer runtime's) is still a refusal
+    return rejection_status(known)
 
 
-def failure_status(error: ErrorInfo | None) -> int:
-    if error is not None and error.type == "docker_unavailable":
-        return 503
-    if error is not None and error.type in ("sandbox_start_failed", "sandbox_stop_failed"):
-        return 502
-    return 500
+def _failed_status(error: ErrorInfo | None) -> int:
+    try:
+        known = ErrorType(error.type if error is not None else "")
+    except ValueError:
+        return 500
+    return failure_status(known)
 
 
 def outcome_status(event: Event) -> int:
@@ -148,9 +176,9 @@ def outcome_status(event: Event) -> int:
         case SandboxReused() | SandboxStopped() | SandboxExtended():
             return 200
         case CommandRejected():
-            return rejection_status(event.reason)
+            return _rejected_status(event.reason)
         case SandboxFailed():
-            return failure_status(event.error)
+            return _failed_status(event.error)
     return 500
 
 
@@ -159,6 +187,6 @@ def failure_detail(event: Event) -> str:
     what = f"{error.type}: {error.message}" if error else "no detail"
     if isinstance(event, CommandRejected):
         return f"refused ({event.reason}): {error.message if error else event.reason}"
-    if error is not None and error.type == "docker_unavailable":
+    if error is not None and error.type == ErrorType.DOCKER_UNAVAILABLE:
         return f"the Docker engine is unavailable; nothing was started ({what})"
     return f"the sandbox operation failed ({what})"

@@ -149,13 +149,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from shared.event_store import EventStore  # noqa: PLC0415
     from shared.poison import Quarantine  # noqa: PLC0415
     from shared.registry import Registry  # noqa: PLC0415
-    from shared.topology import attach_topology  # noqa: PLC0415
+    from shared.subjects import SESSIONS_BUCKET  # noqa: PLC0415
+    from shared.topology import attach_topology, require_topology  # noqa: PLC0415
 
     settings = _settings()
 
     async def run(nc: Client) -> int:
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
-        kv = await attach_topology(js, settings.streams)
+        if args.dry_run:  # only reads: creates nothing
+            await require_topology(js)
+            kv = await js.key_value(SESSIONS_BUCKET)
+        else:
+            kv = await attach_topology(js, settings.streams)
         quarantine = Quarantine()  # one, so each poisoned message is reported once
         registry = Registry(js, kv, quarantine=quarantine)
         projector = Projector(js, EventStore(js, quarantine=quarantine), registry, quarantine=quarantine)
@@ -169,14 +174,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_status(_: argparse.Namespace) -> int:
     from shared.registry import Registry  # noqa: PLC0415
-    from shared.topology import attach_status_bucket, attach_topology  # noqa: PLC0415
+    from shared.subjects import SESSIONS_BUCKET, STATUS_BUCKET  # noqa: PLC0415
+    from shared.topology import require_topology  # noqa: PLC0415
 
     settings = _settings()
 
     async def run(nc: Client) -> None:
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
-        sessions = await attach_topology(js, settings.streams)
-        status = await attach_status_bucket(js, settings.streams)
+        await require_topology(js, status_bucket=True)  # only reads: creates nothing
+        sessions = await js.key_value(SESSIONS_BUCKET)
+        status = await js.key_value(STATUS_BUCKET)
         live = await Registry(js, sessions).list()
         out: dict[str, object] = {"registry": {"sessions": len(live)}}
         watcher = await status.watchall()

@@ -12,16 +12,21 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from shared.contracts import SessionRecord, SessionStatus
+from shared.contracts import SessionRecord, SessionStatus, StopReason
 
 _NAMESPACE = uuid.UUID("8a0d3c39-1d2a-4f0e-9a59-2f1e5c7b6a10")
+# The claim states a session can be stuck in, and the stop that re-drives each.
+_STUCK = {
+    SessionStatus.PROVISIONING: StopReason.STUCK_PROVISIONING,
+    SessionStatus.STOPPING: StopReason.STUCK_STOPPING,
+}
 
 
 @dataclass(frozen=True, slots=True)
 class StopOrder:
     chat_id: str
     session_id: str
-    reason: str  # "expired", "stuck_provisioning", "stuck_stopping"
+    reason: StopReason  # expired, stuck_provisioning or stuck_stopping
     command_id: str
     due_at: datetime
 
@@ -35,16 +40,17 @@ def redrive_command_id(session: SessionRecord) -> str:
 
 
 def expiry_order(session: SessionRecord) -> StopOrder:
-    return StopOrder(session.chat_id, session.session_id, "expired", expiry_command_id(session), session.expires_at)
+    return StopOrder(
+        session.chat_id, session.session_id, StopReason.EXPIRED, expiry_command_id(session), session.expires_at
+    )
 
 
 def redrive_order(session: SessionRecord, now: datetime, grace: timedelta) -> StopOrder | None:
     """A stop for a session stuck in a claim state for longer than `grace`, else None."""
-    if session.status not in (SessionStatus.PROVISIONING, SessionStatus.STOPPING):
+    reason = _STUCK.get(session.status)
+    if reason is None or now - session.updated_at < grace:
         return None
-    if now - session.updated_at < grace:
-        return None
-    return StopOrder(session.chat_id, session.session_id, f"stuck_{session.status}", redrive_command_id(session), now)
+    return StopOrder(session.chat_id, session.session_id, reason, redrive_command_id(session), now)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from opentelemetry.trace import SpanKind
 from services.reaper.decisions import ExpirySchedule, StopOrder, expiry_order, redrive_order
 from shared.clock import Clock
 from shared.config import ReaperSettings
-from shared.contracts import StopSandbox, encode
+from shared.contracts import StopReason, StopSandbox, encode
 from shared.event_store import with_nats_retry
 from shared.poison import PoisonSource, Quarantine
 from shared.registry import check_record
@@ -175,7 +175,7 @@ class Reaper:
                 self.status.last_error = f"{order.reason} {order.session_id}: {exc!r}"
                 log.warning("reaper could not publish %s for %s: %s", order.reason, order.session_id, exc)
                 held = self.schedule.sessions.get(order.chat_id)
-                if order.reason == "expired" and held is not None:
+                if order.reason == StopReason.EXPIRED and held is not None:
                     self.schedule.put(held)  # try again on the next tick
                 continue
             published.append(order)
@@ -205,10 +205,9 @@ class Reaper:
 
             await with_nats_retry(publish, what=f"publish {subject}")
         self.telemetry.metrics.increment("sandbox.reaper.action.total", {"reason": order.reason})
-        if order.reason == "expired":
+        if order.reason == StopReason.EXPIRED:
             lateness_ms = (self.clock.now() - order.due_at).total_seconds() * 1000.0
             self.telemetry.metrics.record("sandbox.reaper.expiry_lateness_ms", lateness_ms)
-        if order.reason == "expired":
             self.status.expired_published += 1
         else:
             self.status.redrive_published += 1

@@ -10,9 +10,8 @@ from collections.abc import AsyncIterator
 from services.reaper.reaper import Reaper
 from shared.clock import Clock, SystemClock
 from shared.config import Settings
-from shared.nats_connection import connect, nats_url
+from shared.nats_connection import service_connection
 from shared.nats_roles import Role
-from shared.service import StartupError
 from shared.status_blocks import prometheus_endpoint
 from shared.telemetry import Telemetry, setup_telemetry
 from shared.topology import attach_status_bucket, attach_topology
@@ -25,31 +24,33 @@ async def running_reaper(
     settings: Settings, *, clock: Clock | None = None, telemetry: Telemetry | None = None
 ) -> AsyncIterator[Reaper]:
     telemetry = telemetry or setup_telemetry("sandboxd-reaper", otlp_endpoint=settings.telemetry.otlp_endpoint)
-    try:
-        nc = await connect(settings.nats, name=f"sandboxd-reaper:{settings.reaper.reaper_id}", role=Role.REAPER)
-    except Exception as exc:
-        raise StartupError(f"cannot connect to NATS at {nats_url(settings.nats)}: {exc}") from exc
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        name = f"sandboxd-reaper:{settings.reaper.reaper_id}"
+        nc = await stack.enter_async_context(service_connection(settings.nats, name, role=Role.REAPER))
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
         sessions = await attach_topology(js, settings.streams)
         status = await attach_status_bucket(js, settings.streams)
         reaper = Reaper(js, sessions, status, settings.reaper, clock or SystemClock(), telemetry)
-        stopping = asyncio.Event()
-        task = asyncio.create_task(reaper.run(stopping), name="reaper")
+        _start(stack, reaper)
         log.info(
             "reaper %s started (expiry %s, re-drive %s)",
             settings.reaper.reaper_id,
             "on" if settings.reaper.expiry_enabled else "OFF",
             "on" if settings.reaper.redrive_enabled else "OFF",
         )
-        try:
-            yield reaper
-        finally:
-            stopping.set()
-            await task
-    finally:
-        with contextlib.suppress(Exception):
-            await nc.drain()
+        yield reaper
+
+
+def _start(stack: contextlib.AsyncExitStack, reaper: Reaper) -> None:
+    """Run the reaper until the stack unwinds, then wait for it to stop."""
+    stopping = asyncio.Event()
+    task = asyncio.create_task(reaper.run(stopping), name="reaper")
+
+    async def stop() -> None:
+        stopping.set()
+        await task
+
+    stack.push_async_callback(stop)
 
 
 async def serve(settings: Settings, stopping: asyncio.Event) -> None:

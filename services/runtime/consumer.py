@@ -27,7 +27,7 @@ from shared.consumers import bind_durable
 from shared.contracts import COMMAND_TYPES, AnyCommand
 from shared.errors import TransientError, WrongNode
 from shared.logs import bound_log_context
-from shared.subjects import COMMAND_SUBJECTS, COMMANDS_STREAM, RUNTIME_CONSUMER, split_command_subject
+from shared.subjects import COMMAND_SUBJECTS, COMMANDS_STREAM, ConsumerName, split_command_subject
 from shared.telemetry import Telemetry, extract
 from shared.telemetry import disabled as telemetry_disabled
 
@@ -76,7 +76,7 @@ class CommandConsumer:
         max_in_flight: int,
         ack_wait_seconds: float,
         max_deliveries: int = 100,
-        durable: str = RUNTIME_CONSUMER,
+        durable: str = ConsumerName.RUNTIME,
         telemetry: Telemetry | None = None,
     ) -> None:
         self._telemetry = telemetry or telemetry_disabled()

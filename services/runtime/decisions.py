@@ -23,11 +23,10 @@ from shared.contracts import (
     SandboxStopping,
     SessionRecord,
     SessionStatus,
+    StopReason,
     StopSandbox,
     is_outcome,
 )
-
-EXPIRED = "expired"  # the stop reason that makes a stop conditional on expiry
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +221,7 @@ def decide_stop(
         return Reject(
             RejectReason.STALE_SESSION, f"session {target} is not the chat's current session ({session.session_id})"
         )
-    if command.reason == EXPIRED and session.status == SessionStatus.RUNNING and not session.is_expired(now):
+    if command.reason == StopReason.EXPIRED and session.status == SessionStatus.RUNNING and not session.is_expired(now):
         # The reaper's stop raced a keepalive: an expiry stop only stops an expired session.
         return Reject(
             RejectReason.NOT_EXPIRED,

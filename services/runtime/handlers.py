@@ -2,7 +2,8 @@
 
 Every append names the sequence it was decided from, so a lost race is an AppendConflict
 and the loop decides again from the new state. Outcome events use the message id
-`<command_id>:outcome`, so a redelivered command can never get a second outcome.
+`<chat_id>:<command_id>:outcome`, so a redelivered command can never get a second outcome; each
+step returns what became of the command, and `handle` returns its outcome event.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, assert_never
@@ -46,13 +46,14 @@ from shared.clock import Clock
 from shared.commands import MalformedCommand
 from shared.config import SandboxSettings
 from shared.contracts import (
-    LIFETIME_CAPPED,
     AnyCommand,
     AnyEvent,
     CommandRejected,
     CreateResult,
     CreateSandbox,
     ErrorInfo,
+    ErrorType,
+    ExtendReason,
     HandledCommand,
     KeepaliveSandbox,
     PreviousSession,
@@ -66,6 +67,7 @@ from shared.contracts import (
     SandboxStopping,
     SessionRecord,
     SessionStatus,
+    StopReason,
     StopSandbox,
     is_outcome,
 )
@@ -94,10 +96,10 @@ def _error(exc: Exception) -> ErrorInfo:
     if isinstance(exc, InfrastructureError):
         return ErrorInfo(exc.error_type, exc.message)
     if isinstance(exc, DockerUnavailable):
-        return ErrorInfo("docker_unavailable", str(exc))
+        return ErrorInfo(ErrorType.DOCKER_UNAVAILABLE, str(exc))
     if isinstance(exc, WrongNode):
-        return ErrorInfo("node_unavailable", str(exc))
-    return ErrorInfo("internal_error", f"{type(exc).__name__}: {exc}")
+        return ErrorInfo(ErrorType.NODE_UNAVAILABLE, str(exc))
+    return ErrorInfo(ErrorType.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
 
 
 class _Backoff:
@@ -123,8 +125,17 @@ class HandlerDeps:
     handled: HandledIndex = field(kw_only=True)  # the index of commands that had their outcome
 
 
-# The outcome appended while handling the current command (one list per handling task).
-_OUTCOME: ContextVar[list[AnyEvent] | None] = ContextVar("sandboxd_outcome", default=None)
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The command is finished: `outcome` is the outcome event this handling appended, None
+    when the command's outcome had been given before (a redelivery, a duplicate)."""
+
+    outcome: AnyEvent | None = None
+
+
+# Each step of a command returns Finished, or None when another writer appended first and the
+# chat must be read and decided again.
+Step = Finished | None
 
 
 class CommandHandlers:
@@ -161,33 +172,27 @@ class CommandHandlers:
 
     async def handle(self, command: AnyCommand, progress: Progress) -> AnyEvent | None:
         """Carry the command out; its outcome event (None when it had one already)."""
-        holder: list[AnyEvent] = []
-        token = _OUTCOME.set(holder)
         attributes = {"chat.id": str(command.chat_id), "command.id": str(command.command_id)}
-        try:
-            with self._d.telemetry.tracer.span(f"usecase.{command.kind}_sandbox", attributes) as span:
-                await self._run(command, progress)
-                outcome = holder[-1] if holder else None
-                observe_outcome(command, outcome, span, self._metrics, self._d.active)
-                return outcome
-        finally:
-            _OUTCOME.reset(token)
+        with self._d.telemetry.tracer.span(f"usecase.{command.kind}_sandbox", attributes) as span:
+            outcome = await self._run(command, progress)
+            observe_outcome(command, outcome, span, self._metrics, self._d.active)
+            return outcome
 
-    async def _run(self, command: AnyCommand, progress: Progress) -> None:
+    async def _run(self, command: AnyCommand, progress: Progress) -> AnyEvent | None:
         async with self._chat_turn(str(command.chat_id), progress):
             if await self._d.handled.lookup(str(command.chat_id), str(command.command_id)) is not None:
                 # Seen again after its outcome (a re-send, or a redelivery after a lost ack):
                 # never decided afresh, whatever the chat's state is now.
                 log.info("command %s was handled before; not handling it again", command.command_id)
                 self._metrics.increment("sandbox.command.seen_again.total", {"kind": command.kind})
-                return
+                return None
             match command:
                 case CreateSandbox():
-                    await self.create(command, progress)
+                    return await self.create(command, progress)
                 case StopSandbox():
-                    await self.stop(command, progress)
+                    return await self.stop(command, progress)
                 case KeepaliveSandbox():
-                    await self.keepalive(command, progress)
+                    return await self.keepalive(command, progress)
 
     async def _handled_before(self, command: AnyCommand, state: ChatState) -> bool:
         """Whether the chat's history already holds this command's outcome.
@@ -220,11 +225,11 @@ class CommandHandlers:
             )
         )
 
-    async def _already_handled(self, command: AnyCommand, state: ChatState) -> bool:
+    async def _already_handled(self, command: AnyCommand, state: ChatState) -> Finished:
         """The chat's last event is this command's outcome (a redelivery): record it again,
         in case the process that appended it died before recording it."""
         await self._record_handled(command, state.seq)
-        return True
+        return Finished()
 
     def _own(self, session: SessionRecord) -> None:
         """Docker work on a session's container is for the node that runs it."""
@@ -272,8 +277,8 @@ class CommandHandlers:
 
     async def _outcome(
         self, cls: type[AnyEvent], command: AnyCommand, session: SessionRecord | None, expected: int, **fields: Any
-    ) -> bool:
-        """Append the command's one outcome; False when another writer got there first."""
+    ) -> Step:
+        """Append the command's one outcome; None when another writer got there first."""
         command_id = str(command.command_id)
         event = self._event(cls, str(command.chat_id), command_id, session, expected, **fields)
         try:
@@ -281,15 +286,13 @@ class CommandHandlers:
             appended = await self._d.store.append(event, expected_seq=expected, msg_id=msg_id)
         except AppendConflict:
             self._metrics.increment("sandbox.append.conflict.total", {"event": event.type})
-            return False
-        holder = _OUTCOME.get()
-        if holder is not None and not appended.duplicate:  # a duplicate: the outcome was given before
-            holder.append(event)
+            return None
         failpoint("after_outcome")  # appended, not yet recorded or acknowledged
         await self._record_handled(command, appended.seq)
-        return True
+        # A duplicate: the stream already held this outcome, given before.
+        return Finished(None if appended.duplicate else event)
 
-    async def _reject(self, command: AnyCommand, state: ChatState, decision: Reject) -> bool:
+    async def _reject(self, command: AnyCommand, state: ChatState, decision: Reject) -> Step:
         live = state.session if state.session is not None and state.session.is_live else None
         return await self._outcome(
             CommandRejected,
@@ -302,7 +305,7 @@ class CommandHandlers:
 
     # ------------------------------------------------------------------ create
 
-    async def create(self, command: CreateSandbox, progress: Progress) -> None:
+    async def create(self, command: CreateSandbox, progress: Progress) -> AnyEvent | None:
         backoff = _Backoff()
         chat_id = str(command.chat_id)
         checked = False
@@ -312,22 +315,22 @@ class CommandHandlers:
             if isinstance(decision, ClaimProvision | ClaimReplace) and not checked:
                 checked = True
                 if await self._handled_before(command, state):
-                    return
+                    return None
             if isinstance(decision, Wait):
                 await progress()
                 await backoff.sleep()
-            elif await self._carry_out_create(command, state, decision, progress):
-                return
+            elif (finished := await self._carry_out_create(command, state, decision, progress)) is not None:
+                return finished.outcome
 
     async def _carry_out_create(
         self, command: CreateSandbox, state: ChatState, decision: CreateDecision, progress: Progress
-    ) -> bool:
-        """True when the command is finished; False to read the chat again and re-decide."""
+    ) -> Step:
+        """Finished when the command is; None to read the chat again and re-decide."""
         match decision:
             case AlreadyHandled():
                 return await self._already_handled(command, state)
             case Wait():
-                return False
+                return None
             case Reject():
                 return await self._reject(command, state, decision)
             case Reuse(session):
@@ -339,21 +342,21 @@ class CommandHandlers:
                             command, state, Reject(RejectReason.CAPACITY_EXCEEDED, refused.detail)
                         )
                     seq = await self._claim(SandboxProvisioning, command, session, state.seq, previous=previous)
-                    return seq is not None and await self._start(command, session, seq, previous, progress)
+                    return None if seq is None else await self._start(command, session, seq, previous, progress)
             case ResumeProvision(session, previous):
                 self._own(session)
                 return await self._start(command, session, state.seq, previous, progress)
             case ClaimReplace(old):
                 self._own(old)
-                seq = await self._claim(SandboxStopping, command, old, state.seq, reason="replaced")
-                return seq is not None and await self._replace(command, old, seq, progress)
+                seq = await self._claim(SandboxStopping, command, old, state.seq, reason=StopReason.REPLACED)
+                return None if seq is None else await self._replace(command, old, seq, progress)
             case ResumeReplace(old):
                 self._own(old)
                 return await self._replace(command, old, state.seq, progress)
             case _:
                 assert_never(decision)
 
-    async def _replace(self, command: CreateSandbox, old: SessionRecord, claim_seq: int, progress: Progress) -> bool:
+    async def _replace(self, command: CreateSandbox, old: SessionRecord, claim_seq: int, progress: Progress) -> Step:
         try:
             await self._d.driver.remove(self._identity(command, old), self._d.sandbox.stop_timeout_seconds)
         except (InfrastructureError, DockerUnavailable) as exc:
@@ -371,11 +374,11 @@ class CommandHandlers:
                 SandboxProvisioning, command, decision.session, claim_seq, previous=decision.previous
             )
             if seq is None:
-                return False
+                return None
             await progress()
             return await self._start(command, decision.session, seq, decision.previous, progress)
 
-    async def _refuse_after_replace(self, command: CreateSandbox, claim_seq: int, refusal: Reject) -> bool:
+    async def _refuse_after_replace(self, command: CreateSandbox, claim_seq: int, refusal: Reject) -> Step:
         """The old session's container is removed and no new one may start: the chat is left
         with no session."""
         error = ErrorInfo(refusal.reason, refusal.detail)
@@ -388,7 +391,7 @@ class CommandHandlers:
         claim_seq: int,
         previous: PreviousSession | None,
         progress: Progress,
-    ) -> bool:
+    ) -> Step:
         identity = self._identity(command, claim)
         spec = container_spec(identity, claim, self._d.sandbox)
         try:
@@ -412,15 +415,16 @@ class CommandHandlers:
         result = CreateResult.REPLACED if previous is not None else CreateResult.CREATED
         # A NatsUnavailable here propagates: the append may have landed, so the container
         # stays; the redelivered command resumes our claim and finds it by name.
-        if await self._outcome(SandboxRunning, command, running, claim_seq, result=result, previous=previous):
-            return True
+        finished = await self._outcome(SandboxRunning, command, running, claim_seq, result=result, previous=previous)
+        if finished is not None:
+            return finished
         now_state = await self._d.store.read(identity.chat_id)
         if isinstance(now_state.last, SandboxRunning) and now_state.last.causation_id == str(command.command_id):
-            return True  # node reconciliation adopted our container for this very command
+            return Finished()  # node reconciliation adopted our container for this very command
         # Our claim was overtaken: the container must not outlive the record it never got.
         log.warning("chat %s: running append lost its claim; removing container %s", identity.chat_id, container_id)
         await self._remove_quietly(identity, container_id)
-        return False
+        return None
 
     async def _remove_quietly(self, identity: ContainerIdentity, ref: str | None = None) -> None:
         try:
@@ -430,7 +434,7 @@ class CommandHandlers:
 
     # ------------------------------------------------------------------ stop
 
-    async def stop(self, command: StopSandbox, progress: Progress) -> None:
+    async def stop(self, command: StopSandbox, progress: Progress) -> AnyEvent | None:
         backoff = _Backoff()
         chat_id = str(command.chat_id)
         pinned: str | None = None
@@ -441,32 +445,32 @@ class CommandHandlers:
             if isinstance(decision, ClaimStop) and not checked:
                 checked = True
                 if await self._handled_before(command, state):
-                    return
+                    return None
             match decision:
                 case AlreadyHandled():
                     await self._already_handled(command, state)
-                    return
+                    return None
                 case Wait():
                     await progress()
                     await backoff.sleep()
                     continue
                 case Reject():
-                    done = await self._reject(command, state, decision)
+                    finished = await self._reject(command, state, decision)
                 case ClaimStop(session):
                     self._own(session)
                     pinned = session.session_id
                     seq = await self._claim(SandboxStopping, command, session, state.seq, reason=command.reason)
-                    done = seq is not None and await self._finish_stop(command, session, seq)
+                    finished = None if seq is None else await self._finish_stop(command, session, seq)
                 case ResumeStop(session):
                     self._own(session)
                     pinned = session.session_id
-                    done = await self._finish_stop(command, session, state.seq)
+                    finished = await self._finish_stop(command, session, state.seq)
                 case _:
                     assert_never(decision)
-            if done:
-                return
+            if finished is not None:
+                return finished.outcome
 
-    async def _finish_stop(self, command: StopSandbox, session: SessionRecord, claim_seq: int) -> bool:
+    async def _finish_stop(self, command: StopSandbox, session: SessionRecord, claim_seq: int) -> Step:
         try:
             await self._d.driver.remove(self._identity(command, session), self._d.sandbox.stop_timeout_seconds)
         except (InfrastructureError, DockerUnavailable) as exc:
@@ -481,7 +485,7 @@ class CommandHandlers:
 
     # ------------------------------------------------------------------ keepalive
 
-    async def keepalive(self, command: KeepaliveSandbox, progress: Progress) -> None:
+    async def keepalive(self, command: KeepaliveSandbox, progress: Progress) -> AnyEvent | None:
         backoff = _Backoff()
         while True:
             state = await self._d.store.read(str(command.chat_id))
@@ -489,20 +493,20 @@ class CommandHandlers:
             match decision:
                 case AlreadyHandled():
                     await self._already_handled(command, state)
-                    return
+                    return None
                 case Wait():
                     await progress()
                     await backoff.sleep()
                     continue
                 case Reject():
-                    done = await self._reject(command, state, decision)
+                    finished = await self._reject(command, state, decision)
                 case Extend(session, capped):
-                    reason = LIFETIME_CAPPED if capped else None
-                    done = await self._outcome(SandboxExtended, command, session, state.seq, reason=reason)
+                    reason = ExtendReason.LIFETIME_CAP if capped else None
+                    finished = await self._outcome(SandboxExtended, command, session, state.seq, reason=reason)
                 case _:
                     assert_never(decision)
-            if done:
-                return
+            if finished is not None:
+                return finished.outcome
 
     # ------------------------------------------------------------------ refusals
 
@@ -539,7 +543,9 @@ class CommandHandlers:
         cause = _error(exc)
         await self._fail(
             command,
-            ErrorInfo("gave_up", f"not carried out after {deliveries} deliveries: {cause.type}: {cause.message}"),
+            ErrorInfo(
+                ErrorType.GAVE_UP, f"not carried out after {deliveries} deliveries: {cause.type}: {cause.message}"
+            ),
         )
 
     async def _fail(self, command: AnyCommand, error: ErrorInfo) -> None:
@@ -547,7 +553,7 @@ class CommandHandlers:
         while True:
             state = await self._d.store.read(str(command.chat_id))
             live = state.session if state.session is not None and state.session.is_live else None
-            if await self._outcome(SandboxFailed, command, live, state.seq, error=error):
+            if await self._outcome(SandboxFailed, command, live, state.seq, error=error) is not None:
                 return
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.runtime.decisions import EXPIRED
 from shared.contracts import (
     AnyCommand,
     AnyEvent,
@@ -15,6 +14,7 @@ from shared.contracts import (
     SandboxReused,
     SandboxRunning,
     SandboxStopped,
+    StopReason,
     StopSandbox,
 )
 from shared.telemetry import Metrics, Span, disabled
@@ -88,10 +88,10 @@ def _observe_stop(
     if isinstance(outcome, SandboxStopped):
         span.set_attribute("sandbox.result", "stopped")
         active.add(-1)
-        if command.reason == EXPIRED:
+        if command.reason == StopReason.EXPIRED:
             metrics.increment("sandbox.cleanup.total", {"result": "cleaned"})
     elif isinstance(outcome, SandboxFailed):
         span.set_attribute("sandbox.result", "error")
-        if command.reason == EXPIRED:
+        if command.reason == StopReason.EXPIRED:
             error_type = outcome.error.type if outcome.error else "unknown"
             metrics.increment("sandbox.cleanup.error.total", {"error.type": error_type})

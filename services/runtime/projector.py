@@ -29,7 +29,7 @@ from shared.consumers import bind_durable
 from shared.event_store import EventStore
 from shared.poison import PoisonSource, Quarantine
 from shared.registry import Registry
-from shared.subjects import EVENT_SUBJECTS, EVENTS_STREAM, INVALID_EVENTS_SUBJECT, PROJECTOR_CONSUMER, chat_of
+from shared.subjects import EVENT_SUBJECTS, EVENTS_STREAM, INVALID_EVENTS_SUBJECT, ConsumerName, chat_of
 from shared.telemetry import Telemetry, extract
 from shared.telemetry import disabled as telemetry_disabled
 
@@ -64,7 +64,7 @@ class Projector:
         store: EventStore,
         registry: Registry,
         *,
-        durable: str = PROJECTOR_CONSUMER,
+        durable: str = ConsumerName.PROJECTOR,
         telemetry: Telemetry | None = None,
         quarantine: Quarantine | None = None,
     ) -> None:

@@ -33,6 +33,9 @@ from shared.contracts import (
     AnyEvent,
     CreateResult,
     ErrorInfo,
+    ErrorType,
+    LostReason,
+    RunningReason,
     SandboxLost,
     SandboxProvisioning,
     SandboxRunning,
@@ -40,6 +43,7 @@ from shared.contracts import (
     SandboxStopping,
     SessionRecord,
     SessionStatus,
+    StopReason,
 )
 from shared.errors import AppendConflict
 from shared.event_store import ChatState, EventStore
@@ -57,7 +61,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class MarkLost:
     session: SessionRecord
-    reason: str
+    reason: LostReason
     docker_state: str
     container_id: str | None
 
@@ -94,11 +98,14 @@ def decide_for_chat(
     if mine is not None and mine.status == SessionStatus.RUNNING and not claim_in_flight:
         container = by_session.get(mine.session_id)
         if container is None:
-            actions.append(MarkLost(mine, "container_missing", "no such container", None))
+            actions.append(MarkLost(mine, LostReason.CONTAINER_MISSING, "no such container", None))
         elif container.state != "running":
             actions.append(
                 MarkLost(
-                    mine, "container_not_running", f"{container.state}: {container.status}", container.container_id
+                    mine,
+                    LostReason.CONTAINER_NOT_RUNNING,
+                    f"{container.state}: {container.status}",
+                    container.container_id,
                 )
             )
     if mine is not None and isinstance(last, SandboxProvisioning) and not claim_in_flight:
@@ -283,7 +290,7 @@ class NodeReconciler:
                     state.seq,
                     causation_id=None,
                     reason=reason,
-                    error=ErrorInfo("container_state", docker_state),
+                    error=ErrorInfo(ErrorType.CONTAINER_STATE, docker_state),
                 )
                 await self._store.append(event, expected_seq=state.seq, msg_id=event.event_id)
                 if container_id is not None:
@@ -305,7 +312,7 @@ class NodeReconciler:
                     causation_id=claim.causation_id,
                     result=result,
                     previous=claim.previous,
-                    reason="adopted",
+                    reason=RunningReason.ADOPTED,
                 )
                 msg_id = outcome_msg_id(chat, claim.causation_id) if claim.causation_id else event.event_id
                 await self._store.append(event, expected_seq=state.seq, msg_id=msg_id)
@@ -321,7 +328,7 @@ class NodeReconciler:
                     current,
                     state.seq,
                     causation_id=None,
-                    reason="orphan_removed",
+                    reason=StopReason.ORPHAN_REMOVED,
                 )
                 await self._store.append(event, expected_seq=state.seq, msg_id=event.event_id)
                 report.orphans_removed += 1

@@ -1,5 +1,7 @@
 """The runtime's composition root: NATS, Docker, handlers, the command consumer and the
-projector, wired once. Tests build it the same way with their own settings."""
+projector, wired once. Start-up I/O runs under one exit stack, so whatever was started is
+undone in reverse order (loops stopped, Docker closed, NATS drained) however the block ends.
+Tests build it the same way with their own settings."""
 
 from __future__ import annotations
 
@@ -7,12 +9,14 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 
 from services.runtime.capacity import UNLIMITED, NodeCapacity, auto_limit, is_live_state
 from services.runtime.consumer import CommandConsumer
@@ -27,13 +31,13 @@ from shared.config import Settings
 from shared.errors import DockerUnavailable
 from shared.event_store import EventStore
 from shared.handled import HandledCommands
-from shared.nats_connection import connect, nats_url
+from shared.nats_connection import service_connection
 from shared.nats_roles import Role
 from shared.poison import Quarantine
 from shared.registry import Registry
 from shared.service import StartupError
 from shared.status_blocks import prometheus_endpoint, publish_periodically
-from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, PROJECTOR_CONSUMER, RUNTIME_CONSUMER
+from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, ConsumerName
 from shared.telemetry import Telemetry, setup_telemetry
 from shared.topology import attach_handled_bucket, attach_status_bucket, attach_topology
 
@@ -59,8 +63,21 @@ class RuntimeHandle:
     tasks: list[asyncio.Task[None]]
 
 
+@dataclass(frozen=True, slots=True)
+class _Runtime:
+    """The runtime's object graph, built from settings and its connected parts."""
+
+    quarantine: Quarantine
+    registry: Registry
+    handlers: CommandHandlers
+    consumer: CommandConsumer
+    projector: Projector
+    reconciler: NodeReconciler
+    active: ActiveSandboxes
+
+
 @contextlib.asynccontextmanager
-async def running_runtime(  # noqa: PLR0915 - the composition root wires everything, once
+async def running_runtime(
     settings: Settings,
     *,
     driver: ContainerDriver | None = None,
@@ -70,113 +87,136 @@ async def running_runtime(  # noqa: PLR0915 - the composition root wires everyth
     """Run the consumer, the projector and reconciliation until the block exits, then drain."""
     clock = clock or SystemClock()
     telemetry = telemetry or setup_telemetry("sandboxd-runtime", otlp_endpoint=settings.telemetry.otlp_endpoint)
-    try:
-        nc = await connect(settings.nats, name=f"sandboxd-runtime:{settings.runtime.node_id}", role=Role.RUNTIME)
-    except Exception as exc:
-        raise StartupError(f"cannot connect to NATS at {nats_url(settings.nats)}: {exc}") from exc
-    owned: DockerDriver | None = None
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        name = f"sandboxd-runtime:{settings.runtime.node_id}"
+        nc = await stack.enter_async_context(service_connection(settings.nats, name, role=Role.RUNTIME))
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
         kv = await attach_topology(js, settings.streams)
         status_bucket = await attach_status_bucket(js, settings.streams)
         handled_bucket = await attach_handled_bucket(js, settings.streams)
+        engine: DockerDriver | None = None
         if driver is None:
-            try:
-                owned = DockerDriver.from_env(settings.runtime.docker_timeout_seconds, telemetry=telemetry)
-                await owned.ping()
-            except DockerUnavailable as exc:
-                raise StartupError(f"{exc} (is dockerd running? see the README)") from exc
-            driver = owned
-            prepare_chats_root(settings.sandbox.chats_root)
-        runtime_settings = settings.runtime
-        quarantine = Quarantine(telemetry.metrics)
-        store = EventStore(js, quarantine=quarantine)
-        active = ActiveSandboxes(telemetry.metrics)
-        policy = policy_from(runtime_settings.node_id, settings.sandbox, runtime_settings.claim_timeout_seconds)
-        capacity = await node_capacity(settings, driver, owned)
-        handlers = CommandHandlers(
-            HandlerDeps(
-                store,
-                driver,
-                clock,
-                policy,
-                settings.sandbox,
-                telemetry,
-                active,
-                capacity,
-                handled=HandledCommands(js, handled_bucket, quarantine),
-            )
+            driver = engine = await _docker(stack, settings, telemetry)
+        capacity = await node_capacity(settings, driver, engine)
+        runtime = _wire(
+            settings, js, kv, handled_bucket, driver=driver, capacity=capacity, clock=clock, telemetry=telemetry
         )
-        consumer = CommandConsumer(
-            js,
-            handlers,
-            max_in_flight=runtime_settings.max_in_flight,
-            ack_wait_seconds=runtime_settings.ack_wait_seconds,
-            max_deliveries=runtime_settings.max_deliveries,
-            telemetry=telemetry,
+        if settings.runtime.replay_on_start:
+            await _replay(js, runtime, telemetry)
+        tasks = _start_tasks(stack, settings, runtime, _status_writer(settings, js, status_bucket, telemetry), clock)
+        log.info("runtime %s started", settings.runtime.node_id)
+        yield RuntimeHandle(runtime.handlers, runtime.reconciler, tasks)
+
+
+async def _docker(stack: contextlib.AsyncExitStack, settings: Settings, telemetry: Telemetry) -> DockerDriver:
+    """The local Docker engine, answering, closed with the stack; the chats root prepared."""
+    try:
+        engine = DockerDriver.from_env(settings.runtime.docker_timeout_seconds, telemetry=telemetry)
+        stack.callback(engine.close)
+        await engine.ping()
+    except DockerUnavailable as exc:
+        raise StartupError(f"{exc} (is dockerd running? see the README)") from exc
+    prepare_chats_root(settings.sandbox.chats_root)
+    return engine
+
+
+def _wire(
+    settings: Settings,
+    js: JetStreamContext,
+    kv: KeyValue,
+    handled_bucket: KeyValue,
+    *,
+    driver: ContainerDriver,
+    capacity: NodeCapacity,
+    clock: Clock,
+    telemetry: Telemetry,
+) -> _Runtime:
+    """Plain wiring: no I/O."""
+    runtime = settings.runtime
+    quarantine = Quarantine(telemetry.metrics)
+    registry = Registry(js, kv, quarantine=quarantine)
+    store = EventStore(js, quarantine=quarantine)
+    active = ActiveSandboxes(telemetry.metrics)
+    policy = policy_from(runtime.node_id, settings.sandbox, runtime.claim_timeout_seconds)
+    handled = HandledCommands(js, handled_bucket, quarantine)
+    handlers = CommandHandlers(
+        HandlerDeps(store, driver, clock, policy, settings.sandbox, telemetry, active, capacity, handled=handled)
+    )
+    consumer = CommandConsumer(
+        js,
+        handlers,
+        max_in_flight=runtime.max_in_flight,
+        ack_wait_seconds=runtime.ack_wait_seconds,
+        max_deliveries=runtime.max_deliveries,
+        telemetry=telemetry,
+    )
+    projector = Projector(js, store, registry, telemetry=telemetry, quarantine=quarantine)
+    reconciler = NodeReconciler(
+        store,
+        registry,
+        driver,
+        clock,
+        node_id=runtime.node_id,
+        claim_timeout=timedelta(seconds=runtime.claim_timeout_seconds),
+        confirmations=runtime.reconcile_confirmations,
+        stop_timeout_seconds=settings.sandbox.stop_timeout_seconds,
+        telemetry=telemetry,
+        active=active,
+    )
+    return _Runtime(quarantine, registry, handlers, consumer, projector, reconciler, active)
+
+
+async def _replay(js: JetStreamContext, runtime: _Runtime, telemetry: Telemetry) -> None:
+    report = await replay(js, runtime.registry, runtime.projector, quarantine=runtime.quarantine)
+    for kind in ("missing", "stale", "extra", "corrupt"):
+        telemetry.metrics.set("sandbox.replay.drift", len(getattr(report, kind)), {"kind": kind})
+
+
+StatusWriter = Callable[[bytes], Awaitable[None]]
+
+
+def _status_writer(settings: Settings, js: JetStreamContext, bucket: KeyValue, telemetry: Telemetry) -> StatusWriter:
+    async def put_status(data: bytes) -> None:
+        await bucket.put(f"runtime.{settings.runtime.node_id}.{os.getpid()}", data)
+        await observe_consumer_lag(js, telemetry)
+
+    return put_status
+
+
+def _start_tasks(
+    stack: contextlib.AsyncExitStack, settings: Settings, runtime: _Runtime, put_status: StatusWriter, clock: Clock
+) -> list[asyncio.Task[None]]:
+    """The runtime's loops, stopped (and awaited) when the stack unwinds."""
+    started_at = clock.now()
+
+    def status() -> RuntimeStatus:
+        last = runtime.reconciler.last_report
+        return RuntimeStatus(
+            node_id=settings.runtime.node_id,
+            pid=os.getpid(),
+            started_at=started_at,
+            last_seen=clock.now(),
+            in_flight=runtime.consumer.in_flight,
+            active_sandboxes=runtime.active.value,
+            last_reconcile=None if last is None else f"{last.containers} containers, {len(last.actions)} actions",
         )
-        registry = Registry(js, kv, quarantine=quarantine)
-        projector = Projector(js, store, registry, telemetry=telemetry, quarantine=quarantine)
-        if runtime_settings.replay_on_start:
-            report = await replay(js, registry, projector, quarantine=quarantine)
-            for kind in ("missing", "stale", "extra", "corrupt"):
-                telemetry.metrics.set("sandbox.replay.drift", len(getattr(report, kind)), {"kind": kind})
-        reconciler = NodeReconciler(
-            store,
-            registry,
-            driver,
-            clock,
-            node_id=runtime_settings.node_id,
-            claim_timeout=timedelta(seconds=runtime_settings.claim_timeout_seconds),
-            confirmations=runtime_settings.reconcile_confirmations,
-            stop_timeout_seconds=settings.sandbox.stop_timeout_seconds,
-            telemetry=telemetry,
-            active=active,
-        )
-        started_at = clock.now()
 
-        def status() -> RuntimeStatus:
-            last = reconciler.last_report
-            return RuntimeStatus(
-                node_id=runtime_settings.node_id,
-                pid=os.getpid(),
-                started_at=started_at,
-                last_seen=clock.now(),
-                in_flight=consumer.in_flight,
-                active_sandboxes=active.value,
-                last_reconcile=None if last is None else f"{last.containers} containers, {len(last.actions)} actions",
-            )
+    stopping = asyncio.Event()
+    loops: dict[str, Coroutine[Any, Any, None]] = {
+        "commands": runtime.consumer.run(stopping),
+        "projector": runtime.projector.run(stopping),
+        "status": publish_periodically(put_status, status, settings.telemetry.status_interval_seconds, stopping),
+    }
+    if settings.runtime.reconcile_enabled:
+        loops["reconciliation"] = runtime.reconciler.run(stopping, settings.runtime.reconcile_interval_seconds)
+    tasks = [asyncio.create_task(loop, name=name) for name, loop in loops.items()]
 
-        async def put_status(data: bytes) -> None:
-            await status_bucket.put(f"runtime.{runtime_settings.node_id}.{os.getpid()}", data)
-            await observe_consumer_lag(js, telemetry)
+    async def stop() -> None:
+        stopping.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
-        stopping = asyncio.Event()
-        tasks = [
-            asyncio.create_task(consumer.run(stopping), name="commands"),
-            asyncio.create_task(projector.run(stopping), name="projector"),
-            asyncio.create_task(
-                publish_periodically(put_status, status, settings.telemetry.status_interval_seconds, stopping),
-                name="status",
-            ),
-        ]
-        if runtime_settings.reconcile_enabled:
-            tasks.append(
-                asyncio.create_task(
-                    reconciler.run(stopping, runtime_settings.reconcile_interval_seconds), name="reconciliation"
-                )
-            )
-        log.info("runtime %s started", runtime_settings.node_id)
-        try:
-            yield RuntimeHandle(handlers, reconciler, tasks)
-        finally:
-            stopping.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-    finally:
-        if owned is not None:
-            owned.close()
-        with contextlib.suppress(Exception):
-            await nc.drain()
+    stack.push_async_callback(stop)
+    return tasks
 
 
 async def node_capacity(settings: Settings, driver: ContainerDriver, engine: DockerDriver | None) -> NodeCapacity:
@@ -202,7 +242,7 @@ async def node_capacity(settings: Settings, driver: ContainerDriver, engine: Doc
 
 async def observe_consumer_lag(js: JetStreamContext, telemetry: Telemetry) -> None:
     """Consumer lag as gauges: messages not yet delivered and delivered but unacknowledged."""
-    for stream, consumer in ((COMMANDS_STREAM, RUNTIME_CONSUMER), (EVENTS_STREAM, PROJECTOR_CONSUMER)):
+    for stream, consumer in ((COMMANDS_STREAM, ConsumerName.RUNTIME), (EVENTS_STREAM, ConsumerName.PROJECTOR)):
         with contextlib.suppress(Exception):
             info = await js.consumer_info(stream, consumer)
             telemetry.metrics.set("sandbox.consumer.pending", info.num_pending or 0, {"consumer": consumer})

@@ -39,9 +39,9 @@ from shared.contracts import (
 from shared.event_store import EventStore
 from shared.subjects import (
     COMMANDS_STREAM,
-    RUNTIME_CONSUMER,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
+    ConsumerName,
     command_subject,
 )
 from shared.topology import ensure_topology
@@ -298,7 +298,7 @@ async def consuming(js: JetStreamContext, node_id: str, runtimes: list[Child]) -
         )
         assert exited is None, f"{runtime.log.name} exited ({exited}): {runtime.log.read_text()[-3000:]}"
     await eventually(
-        lambda: js.consumer_info(COMMANDS_STREAM, RUNTIME_CONSUMER),
+        lambda: js.consumer_info(COMMANDS_STREAM, ConsumerName.RUNTIME),
         lambda info: (info.num_waiting or 0) >= len(runtimes),
         what=f"{len(runtimes)} runtimes pulling commands",
     )

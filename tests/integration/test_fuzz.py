@@ -42,7 +42,7 @@ from nats.js.api import DeliverPolicy
 
 from services.runtime.service import RuntimeHandle
 from shared.config import Settings
-from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, RUNTIME_CONSUMER
+from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, ConsumerName
 from tests.conftest import TEST_TOKEN, settings_for
 from tests.support.api_server import serving_api
 from tests.support.fuzz import (
@@ -234,7 +234,7 @@ class QueueState:
 async def queue_state(nc: Client) -> QueueState:
     js = nc.jetstream()
     commands = await js.stream_info(COMMANDS_STREAM)
-    consumer = await js.consumer_info(COMMANDS_STREAM, RUNTIME_CONSUMER)
+    consumer = await js.consumer_info(COMMANDS_STREAM, ConsumerName.RUNTIME)
     events = await js.stream_info(EVENTS_STREAM)
     return QueueState(
         stored_commands=commands.state.messages,

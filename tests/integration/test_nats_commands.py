@@ -18,7 +18,7 @@ from nats.js.api import DeliverPolicy
 
 from services.runtime.service import RuntimeHandle
 from shared.config import Settings
-from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, RUNTIME_CONSUMER, command_subject
+from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, ConsumerName, command_subject
 from tests.support.eventually import eventually, until
 
 OUTCOMES = {"running", "reused", "extended", "stopped", "failed", "rejected"}
@@ -74,7 +74,7 @@ async def settled(nc: Client, log: EventLog, seq: int) -> None:
     is in the log, and nothing is left to be redelivered."""
     js = nc.jetstream()
     await eventually(
-        lambda: js.consumer_info(COMMANDS_STREAM, RUNTIME_CONSUMER),
+        lambda: js.consumer_info(COMMANDS_STREAM, ConsumerName.RUNTIME),
         lambda info: info.ack_floor.stream_seq >= seq and info.num_ack_pending == 0,
         what=f"commands up to {seq} settled",
     )
@@ -186,7 +186,7 @@ async def test_malformed_commands_are_rejected_once_and_never_redelivered(
     js = nc.jetstream()
     info = await js.stream_info(COMMANDS_STREAM)
     assert info.state.messages == 0, "terminated commands must leave the work queue"
-    consumer = await js.consumer_info(COMMANDS_STREAM, RUNTIME_CONSUMER)
+    consumer = await js.consumer_info(COMMANDS_STREAM, ConsumerName.RUNTIME)
     assert consumer.num_ack_pending == 0
     # Every delivery so far was a first one: each command was delivered once, never again.
     assert consumer.delivered.consumer_seq == consumer.delivered.stream_seq == last

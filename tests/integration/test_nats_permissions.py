@@ -33,10 +33,9 @@ from shared.nats_roles import Role
 from shared.subjects import (
     COMMANDS_STREAM,
     EVENTS_STREAM,
-    PROJECTOR_CONSUMER,
-    RUNTIME_CONSUMER,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
+    ConsumerName,
 )
 from shared.topology import TopologyMissing, ensure_status_bucket, ensure_topology
 from tests.conftest import TEST_TOKEN, missing, settings_for
@@ -49,6 +48,8 @@ CHAT = "3f0c9a7e-2b1d-4c8e-9f6a-5d4e3c2b1a09"  # the chat-scoped agent's chat
 API = "$JS.API"
 SESSIONS = f"KV_{SESSIONS_BUCKET}"
 KV = f"$KV.{SESSIONS_BUCKET}"
+RUNTIME_CONSUMER = ConsumerName.RUNTIME
+PROJECTOR_CONSUMER = ConsumerName.PROJECTOR
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import nats
 from services.runtime.service import running_runtime
 from shared.config import Settings
 from shared.event_store import EventStore
-from shared.subjects import COMMANDS_STREAM, RUNTIME_CONSUMER, command_subject
+from shared.subjects import COMMANDS_STREAM, ConsumerName, command_subject
 from tests.support.eventually import eventually
 
 
@@ -40,7 +40,7 @@ async def test_a_stop_waits_for_the_owning_node(
         return [s.event.type for s in await store.history(chat) if s.event.causation_id == command_id]
 
     async def deliveries() -> int:
-        return (await js.consumer_info(COMMANDS_STREAM, RUNTIME_CONSUMER)).delivered.consumer_seq or 0
+        return (await js.consumer_info(COMMANDS_STREAM, ConsumerName.RUNTIME)).delivered.consumer_seq or 0
 
     async with running_runtime(settings):  # the owner, node_id
         create = await command("create")

@@ -17,10 +17,12 @@ from services.runtime.handlers import CommandHandlers, HandlerDeps
 from shared.commands import MalformedCommand
 from shared.config import SandboxSettings
 from shared.contracts import (
+    AnyCommand,
     AnyEvent,
     CommandRejected,
     CreateResult,
     CreateSandbox,
+    KeepaliveSandbox,
     PreviousSession,
     RejectReason,
     SandboxFailed,
@@ -368,3 +370,38 @@ async def test_a_container_that_is_not_the_sessions_is_left_alone(world: World) 
     assert world.outcome(chat, (await world.stop(chat)).command_id).type == "stopped"
     assert world.driver.left_alone == [container_name(theirs.session.session_id)]
     assert container_name(theirs.session.session_id) in world.driver.running
+
+
+def new_command(cls: type[AnyCommand], chat: uuid.UUID, **kw: object) -> AnyCommand:
+    return msgspec.convert({"command_id": str(uuid.uuid4()), "chat_id": str(chat), **kw}, cls)
+
+
+async def test_handle_returns_the_outcome_it_appended(world: World) -> None:
+    chat = uuid.uuid4()
+    for command, kind in (
+        (new_command(CreateSandbox, chat), "running"),
+        (new_command(CreateSandbox, chat), "reused"),
+        (new_command(KeepaliveSandbox, chat), "extended"),
+        (new_command(StopSandbox, chat), "stopped"),
+        (new_command(KeepaliveSandbox, chat), "rejected"),
+    ):
+        returned = await world.handlers.handle(command, world.progress)
+        assert returned is not None
+        assert returned.type == kind
+        assert returned == world.outcome(chat, command.command_id)
+
+
+async def test_handle_returns_none_when_the_outcome_was_given_before(world: World) -> None:
+    chat = uuid.uuid4()
+    create = new_command(CreateSandbox, chat)
+    await world.handlers.handle(create, world.progress)
+    assert await world.handlers.handle(create, world.progress) is None  # its outcome is the last event
+    first, second = new_command(KeepaliveSandbox, chat), new_command(KeepaliveSandbox, chat)
+    await world.handlers.handle(first, world.progress)
+    await world.handlers.handle(second, world.progress)
+    events = len(world.store.events(str(chat)))
+    # Redelivered after another outcome: it decides again, and its outcome append is a duplicate.
+    assert await world.handlers.handle(first, world.progress) is None
+    assert len(world.store.events(str(chat))) == events
+    await world.handlers.handle(new_command(StopSandbox, chat), world.progress)
+    assert await world.handlers.handle(create, world.progress) is None  # found in the chat's history
