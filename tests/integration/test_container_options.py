@@ -20,8 +20,6 @@ from shared.event_store import EventStore
 from tests.conftest import settings_for
 from tests.support.nats_server import NatsServer
 
-pytestmark = pytest.mark.integration
-
 API = "/api/v1"
 OPTIONS = {
     "SANDBOXD_SANDBOX_CPUS": "0.25",

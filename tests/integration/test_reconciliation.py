@@ -43,8 +43,6 @@ from tests.support.eventually import eventually
 from tests.support.nats_server import NatsServer
 from tests.support.records import session_record
 
-pytestmark = pytest.mark.integration
-
 API = "/api/v1"
 CLAIM_TIMEOUT_SECONDS = 1
 

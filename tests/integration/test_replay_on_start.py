@@ -27,8 +27,6 @@ from tests.support.appends import append_event
 from tests.support.eventually import eventually, holds
 from tests.support.records import session_record
 
-pytestmark = pytest.mark.integration
-
 CORRUPT = b'{"session_id": "not what a record holds"'
 
 

@@ -22,7 +22,7 @@ from shared.contracts import AnyEvent, SandboxFailed, SandboxRunning, is_outcome
 from shared.errors import NatsUnavailable
 from shared.subjects import command_subject
 from shared.telemetry import disabled
-from tests.unit.fakes_runtime import FakeClock, FakeDriver, FakeStore
+from tests.unit.fakes_runtime import FakeClock, FakeDriver, FakeHandled, FakeStore
 
 POLICY = Policy("node-a", "img", timedelta(minutes=5), timedelta(hours=1), timedelta(seconds=60))
 MAX_DELIVERIES = 5
@@ -57,9 +57,12 @@ class FakeMsg:
 
 class Runtime:
     def __init__(self) -> None:
-        self.store = FakeStore()
+        clock = FakeClock()
+        self.store = FakeStore(clock)
         self.driver = FakeDriver()
-        self.handlers = CommandHandlers(HandlerDeps(self.store, self.driver, FakeClock(), POLICY, SandboxSettings()))
+        self.handlers = CommandHandlers(
+            HandlerDeps(self.store, self.driver, clock, POLICY, SandboxSettings(), handled=FakeHandled())
+        )
 
     async def deliver(self, chat: str, data: bytes, delivery: int) -> tuple[str, float | None]:
         msg = FakeMsg(command_subject("create", chat), data, delivery)

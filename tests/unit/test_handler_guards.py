@@ -37,7 +37,7 @@ from shared.contracts import (
 )
 from tests.support.eventually import until
 from tests.support.records import T0, session_record
-from tests.unit.fakes_runtime import FakeClock, FakeDriver, FakeStore
+from tests.unit.fakes_runtime import FakeClock, FakeDriver, FakeHandled, FakeStore
 
 NODE = "node-a"
 CLAIM_TIMEOUT = timedelta(seconds=60)
@@ -63,12 +63,12 @@ class Node:
     """One runtime's handlers over the fakes, with a clock the test moves."""
 
     def __init__(self) -> None:
-        self.store = FakeStore()
-        self.driver = FakeDriver()
         self.clock = FakeClock(T0)
+        self.store = FakeStore(self.clock)
+        self.driver = FakeDriver()
         ids = itertools.count(1)
         self.handlers = CommandHandlers(
-            HandlerDeps(self.store, self.driver, self.clock, POLICY, SETTINGS),
+            HandlerDeps(self.store, self.driver, self.clock, POLICY, SETTINGS, handled=FakeHandled()),
             new_id=lambda: str(uuid.UUID(int=next(ids))),
         )
         self.progress_calls = 0
