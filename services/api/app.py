@@ -85,6 +85,7 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
 VERSION = "0.1.0"
+REQUEST_MAX_BODY_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,5 +440,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Tel
         lifespan=[lifespan],
         exception_handlers={NatsUnavailable: _nats_unavailable, OutcomePending: _outcome_pending},
         openapi_config=OpenAPIConfig(title="sandboxd", version=VERSION, path=f"{API_PREFIX}/schema"),
+        # No valid body comes near this (a command is at most 64 KiB on NATS); a larger one is
+        # refused from its Content-Length, before a byte of it is read.
+        request_max_body_size=REQUEST_MAX_BODY_BYTES,
         debug=False,
     )

@@ -4,6 +4,7 @@ of a keepalive with its status and `detail`, and a stop whose container is alrea
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -208,3 +209,32 @@ async def test_a_stop_whose_container_was_removed_behind_our_back_ends_stopped(
     assert (events[-1]["reason"], events[-1]["session"]["status"]) == ("api", SessionStatus.STOPPED)
     assert (await api.get(f"{API}/sandboxes/{chat}")).status_code == 404
     await eventually(lambda: kv_has(nc, chat), lambda has: not has, what="the record leaves the registry")
+
+
+# --------------------------------------------------------------------------- 413
+
+
+async def test_a_body_over_the_limit_is_refused_before_it_is_read(api: httpx.AsyncClient) -> None:
+    """A client announcing a huge body gets 413 without uploading it (nor a 408 after the
+    body timeout): the server answers without waiting for a single body byte."""
+    url = httpx.URL(str(api.base_url))
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(
+            f"POST {API}/sandboxes HTTP/1.1\r\nHost: {url.host}:{url.port}\r\nX-API-Token: {TEST_TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {5 * 1024 * 1024}\r\n\r\n".encode()
+        )
+        await writer.drain()
+        # No body byte is ever sent: a server that waited for the body would answer 408 once
+        # http.body_timeout_seconds ran out.
+        status_line = await reader.readline()
+        assert status_line.split()[1] == b"413", status_line
+    finally:
+        writer.close()
+    just_over = await api.post(
+        f"{API}/sandboxes",
+        content=b'{"chat_id": "' + b"a" * (1024 * 1024) + b'"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert just_over.status_code == 413
+    assert just_over.json()["detail"]

@@ -94,20 +94,18 @@ async def test_one_create_is_one_trace_and_the_seed_metrics_follow_their_paths(
         chat = str(uuid.uuid4())
         created = await http.post("/api/v1/sandboxes", json={"chat_id": chat})
         assert created.status_code == 201
-        # The projector's span follows the event asynchronously.
-        await until(lambda: bool(named(spans.get_finished_spans(), "projector.project_chat")), what="projector span")
-
-        trace_ids = {
-            name: {s.context.trace_id for s in named(spans.get_finished_spans(), name)}
-            for name in (
-                "HTTP POST",
-                "api.send_command",
-                "runtime.handle_command",
-                "usecase.create_sandbox",
-                "adapter.docker.create_sandbox",
-                "projector.project_chat",
-            )
-        }
+        names = (
+            "HTTP POST",
+            "api.send_command",
+            "runtime.handle_command",
+            "usecase.create_sandbox",
+            "adapter.docker.create_sandbox",
+            "projector.project_chat",
+        )
+        # The answer comes with the outcome event; the runtime's spans end once it has recorded
+        # and acknowledged the command, and the projector's follows the event: all asynchronously.
+        await until(lambda: all(named(spans.get_finished_spans(), n) for n in names), what="every span")
+        trace_ids = {name: {s.context.trace_id for s in named(spans.get_finished_spans(), name)} for name in names}
         assert all(len(ids) == 1 for ids in trace_ids.values()), trace_ids
         assert len(set.union(*trace_ids.values())) == 1, "one create, one trace"
         usecase = named(spans.get_finished_spans(), "usecase.create_sandbox")[0]
