@@ -109,6 +109,7 @@ class ErrorType(enum.StrEnum):
     """The `error.type` of a `failed` or `lost` event (a `rejected` event's is its RejectReason)."""
 
     DOCKER_UNAVAILABLE = "docker_unavailable"  # the engine could not be reached
+    NATS_UNAVAILABLE = "nats_unavailable"  # NATS did not answer (named in a gave_up message)
     NODE_UNAVAILABLE = "node_unavailable"  # the session's container is on another node
     SANDBOX_START_FAILED = "sandbox_start_failed"  # Docker refused to create or start it
     SANDBOX_STOP_FAILED = "sandbox_stop_failed"  # Docker refused to stop or remove it

@@ -142,7 +142,7 @@ def rejection_status(reason: RejectReason) -> int:
 def failure_status(error_type: ErrorType) -> int:
     """The HTTP status of a `failed` outcome, for every error type the runtime gives."""
     match error_type:
-        case ErrorType.DOCKER_UNAVAILABLE:
+        case ErrorType.DOCKER_UNAVAILABLE | ErrorType.NATS_UNAVAILABLE:
             return 503
         case ErrorType.SANDBOX_START_FAILED | ErrorType.SANDBOX_STOP_FAILED:
             return 502

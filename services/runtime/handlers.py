@@ -71,7 +71,7 @@ from shared.contracts import (
     StopSandbox,
     is_outcome,
 )
-from shared.errors import AppendConflict, DockerUnavailable, InfrastructureError, WrongNode
+from shared.errors import AppendConflict, DockerUnavailable, InfrastructureError, NatsUnavailable, WrongNode
 from shared.event_store import ChatState, EventLog
 from shared.failpoints import failpoint
 from shared.handled import HandledIndex
@@ -99,6 +99,8 @@ def _error(exc: Exception) -> ErrorInfo:
         return ErrorInfo(ErrorType.DOCKER_UNAVAILABLE, str(exc))
     if isinstance(exc, WrongNode):
         return ErrorInfo(ErrorType.NODE_UNAVAILABLE, str(exc))
+    if isinstance(exc, NatsUnavailable):
+        return ErrorInfo(ErrorType.NATS_UNAVAILABLE, str(exc))
     return ErrorInfo(ErrorType.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
 
 

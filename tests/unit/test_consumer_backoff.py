@@ -116,7 +116,7 @@ async def test_a_command_that_keeps_failing_gives_up_with_one_failed_outcome() -
     assert outcome.error is not None
     assert outcome.error.type == "gave_up"
     assert f"after {MAX_DELIVERIES} deliveries" in outcome.error.message
-    assert "NatsUnavailable" in outcome.error.message
+    assert "nats_unavailable: " in outcome.error.message
     assert runtime.store.types(chat) == ["failed"], "no claim ever landed, nothing else was appended"
     assert runtime.driver.started == []
 

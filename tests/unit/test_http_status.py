@@ -27,6 +27,7 @@ REFUSED = {
 }
 FAILED = {
     ErrorType.DOCKER_UNAVAILABLE: 503,
+    ErrorType.NATS_UNAVAILABLE: 503,
     ErrorType.SANDBOX_START_FAILED: 502,
     ErrorType.SANDBOX_STOP_FAILED: 502,
 }  # any other error type: 500
