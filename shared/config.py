@@ -130,6 +130,9 @@ class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     reconcile_interval_seconds: PositiveSeconds = 30.0
     # Consecutive observations before a destructive reconciliation step (lost, orphan).
     reconcile_confirmations: PositiveInt = 2
+    # Kill switch of the death watch: follow the engine's events and record a running
+    # session whose container dies as `lost` at once (reconciliation stays the backstop).
+    death_watch_enabled: bool = True
 
 
 class ReaperSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -87,8 +87,11 @@ class StopReason(enum.StrEnum):
 
 
 class LostReason(enum.StrEnum):
-    """Why node reconciliation recorded a running session as `lost`."""
+    """Why a running session was recorded as `lost`: the engine reported its container's
+    death (`container_exited`, `error.exit_code` / `error.oom_killed` say how), or node
+    reconciliation found it gone or not running."""
 
+    CONTAINER_EXITED = "container_exited"
     CONTAINER_MISSING = "container_missing"
     CONTAINER_NOT_RUNNING = "container_not_running"
 
@@ -201,9 +204,14 @@ class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
 # --------------------------------------------------------------------------- events
 
 
-class ErrorInfo(msgspec.Struct, frozen=True):
+class ErrorInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What went wrong. A `lost` session's error also says how its container ended, when the
+    engine told: its process's exit code and whether the kernel's OOM killer ended it."""
+
     type: str
     message: str
+    exit_code: int | None = None
+    oom_killed: bool | None = None
 
 
 class PreviousSession(msgspec.Struct, frozen=True):

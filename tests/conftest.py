@@ -69,10 +69,13 @@ def node_id() -> str:
 
 
 @pytest.fixture
-def settings(nats: NatsServer, tmp_path: Path, node_id: str) -> Settings:
+def settings(request: pytest.FixtureRequest, nats: NatsServer, tmp_path: Path, node_id: str) -> Settings:
     for sub in ("chats", "deps", "tools"):
         (tmp_path / sub).mkdir()
-    return settings_for(nats.url, tmp_path, node_id)
+    extra = {}
+    if request.node.get_closest_marker("without_death_watch") is not None:
+        extra["SANDBOXD_RUNTIME_DEATH_WATCH_ENABLED"] = "false"
+    return settings_for(nats.url, tmp_path, node_id, **extra)
 
 
 def settings_for(url: str, root: Path, node_id: str, **extra: str) -> Settings:

@@ -1,6 +1,8 @@
 """The Docker engine adapter: start a session's container (idempotently, by name) and
-remove it. docker-py is synchronous, so calls run on a small thread pool; its exceptions
-are wrapped into sandboxd's error tree here and nowhere else.
+remove it, list and inspect this node's containers, and follow the engine's event stream of
+their deaths. docker-py is synchronous, so calls run on a small thread pool (the event stream
+blocks a thread of its own); its exceptions are wrapped into sandboxd's error tree here and
+nowhere else.
 
 A container is started, stopped or removed only when its labels say it is the session's
 (managed, chat, session and node): a container by another's name, or one named by a record,
@@ -14,6 +16,7 @@ import os
 import re
 import stat
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +64,58 @@ class ObservedContainer:
         return ContainerIdentity(self.chat_id, self.session_id, self.node_id)
 
 
+@dataclass(frozen=True, slots=True)
+class ContainerEvent:
+    """A managed container's `die`, `oom` or `destroy`, as the engine reported it."""
+
+    action: str
+    container_id: str
+    name: str
+    chat_id: str
+    session_id: str
+    node_id: str
+    exit_code: int | None  # a `die`'s
+    time_ns: int  # the engine's clock
+
+
+@dataclass(frozen=True, slots=True)
+class ExitState:
+    """How a container that is not running ended, as `docker inspect` tells."""
+
+    running: bool
+    exit_code: int
+    oom_killed: bool
+    status: str  # Docker's state: exited, dead, running, ...
+
+
+class ContainerEventStream(Protocol):
+    """The engine's events as they happen: iterating blocks (run it in a thread of its own),
+    ends when the engine goes away (DockerUnavailable, or simply the end), and `close()` from
+    any thread ends it."""
+
+    def __iter__(self) -> Iterator[ContainerEvent]: ...
+
+    def close(self) -> None: ...
+
+
+class ContainerEventSource(Protocol):
+    """What the death watch needs of a container engine."""
+
+    def open_events(self, node_id: str, since_ns: int | None) -> ContainerEventStream:
+        """Start following this node's managed containers' deaths (blocking; DockerUnavailable
+        when the engine does not answer); `since_ns` replays what the engine still holds from
+        then on."""
+        ...
+
+    async def exit_state(self, container_id: str) -> ExitState | None:
+        """How the container is now; None when it no longer exists."""
+        ...
+
+    async def list_managed(self, node_id: str) -> list[ObservedContainer]: ...
+
+    async def remove(self, identity: ContainerIdentity, stop_timeout_seconds: int, ref: str | None = None) -> None: ...
+
+
 class ContainerDriver(Protocol):
     """What the command handlers need from a container engine."""
 
@@ -85,9 +140,17 @@ def _unavailable(exc: Exception) -> DockerUnavailable:
 
 class DockerDriver:
     def __init__(
-        self, client: docker.DockerClient, *, max_workers: int = 16, telemetry: Telemetry | None = None
+        self,
+        client: docker.DockerClient,
+        *,
+        max_workers: int = 16,
+        telemetry: Telemetry | None = None,
+        events_client: Callable[[], docker.DockerClient] | None = None,
     ) -> None:
         self._client = client
+        # The event stream holds a connection for as long as it runs: one of its own when we
+        # know how to make one, else one of the client's pool.
+        self._events_client = events_client
         self._api = client.api
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="docker")
         self._telemetry = telemetry or telemetry_disabled()
@@ -101,7 +164,12 @@ class DockerDriver:
             client = docker.DockerClient.from_env(timeout=int(timeout_seconds), max_pool_size=max_workers)
         except DockerException as exc:
             raise _unavailable(exc) from exc
-        return cls(client, max_workers=max_workers, telemetry=telemetry)
+        return cls(
+            client,
+            max_workers=max_workers,
+            telemetry=telemetry,
+            events_client=lambda: docker.DockerClient.from_env(max_pool_size=1),
+        )
 
     async def _instrumented(
         self, operation: str, span_name: str, attributes: dict[str, str], fn: Any, *args: Any
@@ -307,6 +375,50 @@ class DockerDriver:
             for row in rows
         ]
 
+    async def exit_state(self, container_id: str) -> ExitState | None:
+        return await self._run(self._exit_state, container_id)  # type: ignore[no-any-return]
+
+    def _exit_state(self, container_id: str) -> ExitState | None:
+        try:
+            state: dict[str, Any] = self._api.inspect_container(container_id).get("State") or {}
+        except NotFound:
+            return None
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise _unavailable(exc) from exc
+        except APIError as exc:
+            raise DockerUnavailable(f"inspecting {container_id} failed: {exc.explanation or exc}") from exc
+        return ExitState(
+            running=bool(state.get("Running")),
+            exit_code=int(state.get("ExitCode") or 0),
+            oom_killed=bool(state.get("OOMKilled")),
+            status=str(state.get("Status", "")),
+        )
+
+    # ------------------------------------------------------------------ events
+
+    def open_events(self, node_id: str, since_ns: int | None) -> ContainerEventStream:
+        client: docker.DockerClient | None = None
+        try:
+            client = self._events_client() if self._events_client is not None else None
+        except DockerException as exc:
+            raise _unavailable(exc) from exc
+        api = client.api if client is not None else self._api
+        try:
+            raw = api.events(
+                since=None if since_ns is None else since_ns // 1_000_000_000,
+                filters={
+                    "type": "container",
+                    "event": list(FOLLOWED_ACTIONS),
+                    "label": [f"{LABEL_MANAGED}=true", f"{LABEL_NODE}={node_id}"],
+                },
+                decode=True,
+            )
+        except (requests.exceptions.RequestException, DockerException) as exc:
+            if client is not None:
+                client.close()
+            raise _unavailable(exc) from exc
+        return _DockerEventStream(client, raw)
+
     async def memory_bytes(self) -> int:
         """The engine's total memory (what `docker info` calls MemTotal)."""
         return int((await self._run(self._info)).get("MemTotal", 0))
@@ -317,6 +429,55 @@ class DockerDriver:
         except (requests.exceptions.RequestException, DockerException) as exc:
             raise _unavailable(exc) from exc
         return info
+
+
+FOLLOWED_ACTIONS = ("die", "oom", "destroy")
+
+
+class _DockerEventStream:
+    def __init__(self, client: docker.DockerClient | None, raw: Any) -> None:
+        self._client = client
+        self._raw = raw
+
+    def __iter__(self) -> Iterator[ContainerEvent]:
+        try:
+            for raw in self._raw:
+                event = container_event(raw)
+                if event is not None:
+                    yield event
+        except (requests.exceptions.RequestException, DockerException, OSError, ValueError) as exc:
+            raise _unavailable(exc) from exc
+
+    def close(self) -> None:
+        try:
+            self._raw.close()
+        except (DockerException, OSError, AttributeError):  # already closed, or never fully open
+            log.debug("closing the event stream", exc_info=True)
+        if self._client is not None:
+            self._client.close()
+
+
+def container_event(raw: dict[str, Any]) -> ContainerEvent | None:
+    """A followed action of a container from the engine's JSON; None for anything else."""
+    action = str(raw.get("Action") or raw.get("status") or "")
+    if raw.get("Type", "container") != "container" or action not in FOLLOWED_ACTIONS:
+        return None
+    actor = raw.get("Actor") or {}
+    attributes: dict[str, str] = actor.get("Attributes") or {}
+    container_id = str(actor.get("ID") or raw.get("id") or "")
+    if not container_id:
+        return None
+    exit_code = attributes.get("exitCode")
+    return ContainerEvent(
+        action=action,
+        container_id=container_id,
+        name=attributes.get("name", ""),
+        chat_id=attributes.get(LABEL_CHAT, ""),
+        session_id=attributes.get(LABEL_SESSION, ""),
+        node_id=attributes.get(LABEL_NODE, ""),
+        exit_code=int(exit_code) if exit_code is not None and exit_code.lstrip("-").isdigit() else None,
+        time_ns=int(raw.get("timeNano") or int(raw.get("time") or 0) * 1_000_000_000),
+    )
 
 
 def userns_offset(info: dict[str, Any]) -> tuple[int, int]:

@@ -46,7 +46,7 @@ from shared.contracts import (
     StopReason,
 )
 from shared.errors import AppendConflict
-from shared.event_store import ChatState, EventStore
+from shared.event_store import ChatState, EventLog, EventStore
 from shared.registry import Registry
 from shared.subjects import canonical_chat_id
 from shared.telemetry import Telemetry
@@ -64,6 +64,12 @@ class MarkLost:
     reason: LostReason
     docker_state: str
     container_id: str | None
+    exit_code: int | None = None  # as the engine reported it, when it did
+    oom_killed: bool | None = None
+
+    @property
+    def error(self) -> ErrorInfo:
+        return ErrorInfo(ErrorType.CONTAINER_STATE, self.docker_state, self.exit_code, self.oom_killed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +123,7 @@ def decide_for_chat(
     return actions
 
 
-def _is_uuid(value: str) -> bool:
+def is_canonical_uuid(value: str) -> bool:
     try:
         return canonical_chat_id(value) == value
     except ValueError:
@@ -128,8 +134,8 @@ def _made_by_us(container: ObservedContainer) -> bool:
     """Its chat and session labels are ids and its name is its session's: only then is it
     reconciled (a session label would otherwise name the event recorded for it)."""
     return (
-        _is_uuid(container.chat_id)
-        and _is_uuid(container.session_id)
+        is_canonical_uuid(container.chat_id)
+        and is_canonical_uuid(container.session_id)
         and container.name == container_name(container.session_id)
     )
 
@@ -145,6 +151,35 @@ def _key(action: Action) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------- effects
+
+
+async def append_lost(
+    store: EventLog,
+    chat: str,
+    state: ChatState,
+    action: MarkLost,
+    *,
+    node_id: str,
+    now: datetime,
+    event_id: str,
+    msg_id: str | None = None,
+) -> SandboxLost:
+    """Record the session of `action` as `lost`, decided from `state` (AppendConflict when the
+    chat moved on meanwhile). Reconciliation and the death watch both come here."""
+    lost = msgspec.structs.replace(action.session, status=SessionStatus.LOST, updated_at=now)
+    event = SandboxLost(
+        event_id=event_id,
+        chat_id=chat,
+        session_id=action.session.session_id,
+        causation_id=None,
+        occurred_at=now,
+        node_id=node_id,
+        reason=action.reason,
+        error=action.error,
+        session=msgspec.structs.replace(lost, version=state.seq),
+    )
+    await store.append(event, expected_seq=state.seq, msg_id=msg_id or event_id)
+    return event
 
 
 @dataclass
@@ -188,8 +223,15 @@ class NodeReconciler:
         self._stop_timeout = stop_timeout_seconds
         self._new_id = new_id
         self._seen: Counter[tuple[str, str]] = Counter()
+        # One pass at a time: the periodic loop and the death watch's pass after a reconnect
+        # would otherwise count each other's observations.
+        self._one_pass = asyncio.Lock()
 
     async def run_once(self) -> ReconcileReport:
+        async with self._one_pass:
+            return await self._run_once()
+
+    async def _run_once(self) -> ReconcileReport:
         with self._telemetry.tracer.span("adapter.sandbox.reconcile_sessions", {"node.id": self._node_id}) as span:
             report = await self._pass()
             span.set_attribute("sandbox.container_count", report.containers)
@@ -281,18 +323,9 @@ class NodeReconciler:
         now = self._clock.now()
         match action:
             case MarkLost(session, reason, docker_state, container_id):
-                lost = msgspec.structs.replace(session, status=SessionStatus.LOST, updated_at=now)
-                event = self._event(
-                    SandboxLost,
-                    chat,
-                    session.session_id,
-                    lost,
-                    state.seq,
-                    causation_id=None,
-                    reason=reason,
-                    error=ErrorInfo(ErrorType.CONTAINER_STATE, docker_state),
+                await append_lost(
+                    self._store, chat, state, action, node_id=self._node_id, now=now, event_id=self._new_id()
                 )
-                await self._store.append(event, expected_seq=state.seq, msg_id=event.event_id)
                 if container_id is not None:
                     identity = ContainerIdentity(chat, session.session_id, self._node_id)
                     await self._driver.remove(identity, self._stop_timeout, container_id)

@@ -20,6 +20,7 @@ from nats.js.kv import KeyValue
 
 from services.runtime.capacity import UNLIMITED, NodeCapacity, auto_limit, is_live_state
 from services.runtime.consumer import CommandConsumer
+from services.runtime.deaths import DeathAwareLog, DeathWatch
 from services.runtime.docker_driver import ContainerDriver, DockerDriver, prepare_chats_root
 from services.runtime.handlers import CommandHandlers, HandlerDeps, policy_from
 from services.runtime.observe import ActiveSandboxes
@@ -61,6 +62,7 @@ class RuntimeHandle:
     handlers: CommandHandlers
     reconciler: NodeReconciler
     tasks: list[asyncio.Task[None]]
+    deaths: DeathWatch | None = None  # None: no engine events to follow (or switched off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,7 @@ class _Runtime:
     projector: Projector
     reconciler: NodeReconciler
     active: ActiveSandboxes
+    deaths: DeathWatch | None
 
 
 @contextlib.asynccontextmanager
@@ -105,7 +108,7 @@ async def running_runtime(
             await _replay(js, runtime, telemetry)
         tasks = _start_tasks(stack, settings, runtime, _status_writer(settings, js, status_bucket, telemetry), clock)
         log.info("runtime %s started", settings.runtime.node_id)
-        yield RuntimeHandle(runtime.handlers, runtime.reconciler, tasks)
+        yield RuntimeHandle(runtime.handlers, runtime.reconciler, tasks, runtime.deaths)
 
 
 async def _docker(stack: contextlib.AsyncExitStack, settings: Settings, telemetry: Telemetry) -> DockerDriver:
@@ -139,8 +142,22 @@ def _wire(
     active = ActiveSandboxes(telemetry.metrics)
     policy = policy_from(runtime.node_id, settings.sandbox, runtime.claim_timeout_seconds)
     handled = HandledCommands(js, handled_bucket, quarantine)
+    deaths = None
+    if isinstance(driver, DockerDriver) and runtime.death_watch_enabled:  # an engine with events to follow
+        deaths = DeathWatch(
+            store,
+            driver,
+            clock,
+            node_id=runtime.node_id,
+            stop_timeout_seconds=settings.sandbox.stop_timeout_seconds,
+            park_seconds=runtime.claim_timeout_seconds,
+            telemetry=telemetry,
+            active=active,
+        )
+    # The handlers never decide on a container the engine said is dead.
+    handler_log = DeathAwareLog(store, deaths) if deaths is not None else store
     handlers = CommandHandlers(
-        HandlerDeps(store, driver, clock, policy, settings.sandbox, telemetry, active, capacity, handled=handled)
+        HandlerDeps(handler_log, driver, clock, policy, settings.sandbox, telemetry, active, capacity, handled=handled)
     )
     consumer = CommandConsumer(
         js,
@@ -163,7 +180,9 @@ def _wire(
         telemetry=telemetry,
         active=active,
     )
-    return _Runtime(quarantine, registry, handlers, consumer, projector, reconciler, active)
+    if deaths is not None and runtime.reconcile_enabled:
+        deaths.reconcile_after_reconnect(reconciler.run_once)
+    return _Runtime(quarantine, registry, handlers, consumer, projector, reconciler, active, deaths)
 
 
 async def _replay(js: JetStreamContext, runtime: _Runtime, telemetry: Telemetry) -> None:
@@ -209,6 +228,8 @@ def _start_tasks(
     }
     if settings.runtime.reconcile_enabled:
         loops["reconciliation"] = runtime.reconciler.run(stopping, settings.runtime.reconcile_interval_seconds)
+    if runtime.deaths is not None:
+        loops["deaths"] = runtime.deaths.run(stopping)
     tasks = [asyncio.create_task(loop, name=name) for name, loop in loops.items()]
 
     async def stop() -> None:

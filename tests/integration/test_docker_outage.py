@@ -34,8 +34,11 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateDockerd]
 async def test_docker_outage(settings: Settings, engine: PrivateDockerd) -> None:
     driver = DockerDriver(engine.client())
     # A node limit makes every create list the engine's containers first: that, too, must
-    # fail fast when the engine is down.
-    settings = msgspec.structs.replace(settings, runtime=msgspec.structs.replace(settings.runtime, max_sessions=20))
+    # fail fast when the engine is down. The death watch is off: the engine's shutdown kills
+    # the containers, which it would record `lost` at once (test_container_deaths.py); here the
+    # failed stop and the reconciliation backstop are under test.
+    runtime_settings = msgspec.structs.replace(settings.runtime, max_sessions=20, death_watch_enabled=False)
+    settings = msgspec.structs.replace(settings, runtime=runtime_settings)
     async with (
         running_runtime(settings, driver=driver) as runtime,
         serving_api(settings) as url,

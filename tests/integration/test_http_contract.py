@@ -188,6 +188,7 @@ async def test_keepalive_refusals_answer_as_the_readme_says(
 # --------------------------------------------------------------------------- stop of a missing container
 
 
+@pytest.mark.without_death_watch
 async def test_a_stop_whose_container_was_removed_behind_our_back_ends_stopped(
     api: httpx.AsyncClient, nc: Client, docker_client: docker.DockerClient
 ) -> None:

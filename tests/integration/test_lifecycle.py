@@ -10,6 +10,7 @@ from typing import Any
 import docker
 import httpx
 import nats
+import pytest
 from nats.aio.client import Client
 
 from services.reaper.reaper import Reaper
@@ -117,6 +118,7 @@ async def test_replay_restores_a_deleted_bucket_and_reports_drift(
         await nc.close()
 
 
+@pytest.mark.without_death_watch
 async def test_reconciliation_marks_lost_and_removes_orphans(
     api: httpx.AsyncClient, runtime: RuntimeHandle, docker_client: docker.DockerClient, node_id: str, tmp_path: Path
 ) -> None:
