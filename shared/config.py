@@ -148,6 +148,17 @@ class ReaperSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     status_interval_seconds: PositiveSeconds = 5.0
 
 
+class SupervisorSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How `sandboxctl up` keeps its children (nats-server, runtime, reaper, API) running."""
+
+    # Restarts of one child allowed within the window; one more death stops the whole stack.
+    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 5
+    restart_window_seconds: PositiveSeconds = 60.0
+    # Back-off before a restart: this, doubled for every death within the window, capped.
+    restart_backoff_seconds: PositiveSeconds = 0.5
+    restart_backoff_max_seconds: PositiveSeconds = 10.0
+
+
 class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318); unset: no export, no span processing.
     otlp_endpoint: str | None = None
@@ -167,6 +178,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     sandbox: SandboxSettings = msgspec.field(default_factory=SandboxSettings)
     runtime: RuntimeSettings = msgspec.field(default_factory=RuntimeSettings)
     reaper: ReaperSettings = msgspec.field(default_factory=ReaperSettings)
+    supervisor: SupervisorSettings = msgspec.field(default_factory=SupervisorSettings)
     telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
 
 

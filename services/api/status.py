@@ -110,7 +110,7 @@ async def build_status(nc: Client, registry: Registry, now: datetime) -> StatusE
             by_status[record.status] = by_status.get(record.status, 0) + 1
         return {"bucket": SESSIONS_BUCKET, "sessions": len(records), "by_status": by_status}
 
-    names = ("nats", "streams", "consumers", "registry", "reapers", "runtime_nodes")
+    names = ("nats", "streams", "consumers", "registry", "reapers", "runtime_nodes", "supervisors")
     builders: tuple[Callable[[], Awaitable[dict[str, Any]]], ...] = (
         nats_section,
         streams,
@@ -118,6 +118,8 @@ async def build_status(nc: Client, registry: Registry, now: datetime) -> StatusE
         registry_section,
         lambda: _status_blocks(js, "reaper"),
         lambda: _status_blocks(js, "runtime"),
+        # `sandboxctl up`'s: each child's pid, restarts and last exit code.
+        lambda: _status_blocks(js, "supervisor"),
     )
     results = await asyncio.gather(*(_section(b) for b in builders))
     sections = dict(zip(names, results, strict=True))

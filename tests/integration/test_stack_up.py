@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -12,7 +14,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import docker
 import httpx
@@ -22,7 +26,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from shared.nats_roles import Role
-from tests.support.eventually import until
+from tests.support.eventually import eventually, until
 from tests.support.nats_parties import connect_as
 from tests.support.nats_server import NatsServer, free_port
 
@@ -35,10 +39,12 @@ class Stack:
     runtime_metrics: int
     reaper_metrics: int
     nats_port: int
+    log: Path
 
 
-@pytest.fixture
-def stack(tmp_path: Path, docker_client: docker.DockerClient, node_id: str, node_containers: None) -> Iterator[Stack]:
+@contextlib.contextmanager
+def running_stack(tmp_path: Path, node_id: str, **extra_env: str) -> Iterator[Stack]:
+    """`sandboxctl up` in `tmp_path`, ready; stopped (SIGTERM) on the way out."""
     http_port, nats_port, runtime_metrics, reaper_metrics = free_port(), free_port(), free_port(), free_port()
     token = uuid.uuid4().hex
     env = {
@@ -49,6 +55,7 @@ def stack(tmp_path: Path, docker_client: docker.DockerClient, node_id: str, node
         "SANDBOXD_API_TOKEN": token,
         "SANDBOXD_TELEMETRY_RUNTIME_METRICS_PORT": str(runtime_metrics),
         "SANDBOXD_TELEMETRY_REAPER_METRICS_PORT": str(reaper_metrics),
+        **extra_env,
     }
     log = (tmp_path / "up.log").open("wb")
     proc = subprocess.Popen(
@@ -67,7 +74,7 @@ def stack(tmp_path: Path, docker_client: docker.DockerClient, node_id: str, node
             raise AssertionError((tmp_path / "up.log").read_text())
         time.sleep(0.1)
     try:
-        yield Stack(base, token, proc, runtime_metrics, reaper_metrics, nats_port)
+        yield Stack(base, token, proc, runtime_metrics, reaper_metrics, nats_port, tmp_path / "up.log")
     finally:
         # SIGTERM, so that `up` stops its children (they run in their own sessions and would
         # outlive a SIGKILL of `up`); a kill only if it does not stop.
@@ -81,8 +88,14 @@ def stack(tmp_path: Path, docker_client: docker.DockerClient, node_id: str, node
         log.close()
 
 
+@pytest.fixture
+def stack(tmp_path: Path, docker_client: docker.DockerClient, node_id: str, node_containers: None) -> Iterator[Stack]:
+    with running_stack(tmp_path, node_id) as running:
+        yield running
+
+
 def test_up_serves_the_readme_flow_and_stops_cleanly(
-    stack: Stack, tmp_path: Path, docker_client: docker.DockerClient
+    stack: Stack, tmp_path: Path, docker_client: docker.DockerClient, node_id: str
 ) -> None:
     base, token, proc = stack.base, stack.token, stack.proc
     headers = {"X-API-Token": token}
@@ -113,6 +126,9 @@ def test_up_serves_the_readme_flow_and_stops_cleanly(
     assert status["schema_version"] == 1
     assert status["sections"]["nats"]["ok"] is True
     assert any(key.startswith("reaper.") for key in status["sections"]["reapers"]["data"])
+    supervisor = status["sections"]["supervisors"]["data"][f"supervisor.{node_id}"]
+    assert set(supervisor["children"]) == {"nats-server", "runtime", "reaper", "api"}
+    assert all(c["running"] and c["restarts"] == 0 for c in supervisor["children"].values()), supervisor
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
@@ -175,6 +191,67 @@ async def test_up_runs_nats_with_a_user_per_role(stack: Stack, tmp_path: Path) -
     await agent.close()
     log = (tmp_path / "up.log").read_text()
     assert "agent seed .sandboxd/nats/agent.nk" in log
+
+
+# --------------------------------------------------------------------------- supervision
+
+
+def supervision(stack: Stack, node_id: str) -> dict[str, Any]:
+    status = httpx.get(f"{stack.base}/api/v1/status", headers={"X-API-Token": stack.token}, timeout=10).json()
+    block: dict[str, Any] = status["sections"]["supervisors"]["data"][f"supervisor.{node_id}"]
+    return block
+
+
+async def test_a_killed_runtime_is_restarted_and_status_shows_it(stack: Stack, node_id: str) -> None:
+    runtime = supervision(stack, node_id)["children"]["runtime"]
+    os.kill(runtime["pid"], signal.SIGKILL)
+
+    restarted = await eventually(
+        lambda: asyncio.to_thread(supervised_child, stack, node_id, "runtime"),
+        lambda c: c["restarts"] == 1 and c["running"] and c["pid"] != runtime["pid"],
+        what="the restart",
+    )
+    assert restarted["last_exit_code"] == -signal.SIGKILL
+    async with httpx.AsyncClient(base_url=stack.base, headers={"X-API-Token": stack.token}, timeout=60) as http:
+        created = await http.post("/api/v1/sandboxes", json={"chat_id": str(uuid.uuid4())})
+    assert created.status_code == 201, created.text
+    assert stack.proc.poll() is None
+    log = [json.loads(line) for line in _log_lines(stack) if line.startswith("{")]
+    assert any(e.get("child") == "runtime" and "restarting it" in e["message"] for e in log), "a JSON log line"
+
+
+async def test_a_child_that_keeps_dying_stops_the_whole_stack(
+    tmp_path: Path, docker_client: docker.DockerClient, node_id: str, node_containers: None
+) -> None:
+    with running_stack(tmp_path, node_id, SANDBOXD_SUPERVISOR_MAX_RESTARTS="1") as stack:
+        for restarts in (0, 1):
+            reaper = await eventually(
+                lambda: asyncio.to_thread(supervised_child, stack, node_id, "reaper"),
+                partial(_running_after, restarts),
+                what=f"the reaper running after {restarts} restarts",
+            )
+            os.kill(reaper["pid"], signal.SIGKILL)
+
+        assert await asyncio.to_thread(stack.proc.wait, 60) == 1
+        log = (tmp_path / "up.log").read_text()
+        assert "sandboxctl: reaper died 2 times within 60s (last exit code -9); not serving without it" in log
+        assert log.rstrip().endswith("sandboxctl: stopped")
+        async with httpx.AsyncClient(timeout=1) as http:
+            with pytest.raises(httpx.HTTPError):
+                await http.get(f"{stack.base}/api/v1/health")
+
+
+def supervised_child(stack: Stack, node_id: str, name: str) -> dict[str, Any]:
+    child: dict[str, Any] = supervision(stack, node_id)["children"][name]
+    return child
+
+
+def _running_after(restarts: int, child: dict[str, Any]) -> bool:
+    return bool(child["restarts"] == restarts and child["running"])
+
+
+def _log_lines(stack: Stack) -> list[str]:
+    return stack.log.read_text().splitlines()
 
 
 def scrape(url: str) -> dict[tuple[str, str], float]:
