@@ -30,7 +30,7 @@ from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, JSONBody, QueryParameter
-from litestar.types import Guard
+from litestar.types import Guard, Scope
 from nats.aio.client import Client
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
@@ -371,6 +371,18 @@ def _nats_unavailable(_: Request[Any, Any, Any], exc: NatsUnavailable) -> Respon
     return _error(503, f"NATS is unreachable, nothing was done: {exc}")
 
 
+def _log_exception(exc: Exception, scope: Scope) -> None:
+    """The API's error lines (Litestar's own logging is off: it would re-configure the root
+    logger away from JSON). A refusal of the client's request is not an error of ours."""
+    if isinstance(exc, OutcomePending):
+        return
+    where = f"{scope.get('method', '')} {scope.get('path', '')}"
+    if isinstance(exc, NatsUnavailable):
+        log.warning("%s answered 503: %s", where, exc)
+    elif not isinstance(exc, HTTPException) or exc.status_code >= 500:  # noqa: PLR2004 - server errors
+        log.error("%s failed: %r", where, exc, exc_info=exc)
+
+
 def _outcome_pending(_: Request[Any, Any, Any], exc: OutcomePending) -> Response[Any]:
     """Accepted: the command is in the stream and its outcome will appear in the chat's events."""
     chat, wait = str(exc.command.chat_id), exc.wait_seconds
@@ -438,6 +450,10 @@ def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Tel
             body_timeout_middleware(settings.http.body_timeout_seconds),
         ],
         lifespan=[lifespan],
+        # Logging is the process's (JSON, shared/logs.py): Litestar's default config would
+        # replace the root handler with a plain-text one. Errors are logged by the hook.
+        logging_config=None,
+        after_exception=[_log_exception],
         exception_handlers={NatsUnavailable: _nats_unavailable, OutcomePending: _outcome_pending},
         openapi_config=OpenAPIConfig(title="sandboxd", version=VERSION, path=f"{API_PREFIX}/schema"),
         # No valid body comes near this (a command is at most 64 KiB on NATS); a larger one is
