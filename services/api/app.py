@@ -399,19 +399,23 @@ def _outcome_pending(_: Request[Any, Any, Any], exc: OutcomePending) -> Response
 
 
 async def _connect(stack: contextlib.AsyncExitStack, settings: Settings, telemetry: Telemetry) -> ApiServices:
-    """Connect, attach and start waiting for outcomes; each undone when the stack unwinds."""
-    nc = await stack.enter_async_context(service_connection(settings.nats, "sandboxd-api", role=Role.API))
+    """Connect, attach and start waiting for outcomes; each undone when the stack unwinds.
+    The outcome waiter re-creates its consumer as soon as the connection is back."""
+    waiter = OutcomeWaiter()
+    nc = await stack.enter_async_context(
+        service_connection(settings.nats, "sandboxd-api", role=Role.API, on_reconnected=waiter.reconnected)
+    )
     js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
     kv = await attach_topology(js, settings.streams)
-    waiter = OutcomeWaiter()
-    await waiter.start(js)
-    stack.push_async_callback(waiter.stop)
     quarantine = Quarantine(telemetry.metrics)
+    events = EventStore(js, quarantine=quarantine)
+    await waiter.start(js, events)
+    stack.push_async_callback(waiter.stop)
     return ApiServices(
         nc=nc,
-        gateway=CommandGateway(nc, js, waiter, telemetry, wait_seconds=settings.api.wait_seconds),
+        gateway=CommandGateway(nc, js, waiter, events, telemetry, wait_seconds=settings.api.wait_seconds),
         registry=Registry(js, kv, quarantine=quarantine),
-        events=EventStore(js, quarantine=quarantine),
+        events=events,
     )
 
 
