@@ -172,6 +172,7 @@ async def _answer(
     except InvalidIdempotencyKey as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from None
     keyed = KeyedRequest(key=checked, request=request, chat_id=str(command.chat_id), fields=fields)
+    gateway.require_connection()  # before the key is claimed
     return await idempotent.answer(keyed, command, respond)
 
 

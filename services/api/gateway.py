@@ -260,6 +260,12 @@ class CommandGateway:
         self._telemetry = telemetry
         self._wait_seconds = wait_seconds
 
+    def require_connection(self) -> None:
+        """NatsUnavailable at once while the connection is down (a request made then would
+        only wait for it, up to nats.request_timeout_seconds per attempt)."""
+        if not self._nc.is_connected:
+            raise NatsUnavailable("NATS is not connected")
+
     async def send(self, command: AnyCommand) -> AnyEvent:
         """Publish and wait for the outcome; OutcomePending when it did not come in time."""
         outcome = await self._publish_and_wait(command, self._wait_seconds, again=False)
@@ -286,8 +292,7 @@ class CommandGateway:
         return None
 
     async def _publish_and_wait(self, command: AnyCommand, wait_seconds: float, *, again: bool) -> AnyEvent | None:
-        if not self._nc.is_connected:
-            raise NatsUnavailable("NATS is not connected")
+        self.require_connection()
         command_id = str(command.command_id)
         chat_id = str(command.chat_id)
         fut, first = self._waiter.expect(chat_id, command_id)

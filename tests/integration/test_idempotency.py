@@ -212,3 +212,12 @@ async def test_a_202_is_not_the_answer_a_retry_gets_the_outcome_once_it_exists(
     assert await commands_stored(nc) == 1
     again = await http.post("/api/v1/sandboxes", json=body, headers={KEY: key})
     assert (again.status_code, again.json()) == (201, created.json())
+
+
+async def test_while_nats_is_down_a_keyed_request_is_refused_at_once(http: httpx.AsyncClient, nats: NatsServer) -> None:
+    nats.stop()
+    await eventually(lambda: http.get("/api/v1/ready"), lambda r: r.status_code == 503, what="the API seeing NATS gone")
+    refused = await http.post("/api/v1/sandboxes", json={"chat_id": str(uuid.uuid4())}, headers={KEY: "while-down"})
+    assert refused.status_code == 503, refused.text
+    # Refused for want of a connection, not after waiting for NATS to answer the key's claim.
+    assert refused.json()["detail"] == "NATS is unreachable, nothing was done: NATS is not connected"
