@@ -68,6 +68,9 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # carried out twice within it); at least commands_max_age_seconds, so no redelivery
     # outlives it.
     handled_max_age_seconds: PositiveSeconds = 7 * 24 * 3600.0
+    # How long `sandbox_idempotency` keeps an HTTP request sent with an Idempotency-Key and
+    # its answer (from the last write: the answer); the contract promises at least 24 h.
+    idempotency_max_age_seconds: Annotated[float, msgspec.Meta(ge=24 * 3600)] = 24 * 3600.0
 
 
 class HttpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from types import TracebackType
 
 from opentelemetry import trace
 
@@ -25,6 +26,10 @@ def bound_log_context(**ids: str) -> Iterator[None]:
         yield
     finally:
         _context.reset(token)
+
+
+# A record attribute holding a dict of fields to add to the line (`extra={"fields": {...}}`).
+FIELDS_ATTRIBUTE = "fields"
 
 
 class JsonFormatter(logging.Formatter):
@@ -45,14 +50,34 @@ class JsonFormatter(logging.Formatter):
             entry["trace_id"] = f"{span.trace_id:032x}"
             entry["span_id"] = f"{span.span_id:016x}"
         entry.update(_context.get() or {})
+        fields = getattr(record, FIELDS_ATTRIBUTE, None)  # set by a filter or `extra=`
+        if isinstance(fields, dict):
+            entry.update(fields)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
 def setup_json_logging(service: str, level: str = "INFO") -> None:
+    """Every line the process writes to stderr becomes one JSON object: the root logger's
+    records, Python warnings, and what the interpreter would print on its own (an uncaught
+    exception, an exception it ignores, e.g. in a finaliser)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(capture=True)
+    uncaught = logging.getLogger("uncaught")
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        uncaught.critical("uncaught exception: %s", value, exc_info=(kind, value, tb))
+
+    def unraisablehook(unraisable: sys.UnraisableHookArgs) -> None:
+        what = unraisable.err_msg or "exception ignored"
+        exc = unraisable.exc_value
+        info = (type(exc), exc, unraisable.exc_traceback) if exc is not None else None
+        uncaught.error("%s: %r", what, unraisable.object, exc_info=info)
+
+    sys.excepthook = excepthook
+    sys.unraisablehook = unraisablehook

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client
-from nats.errors import AuthorizationError
+from nats.errors import AuthorizationError, ConnectionReconnectingError
 
 from shared.config import NKEY_FILE_KEY, ConfigError, NatsSettings
 from shared.nats_credentials import NkeyFileError, read_user_seed
@@ -51,14 +51,66 @@ def _is_refusal(exc: Exception) -> bool:
     return isinstance(exc, AuthorizationError) or "authorization violation" in str(exc).lower()
 
 
-async def connect(settings: NatsSettings, name: str, *, role: Role | None = None) -> Client:
+class _LostRequests:
+    """Requests (JetStream publishes, API calls, direct gets) sent over a connection that then
+    dropped: their replies will never come, yet nats-py would wait out each one's whole
+    time-out (`nats.request_timeout_seconds`) after the connection is back. They are failed
+    with ConnectionReconnectingError the moment it is back, so the caller's retry
+    (`with_nats_retry`; a publish keeps its `Nats-Msg-Id`) runs at once on the new connection.
+    Requests made while disconnected are buffered and sent on reconnect: not touched."""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._tokens: list[str] = []
+
+    def _pending(self) -> dict[str, asyncio.Future[Any]]:
+        # nats-py keeps each request's future under its reply token (Client._resp_map).
+        pending: dict[str, asyncio.Future[Any]] = getattr(self._nc, "_resp_map", {})
+        return pending
+
+    def disconnected(self) -> None:
+        self._tokens = list(self._pending())
+
+    def reconnected(self) -> None:
+        pending = self._pending()
+        failed = 0
+        for token in self._tokens:
+            future = pending.get(token)
+            if future is not None and not future.done():
+                future.set_exception(ConnectionReconnectingError())
+                failed += 1
+        self._tokens = []
+        if failed:
+            log.info("%d requests sent before the connection dropped are retried", failed)
+
+
+def _reconnected_callback(lost: _LostRequests, hook: Callable[[], None] | None) -> Callable[[], Awaitable[None]]:
+    async def reconnected() -> None:
+        log.info("nats reconnected")
+        lost.reconnected()
+        if hook is not None:
+            hook()
+
+    return reconnected
+
+
+async def connect(
+    settings: NatsSettings,
+    name: str,
+    *,
+    role: Role | None = None,
+    on_reconnected: Callable[[], None] | None = None,
+) -> Client:
     """A client that reconnects forever once connected. The first connection fails fast:
     NatsRefused when the server rejects the credentials or does not answer within
     `nats.connect_timeout_seconds` (nats-py alone would retry both forever).
 
     It authenticates with `nats.nkey_file` when set (a ConfigError naming the key if the file
     is missing or not a seed) and uses `role`'s private inbox prefix, which is what that role's
-    NATS user may subscribe to."""
+    NATS user may subscribe to. `on_reconnected` is called (synchronously: start a task for
+    anything slow) each time the connection is back, after nats-py has re-sent its core
+    subscriptions; JetStream consumers that lived in the server's memory are gone by then.
+    Requests that were waiting for a reply when the connection dropped fail then (_LostRequests)."""
     seed = _seed(settings)
     url = nats_url(settings)
     loop = asyncio.get_running_loop()
@@ -75,12 +127,12 @@ async def connect(settings: NatsSettings, name: str, *, role: Role | None = None
         log.warning("nats error: %s", exc)
 
     async def on_disconnected() -> None:
+        lost.disconnected()
         if connected and not (nc.is_closed or nc.is_draining):  # not our own shutdown
             log.warning("nats disconnected")
 
-    async def on_reconnected() -> None:
-        log.info("nats reconnected")
-
+    nc = Client()
+    lost = _LostRequests(nc)
     # nats-py types the time-outs as int; it takes seconds as float.
     options: dict[str, Any] = {
         "name": name,
@@ -90,11 +142,10 @@ async def connect(settings: NatsSettings, name: str, *, role: Role | None = None
         "reconnect_time_wait": 0.5,
         "error_cb": on_error,
         "disconnected_cb": on_disconnected,
-        "reconnected_cb": on_reconnected,
+        "reconnected_cb": _reconnected_callback(lost, on_reconnected),
         "nkeys_seed_str": seed,
         "inbox_prefix": inbox_prefix(role) if role is not None else OUTSIDE_INBOX,
     }
-    nc = Client()
     connecting: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(url, **options))
     waiting: set[asyncio.Future[Any]] = {connecting, refused}
     done, _ = await asyncio.wait(waiting, timeout=settings.connect_timeout_seconds, return_when=asyncio.FIRST_COMPLETED)
@@ -114,11 +165,13 @@ async def connect(settings: NatsSettings, name: str, *, role: Role | None = None
 
 
 @contextlib.asynccontextmanager
-async def service_connection(settings: NatsSettings, name: str, *, role: Role) -> AsyncIterator[Client]:
+async def service_connection(
+    settings: NatsSettings, name: str, *, role: Role, on_reconnected: Callable[[], None] | None = None
+) -> AsyncIterator[Client]:
     """A service's connection for the block, drained when it ends; a first connection that
     fails is a StartupError naming the server."""
     try:
-        nc = await connect(settings, name, role=role)
+        nc = await connect(settings, name, role=role, on_reconnected=on_reconnected)
     except Exception as exc:
         raise StartupError(f"cannot connect to NATS at {nats_url(settings)}: {exc}") from exc
     try:

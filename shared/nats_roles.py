@@ -40,6 +40,7 @@ from shared.subjects import (
     EVENT_SUBJECTS,
     EVENTS_STREAM,
     HANDLED_BUCKET,
+    IDEMPOTENCY_BUCKET,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
     ConsumerName,
@@ -78,6 +79,8 @@ SESSIONS_KEYS = f"$KV.{SESSIONS_BUCKET}"
 STATUS_KEYS = f"$KV.{STATUS_BUCKET}"
 HANDLED_STREAM = f"KV_{HANDLED_BUCKET}"
 HANDLED_KEYS = f"$KV.{HANDLED_BUCKET}"
+IDEMPOTENCY_STREAM = f"KV_{IDEMPOTENCY_BUCKET}"
+IDEMPOTENCY_KEYS = f"$KV.{IDEMPOTENCY_BUCKET}"
 
 # Inboxes. Outside accounts receive their consumers' deliveries through SANDBOXD's `_INBOX.>`
 # (AGENTS) and `_INBOX_chat.>` (CHATS); nobody inside SANDBOXD uses those prefixes, so no reply
@@ -270,8 +273,11 @@ ROLES: dict[Role, RoleSpec] = {
         Permissions(
             publish=(
                 COMMAND_SUBJECTS,
+                f"{IDEMPOTENCY_KEYS}.>",
                 ACCOUNT_INFO,
                 stream_info(COMMANDS_STREAM),
+                stream_info(IDEMPOTENCY_STREAM),
+                *direct_get(IDEMPOTENCY_STREAM),
                 consumer_info(COMMANDS_STREAM, ConsumerName.RUNTIME),
                 *_ordered_reads(EVENTS_STREAM, direct=True),
                 *_ordered_reads(SESSIONS_STREAM, direct=True),
@@ -279,7 +285,8 @@ ROLES: dict[Role, RoleSpec] = {
             ),
             subscribe=(f"{inbox_prefix(Role.API)}.>",),
         ),
-        "publish commands; read events, the registry and status (stream and consumer info, status bucket)",
+        "publish commands; read events, the registry and status (stream and consumer info, status bucket); "
+        "read and write `sandbox_idempotency`",
     ),
     Role.RUNTIME: RoleSpec(
         Role.RUNTIME,

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from shared.contracts import COMMAND_TYPES, EVENT_TYPES, AnyEvent, HandledCommand, SessionRecord
+from shared.idempotency import IdempotentRequest
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
 _DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -45,6 +46,11 @@ def generate() -> dict[str, str]:
         HandledCommand,
         "sandbox_handled KV value",
         "A command that has had its outcome (key: <chat_id>.<command_id>); it is never carried out again.",
+    )
+    docs["idempotent-request.json"] = _document(
+        IdempotentRequest,
+        "sandbox_idempotency KV value",
+        "An HTTP request sent with an Idempotency-Key (key: SHA-256 of the key, hex) and, once known, its answer.",
     )
     return {path: json.dumps(doc, indent=2, sort_keys=True) + "\n" for path, doc in docs.items()}
 

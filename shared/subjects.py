@@ -12,6 +12,9 @@ STATUS_BUCKET = "sandbox_status"
 # Which commands have had their outcome (key `<chat_id>.<command_id>`): exactly once,
 # beyond the event stream's de-duplication window.
 HANDLED_BUCKET = "sandbox_handled"
+# The HTTP facade's idempotency keys (key: SHA-256 of the client's key): the request and
+# the answer it got, so a retry gets the same answer.
+IDEMPOTENCY_BUCKET = "sandbox_idempotency"
 
 COMMAND_PREFIX = "sandbox.cmd"
 EVENT_PREFIX = "sandbox.events"

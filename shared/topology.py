@@ -29,6 +29,7 @@ from shared.subjects import (
     EVENT_SUBJECTS,
     EVENTS_STREAM,
     HANDLED_BUCKET,
+    IDEMPOTENCY_BUCKET,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
 )
@@ -163,6 +164,19 @@ async def _create_handled_bucket(js: JetStreamContext, settings: StreamSettings)
     return kv
 
 
+async def _create_idempotency_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    kv = await js.create_key_value(
+        bucket=IDEMPOTENCY_BUCKET,
+        description="sandboxd HTTP idempotency keys: the request and the answer it got (key: SHA-256 of the key)",
+        history=1,
+        ttl=settings.idempotency_max_age_seconds,
+        replicas=settings.replicas,
+        direct=True,
+    )
+    log.info("created KV bucket %s", IDEMPOTENCY_BUCKET)
+    return kv
+
+
 async def _create_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
     kv = await js.create_key_value(
         bucket=STATUS_BUCKET,
@@ -179,6 +193,7 @@ async def ensure_topology(js: JetStreamContext, settings: StreamSettings) -> Key
     await _ensure_stream(js, commands_stream_config(settings))
     await _ensure_stream(js, events_stream_config(settings))
     await ensure_handled_bucket(js, settings)
+    await ensure_idempotency_bucket(js, settings)
     try:
         return await js.key_value(SESSIONS_BUCKET)
     except BucketNotFoundError:
@@ -196,6 +211,20 @@ async def ensure_handled_bucket(js: JetStreamContext, settings: StreamSettings) 
         info.config.max_age = settings.handled_max_age_seconds
         await js.update_stream(info.config)
         log.info("updated KV bucket %s max age", HANDLED_BUCKET)
+    return kv
+
+
+async def ensure_idempotency_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    """The HTTP facade's idempotency keys (shared/idempotency.py); its TTL follows the settings."""
+    try:
+        kv = await js.key_value(IDEMPOTENCY_BUCKET)
+    except BucketNotFoundError:
+        return await _create_idempotency_bucket(js, settings)
+    info = await js.stream_info(f"KV_{IDEMPOTENCY_BUCKET}")
+    if info.config.max_age != settings.idempotency_max_age_seconds:
+        info.config.max_age = settings.idempotency_max_age_seconds
+        await js.update_stream(info.config)
+        log.info("updated KV bucket %s max age", IDEMPOTENCY_BUCKET)
     return kv
 
 
@@ -259,6 +288,15 @@ async def attach_handled_bucket(js: JetStreamContext, settings: StreamSettings) 
         return await js.key_value(HANDLED_BUCKET)
     except BucketNotFoundError:
         return await _create_or_explain(f"KV bucket {HANDLED_BUCKET}", lambda: _create_handled_bucket(js, settings))
+
+
+async def attach_idempotency_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    try:
+        return await js.key_value(IDEMPOTENCY_BUCKET)
+    except BucketNotFoundError:
+        return await _create_or_explain(
+            f"KV bucket {IDEMPOTENCY_BUCKET}", lambda: _create_idempotency_bucket(js, settings)
+        )
 
 
 async def attach_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:

@@ -29,12 +29,13 @@ from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
-from litestar.params import FromPath, JSONBody, QueryParameter
-from litestar.types import Guard
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
+from litestar.types import Guard, Scope
 from nats.aio.client import Client
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from services.api.gateway import CommandGateway, OutcomePending, OutcomeWaiter
+from services.api.idempotency import Answer, IdempotencyKeyReused, IdempotentRequests, KeyedRequest
 from services.api.middleware import (
     body_timeout_middleware,
     host_check_middleware,
@@ -60,6 +61,7 @@ from services.api.views import (
 from shared.clock import Clock, SystemClock
 from shared.config import ApiSettings, Settings
 from shared.contracts import (
+    AnyCommand,
     AnyEvent,
     CreateSandbox,
     KeepaliveSandbox,
@@ -73,13 +75,14 @@ from shared.contracts import (
 )
 from shared.errors import NatsUnavailable
 from shared.event_store import EventStore
+from shared.idempotency import IDEMPOTENCY_HEADER, IdempotencyRecords, InvalidIdempotencyKey, check_key
 from shared.nats_connection import service_connection
 from shared.nats_roles import Role
 from shared.poison import DECODE_ERRORS, Quarantine
 from shared.registry import Registry
 from shared.subjects import canonical_chat_id
 from shared.telemetry import Telemetry, setup_telemetry
-from shared.topology import attach_topology, topology_missing
+from shared.topology import attach_idempotency_bucket, attach_topology, topology_missing
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,7 @@ class ApiServices:
 
     nc: Client
     gateway: CommandGateway
+    idempotent: IdempotentRequests
     registry: Registry
     events: EventStore
 
@@ -118,14 +122,58 @@ def _bounded_int(name: str, raw: str | None, low: int, high: int) -> int | None:
     return int(raw)
 
 
+def _json_answer(body: object, status: int) -> Answer:
+    return Answer(status, msgspec.json.encode(body))
+
+
+def _error_answer(status: int, detail: str, event: AnyEvent | None = None) -> Answer:
+    body = ErrorBody(status_code=status, detail=detail, error=event.error if event else None)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 429 else {}  # noqa: PLR2004 - Too Many Requests
+    return Answer(status, msgspec.json.encode(body), headers)
+
+
 def _json(body: object, status: int) -> Response[Any]:
-    return Response(content=body, status_code=status, media_type="application/json")
+    return _json_answer(body, status).response()
 
 
 def _error(status: int, detail: str, event: AnyEvent | None = None) -> Response[Any]:
-    body = ErrorBody(status_code=status, detail=detail, error=event.error if event else None)
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 429 else None  # noqa: PLR2004 - Too Many Requests
-    return Response(content=body, status_code=status, media_type="application/json", headers=headers)
+    return _error_answer(status, detail, event).response()
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name=IDEMPOTENCY_HEADER,
+        required=False,
+        description=(
+            "Makes the request safe to retry: the same key returns the first answer (status and body) for at "
+            "least 24 h, even after the session ended; with another request it is a 422. 1-255 printable ASCII "
+            "characters; a request whose answer was a 202 is answered with the outcome once it exists."
+        ),
+    ),
+]
+
+
+async def _answer(
+    command: AnyCommand,
+    respond: Callable[[AnyEvent], Answer],
+    *,
+    key: str | None,
+    request: str,
+    fields: dict[str, object],
+    gateway: CommandGateway,
+    idempotent: IdempotentRequests,
+) -> Response[Any]:
+    """Send the command and answer from its outcome, through its idempotency key if any."""
+    if key is None:
+        return respond(await gateway.send(command)).response()
+    try:
+        checked = check_key(key)
+    except InvalidIdempotencyKey as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
+    keyed = KeyedRequest(key=checked, request=request, chat_id=str(command.chat_id), fields=fields)
+    gateway.require_connection()  # before the key is claimed
+    return await idempotent.answer(keyed, command, respond)
 
 
 def strict_body(
@@ -170,6 +218,10 @@ def _provide_gateway(services: NamedDependency[ApiServices]) -> CommandGateway:
     return services.gateway
 
 
+def _provide_idempotent(services: NamedDependency[ApiServices]) -> IdempotentRequests:
+    return services.idempotent
+
+
 def _provide_registry(services: NamedDependency[ApiServices]) -> Registry:
     return services.registry
 
@@ -193,6 +245,7 @@ def _dependencies(clock: Clock) -> dict[str, Provide]:
         "services": Provide(_provide_services, sync_to_thread=False),
         "nc": Provide(_provide_nc, sync_to_thread=False),
         "gateway": Provide(_provide_gateway, sync_to_thread=False),
+        "idempotent": Provide(_provide_idempotent, sync_to_thread=False),
         "registry": Provide(_provide_registry, sync_to_thread=False),
         "events": Provide(_provide_events, sync_to_thread=False),
         "chat": Provide(_provide_chat, sync_to_thread=False),
@@ -246,12 +299,24 @@ async def ready(nc: NamedDependency[Client]) -> Response[dict[str, Any]]:
     before_request=strict_body(CreateSandboxRequest),
 )
 async def create_sandbox(
-    data: JSONBody[CreateSandboxRequest], gateway: NamedDependency[CommandGateway], clock: NamedDependency[Clock]
+    data: JSONBody[CreateSandboxRequest],
+    gateway: NamedDependency[CommandGateway],
+    idempotent: NamedDependency[IdempotentRequests],
+    clock: NamedDependency[Clock],
+    idempotency_key: IdempotencyKey = None,
 ) -> Response[Any]:
     """Create the chat's sandbox, or reuse its live one: 201 created/replaced, 200 reused."""
     chat = uuid.UUID(_chat(data.chat_id))
     command = CreateSandbox(chat_id=chat, ttl_seconds=data.ttl_seconds, labels=data.labels, **_stamp(clock))
-    return _create_response(await gateway.send(command), seed=False)
+    return await _answer(
+        command,
+        lambda outcome: _create_answer(outcome, seed=False),
+        key=idempotency_key,
+        request=f"POST {API_PREFIX}/sandboxes",
+        fields={"ttl_seconds": data.ttl_seconds, "labels": data.labels},
+        gateway=gateway,
+        idempotent=idempotent,
+    )
 
 
 @post(
@@ -262,14 +327,26 @@ async def create_sandbox(
     before_request=strict_body(SeedCreateRequest),
 )
 async def create_seed(
-    data: JSONBody[SeedCreateRequest], gateway: NamedDependency[CommandGateway], clock: NamedDependency[Clock]
+    data: JSONBody[SeedCreateRequest],
+    gateway: NamedDependency[CommandGateway],
+    idempotent: NamedDependency[IdempotentRequests],
+    clock: NamedDependency[Clock],
+    idempotency_key: IdempotencyKey = None,
 ) -> Response[Any]:
     """The seed service's create endpoint: same semantics, the seed's response fields."""
     command = CreateSandbox(chat_id=uuid.UUID(_chat(data.chat_id)), **_stamp(clock))
-    return _create_response(await gateway.send(command), seed=True)
+    return await _answer(
+        command,
+        lambda outcome: _create_answer(outcome, seed=True),
+        key=idempotency_key,
+        request=f"POST {API_PREFIX}/create",
+        fields={},
+        gateway=gateway,
+        idempotent=idempotent,
+    )
 
 
-def _create_response(outcome: AnyEvent, *, seed: bool) -> Response[Any]:
+def _create_answer(outcome: AnyEvent, *, seed: bool) -> Answer:
     status = outcome_status(outcome)
     if isinstance(outcome, SandboxRunning | SandboxReused) and outcome.session is not None:
         s = outcome.session
@@ -279,8 +356,8 @@ def _create_response(outcome: AnyEvent, *, seed: bool) -> Response[Any]:
             )
         else:
             body = session_view(s, outcome.result)
-        return _json(body, status)
-    return _error(status, failure_detail(outcome), outcome)
+        return _json_answer(body, status)
+    return _error_answer(status, failure_detail(outcome), outcome)
 
 
 @get("/sandboxes/{chat_id:str}", operation_id="getSandbox", tags=["sandboxes"])
@@ -305,13 +382,28 @@ async def list_sandboxes(
 
 @delete("/sandboxes/{chat_id:str}", operation_id="stopSandbox", tags=["sandboxes"], status_code=200)
 async def stop_sandbox(
-    chat: NamedDependency[uuid.UUID], gateway: NamedDependency[CommandGateway], clock: NamedDependency[Clock]
+    chat: NamedDependency[uuid.UUID],
+    gateway: NamedDependency[CommandGateway],
+    idempotent: NamedDependency[IdempotentRequests],
+    clock: NamedDependency[Clock],
+    idempotency_key: IdempotencyKey = None,
 ) -> Response[Any]:
     """Stop the chat's sandbox: 200 with the final view, 404 when it has none."""
-    outcome = await gateway.send(StopSandbox(chat_id=chat, reason=StopReason.API, **_stamp(clock)))
+    return await _answer(
+        StopSandbox(chat_id=chat, reason=StopReason.API, **_stamp(clock)),
+        _stop_answer,
+        key=idempotency_key,
+        request=f"DELETE {API_PREFIX}/sandboxes/{{chat_id}}",
+        fields={},
+        gateway=gateway,
+        idempotent=idempotent,
+    )
+
+
+def _stop_answer(outcome: AnyEvent) -> Answer:
     if isinstance(outcome, SandboxStopped) and outcome.session is not None:
-        return _json(session_view(outcome.session), 200)
-    return _error(outcome_status(outcome), failure_detail(outcome), outcome)
+        return _json_answer(session_view(outcome.session), 200)
+    return _error_answer(outcome_status(outcome), failure_detail(outcome), outcome)
 
 
 @post(
@@ -321,20 +413,34 @@ async def stop_sandbox(
     status_code=200,
     before_request=strict_body(KeepaliveRequest, optional=True),
 )
-async def keepalive_sandbox(
+async def keepalive_sandbox(  # keyword-only: Litestar passes everything by name
+    *,
     chat: NamedDependency[uuid.UUID],
     gateway: NamedDependency[CommandGateway],
+    idempotent: NamedDependency[IdempotentRequests],
     clock: NamedDependency[Clock],
     data: JSONBody[KeepaliveRequest | None] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response[Any]:
     """Move the live session's `expires_at` to now + ttl (default: the configured ttl)."""
     body = data or KeepaliveRequest()
     session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id else None
     command = KeepaliveSandbox(chat_id=chat, ttl_seconds=body.ttl_seconds, session_id=session_id, **_stamp(clock))
-    outcome = await gateway.send(command)
+    return await _answer(
+        command,
+        _keepalive_answer,
+        key=idempotency_key,
+        request=f"POST {API_PREFIX}/sandboxes/{{chat_id}}/keepalive",
+        fields={"ttl_seconds": body.ttl_seconds, "session_id": str(session_id) if session_id else None},
+        gateway=gateway,
+        idempotent=idempotent,
+    )
+
+
+def _keepalive_answer(outcome: AnyEvent) -> Answer:
     if isinstance(outcome, SandboxExtended) and outcome.session is not None:
-        return _json(session_view(outcome.session), 200)
-    return _error(outcome_status(outcome), failure_detail(outcome), outcome)
+        return _json_answer(session_view(outcome.session), 200)
+    return _error_answer(outcome_status(outcome), failure_detail(outcome), outcome)
 
 
 @get("/sandboxes/{chat_id:str}/events", operation_id="sandboxEvents", tags=["sandboxes"])
@@ -371,6 +477,22 @@ def _nats_unavailable(_: Request[Any, Any, Any], exc: NatsUnavailable) -> Respon
     return _error(503, f"NATS is unreachable, nothing was done: {exc}")
 
 
+def _key_reused(_: Request[Any, Any, Any], exc: IdempotencyKeyReused) -> Response[Any]:
+    return _error(422, str(exc))
+
+
+def _log_exception(exc: Exception, scope: Scope) -> None:
+    """The API's error lines (Litestar's own logging is off: it would re-configure the root
+    logger away from JSON). A refusal of the client's request is not an error of ours."""
+    if isinstance(exc, OutcomePending | IdempotencyKeyReused):
+        return
+    where = f"{scope.get('method', '')} {scope.get('path', '')}"
+    if isinstance(exc, NatsUnavailable):
+        log.warning("%s answered 503: %s", where, exc)
+    elif not isinstance(exc, HTTPException) or exc.status_code >= 500:  # noqa: PLR2004 - server errors
+        log.error("%s failed: %r", where, exc, exc_info=exc)
+
+
 def _outcome_pending(_: Request[Any, Any, Any], exc: OutcomePending) -> Response[Any]:
     """Accepted: the command is in the stream and its outcome will appear in the chat's events."""
     chat, wait = str(exc.command.chat_id), exc.wait_seconds
@@ -386,31 +508,42 @@ def _outcome_pending(_: Request[Any, Any, Any], exc: OutcomePending) -> Response
 # --------------------------------------------------------------------------- app
 
 
-async def _connect(stack: contextlib.AsyncExitStack, settings: Settings, telemetry: Telemetry) -> ApiServices:
-    """Connect, attach and start waiting for outcomes; each undone when the stack unwinds."""
-    nc = await stack.enter_async_context(service_connection(settings.nats, "sandboxd-api", role=Role.API))
+async def _connect(
+    stack: contextlib.AsyncExitStack, settings: Settings, telemetry: Telemetry, clock: Clock
+) -> ApiServices:
+    """Connect, attach and start waiting for outcomes; each undone when the stack unwinds.
+    The outcome waiter re-creates its consumer as soon as the connection is back."""
+    waiter = OutcomeWaiter()
+    nc = await stack.enter_async_context(
+        service_connection(settings.nats, "sandboxd-api", role=Role.API, on_reconnected=waiter.reconnected)
+    )
     js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
     kv = await attach_topology(js, settings.streams)
-    waiter = OutcomeWaiter()
-    await waiter.start(js)
-    stack.push_async_callback(waiter.stop)
+    idempotency_kv = await attach_idempotency_bucket(js, settings.streams)
     quarantine = Quarantine(telemetry.metrics)
+    events = EventStore(js, quarantine=quarantine)
+    await waiter.start(js, events)
+    stack.push_async_callback(waiter.stop)
+    gateway = CommandGateway(nc, js, waiter, events, telemetry, wait_seconds=settings.api.wait_seconds)
+    records = IdempotencyRecords(js, idempotency_kv, quarantine=quarantine)
     return ApiServices(
         nc=nc,
-        gateway=CommandGateway(nc, js, waiter, telemetry, wait_seconds=settings.api.wait_seconds),
+        gateway=gateway,
+        idempotent=IdempotentRequests(records, gateway, clock),
         registry=Registry(js, kv, quarantine=quarantine),
-        events=EventStore(js, quarantine=quarantine),
+        events=events,
     )
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Telemetry | None = None) -> Litestar:
     telemetry = telemetry or setup_telemetry("sandboxd-api", otlp_endpoint=settings.telemetry.otlp_endpoint)
+    clock = clock or SystemClock()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(telemetry.shutdown)
-            app.state.services = await _connect(stack, settings, telemetry)
+            app.state.services = await _connect(stack, settings, telemetry, clock)
             yield
 
     protected = Router(
@@ -430,7 +563,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Tel
     api = Router(path=API_PREFIX, route_handlers=[health, ready, protected])
     return Litestar(
         route_handlers=[api, metrics],
-        dependencies=_dependencies(clock or SystemClock()),
+        dependencies=_dependencies(clock),
         middleware=[
             host_check_middleware,
             json_errors_middleware,
@@ -438,7 +571,15 @@ def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Tel
             body_timeout_middleware(settings.http.body_timeout_seconds),
         ],
         lifespan=[lifespan],
-        exception_handlers={NatsUnavailable: _nats_unavailable, OutcomePending: _outcome_pending},
+        # Logging is the process's (JSON, shared/logs.py): Litestar's default config would
+        # replace the root handler with a plain-text one. Errors are logged by the hook.
+        logging_config=None,
+        after_exception=[_log_exception],
+        exception_handlers={
+            NatsUnavailable: _nats_unavailable,
+            OutcomePending: _outcome_pending,
+            IdempotencyKeyReused: _key_reused,
+        },
         openapi_config=OpenAPIConfig(title="sandboxd", version=VERSION, path=f"{API_PREFIX}/schema"),
         # No valid body comes near this (a command is at most 64 KiB on NATS); a larger one is
         # refused from its Content-Length, before a byte of it is read.

@@ -214,8 +214,12 @@ async def test_each_process_runs_as_its_role(system: System, caplog: pytest.LogC
 
     chat = str(uuid.uuid4())
     async with httpx.AsyncClient(base_url=system.api, headers={"X-API-Token": TEST_TOKEN}, timeout=30) as http:
-        created = await http.post("/api/v1/sandboxes", json={"chat_id": chat})
+        # With an idempotency key: the API claims it, stores the answer and reads it back.
+        keyed = {"Idempotency-Key": f"roles-{chat}"}
+        created = await http.post("/api/v1/sandboxes", json={"chat_id": chat}, headers=keyed)
         assert created.status_code == 201, created.text
+        again = await http.post("/api/v1/sandboxes", json={"chat_id": chat}, headers=keyed)
+        assert (again.status_code, again.json()) == (201, created.json())
         assert (await http.get(f"/api/v1/sandboxes/{chat}")).json()["session_id"] == created.json()["session_id"]
         history = (await http.get(f"/api/v1/sandboxes/{chat}/events")).json()["events"]
         assert [e["event"]["type"] for e in history] == ["provisioning", "running"]

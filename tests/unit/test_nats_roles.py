@@ -87,6 +87,12 @@ def test_internal_roles_hold_only_their_own_writes() -> None:
     assert not allowed(Role.RUNTIME, "sandbox.cmd.create.x")
     assert not allowed(Role.API, "sandbox.events.x")
     assert not allowed(Role.API, "$KV.sandbox_sessions.x")
+    # The HTTP idempotency keys are the API's alone: no other role reads or writes them.
+    assert allowed(Role.API, "$KV.sandbox_idempotency.x")
+    assert allowed(Role.API, "$JS.API.DIRECT.GET.KV_sandbox_idempotency.$KV.sandbox_idempotency.x")
+    for role in (Role.RUNTIME, Role.REAPER, Role.AGENT, Role.AUDITOR):
+        assert not allowed(role, "$KV.sandbox_idempotency.x")
+        assert not allowed(role, "$JS.API.DIRECT.GET.KV_sandbox_idempotency.$KV.sandbox_idempotency.x")
     for role in (Role.API, Role.RUNTIME, Role.REAPER):
         assert not allowed(role, "$JS.API.STREAM.CREATE.SANDBOX_EVENTS")
         assert not allowed(role, "$JS.API.STREAM.UPDATE.SANDBOX_EVENTS")
