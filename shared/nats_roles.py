@@ -40,6 +40,7 @@ from shared.subjects import (
     EVENT_SUBJECTS,
     EVENTS_STREAM,
     HANDLED_BUCKET,
+    INSTANCES_BUCKET,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
     ConsumerName,
@@ -78,6 +79,8 @@ SESSIONS_KEYS = f"$KV.{SESSIONS_BUCKET}"
 STATUS_KEYS = f"$KV.{STATUS_BUCKET}"
 HANDLED_STREAM = f"KV_{HANDLED_BUCKET}"
 HANDLED_KEYS = f"$KV.{HANDLED_BUCKET}"
+INSTANCES_STREAM = f"KV_{INSTANCES_BUCKET}"
+INSTANCES_KEYS = f"$KV.{INSTANCES_BUCKET}"
 
 # Inboxes. Outside accounts receive their consumers' deliveries through SANDBOXD's `_INBOX.>`
 # (AGENTS) and `_INBOX_chat.>` (CHATS); nobody inside SANDBOXD uses those prefixes, so no reply
@@ -289,12 +292,15 @@ ROLES: dict[Role, RoleSpec] = {
                 EVENT_SUBJECTS,
                 f"{SESSIONS_KEYS}.>",
                 f"{HANDLED_KEYS}.>",
+                f"{INSTANCES_KEYS}.>",
                 f"{STATUS_KEYS}.runtime.>",
                 ACCOUNT_INFO,
                 stream_info(COMMANDS_STREAM),
                 stream_info(STATUS_STREAM),
                 stream_info(HANDLED_STREAM),
                 *direct_get(HANDLED_STREAM),
+                stream_info(INSTANCES_STREAM),
+                *direct_get(INSTANCES_STREAM),
                 *_durable(COMMANDS_STREAM, ConsumerName.RUNTIME),
                 *_durable(EVENTS_STREAM, ConsumerName.PROJECTOR),
                 *_ordered_reads(EVENTS_STREAM, direct=True),
@@ -304,7 +310,7 @@ ROLES: dict[Role, RoleSpec] = {
         ),
         "consume commands (durable `sandboxd-runtime`); append events; project them "
         "(durable `sandboxd-projector`) into the registry; record handled commands in `sandbox_handled`; "
-        "write `sandbox_status` `runtime.>`",
+        "heartbeat in `sandbox_instances` and read the others' heartbeats; write `sandbox_status` `runtime.>`",
     ),
     Role.REAPER: RoleSpec(
         Role.REAPER,

@@ -26,6 +26,7 @@ class PoisonSource(enum.StrEnum):
     EVENT = "event"  # a message on SANDBOX_EVENTS
     RECORD = "record"  # a value in the sandbox_sessions bucket
     HANDLED = "handled"  # a value in the sandbox_handled bucket
+    HEARTBEAT = "heartbeat"  # a value in the sandbox_instances bucket
 
 
 class Quarantine:

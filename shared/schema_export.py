@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from shared.contracts import COMMAND_TYPES, EVENT_TYPES, AnyEvent, HandledCommand, SessionRecord
+from shared.contracts import COMMAND_TYPES, EVENT_TYPES, AnyEvent, HandledCommand, InstanceHeartbeat, SessionRecord
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
 _DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -45,6 +45,11 @@ def generate() -> dict[str, str]:
         HandledCommand,
         "sandbox_handled KV value",
         "A command that has had its outcome (key: <chat_id>.<command_id>); it is never carried out again.",
+    )
+    docs["instance-heartbeat.json"] = _document(
+        InstanceHeartbeat,
+        "sandbox_instances KV value",
+        "A running runtime instance (key: its instance_id); claims name their instance.",
     )
     return {path: json.dumps(doc, indent=2, sort_keys=True) + "\n" for path, doc in docs.items()}
 

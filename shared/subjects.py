@@ -12,6 +12,9 @@ STATUS_BUCKET = "sandbox_status"
 # Which commands have had their outcome (key `<chat_id>.<command_id>`): exactly once,
 # beyond the event stream's de-duplication window.
 HANDLED_BUCKET = "sandbox_handled"
+# One heartbeat per running runtime instance (key `<instance_id>`): claims name their
+# instance, and a claim whose instance is gone is taken over at once.
+INSTANCES_BUCKET = "sandbox_instances"
 
 COMMAND_PREFIX = "sandbox.cmd"
 EVENT_PREFIX = "sandbox.events"

@@ -29,6 +29,7 @@ from shared.subjects import (
     EVENT_SUBJECTS,
     EVENTS_STREAM,
     HANDLED_BUCKET,
+    INSTANCES_BUCKET,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
 )
@@ -40,6 +41,9 @@ T = TypeVar("T")
 # A command is two ids and at most 32 labels; an event carries one session record.
 COMMAND_MAX_BYTES = 64 * 1024
 EVENT_MAX_BYTES = 256 * 1024
+# A live instance rewrites its heartbeat every second or so; a killed one's stays this long
+# (for operators), then reads as gone, like one deleted on a clean stop.
+INSTANCE_HEARTBEAT_MAX_AGE_SECONDS = 3600.0
 
 
 class TopologyError(Exception):
@@ -163,6 +167,19 @@ async def _create_handled_bucket(js: JetStreamContext, settings: StreamSettings)
     return kv
 
 
+async def _create_instances_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    kv = await js.create_key_value(
+        bucket=INSTANCES_BUCKET,
+        description="sandboxd runtime instances: one heartbeat per running runtime (key: its instance id)",
+        history=1,
+        ttl=INSTANCE_HEARTBEAT_MAX_AGE_SECONDS,
+        replicas=settings.replicas,
+        direct=True,
+    )
+    log.info("created KV bucket %s", INSTANCES_BUCKET)
+    return kv
+
+
 async def _create_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
     kv = await js.create_key_value(
         bucket=STATUS_BUCKET,
@@ -179,6 +196,7 @@ async def ensure_topology(js: JetStreamContext, settings: StreamSettings) -> Key
     await _ensure_stream(js, commands_stream_config(settings))
     await _ensure_stream(js, events_stream_config(settings))
     await ensure_handled_bucket(js, settings)
+    await ensure_instances_bucket(js, settings)
     try:
         return await js.key_value(SESSIONS_BUCKET)
     except BucketNotFoundError:
@@ -197,6 +215,14 @@ async def ensure_handled_bucket(js: JetStreamContext, settings: StreamSettings) 
         await js.update_stream(info.config)
         log.info("updated KV bucket %s max age", HANDLED_BUCKET)
     return kv
+
+
+async def ensure_instances_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    """The runtime instances' heartbeats (shared/instances.py)."""
+    try:
+        return await js.key_value(INSTANCES_BUCKET)
+    except BucketNotFoundError:
+        return await _create_instances_bucket(js, settings)
 
 
 async def ensure_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
@@ -259,6 +285,13 @@ async def attach_handled_bucket(js: JetStreamContext, settings: StreamSettings) 
         return await js.key_value(HANDLED_BUCKET)
     except BucketNotFoundError:
         return await _create_or_explain(f"KV bucket {HANDLED_BUCKET}", lambda: _create_handled_bucket(js, settings))
+
+
+async def attach_instances_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    try:
+        return await js.key_value(INSTANCES_BUCKET)
+    except BucketNotFoundError:
+        return await _create_or_explain(f"KV bucket {INSTANCES_BUCKET}", lambda: _create_instances_bucket(js, settings))
 
 
 async def attach_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:

@@ -104,7 +104,10 @@ def cmd_declare(_: argparse.Namespace) -> int:
         await ensure_status_bucket(js, settings.streams)
 
     _with_admin(settings, "sandboxctl-declare", run)
-    print("SANDBOX_COMMANDS, SANDBOX_EVENTS, sandbox_sessions, sandbox_handled and sandbox_status are declared")
+    print(
+        "SANDBOX_COMMANDS, SANDBOX_EVENTS, sandbox_sessions, sandbox_handled, sandbox_instances and sandbox_status "
+        "are declared"
+    )
     return 0
 
 
