@@ -124,7 +124,8 @@ class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # or while its heartbeat cannot be read).
     claim_timeout_seconds: PositiveSeconds = 120.0
     # A runtime instance whose heartbeat in `sandbox_instances` is this old (or gone) is dead:
-    # its claims are taken over at once. It heartbeats five times within this.
+    # its claims are taken over at once (whatever their age; the claim timeout frees any claim
+    # older than itself). It heartbeats five times within this.
     instance_dead_after_seconds: PositiveSeconds = 5.0
     # A command whose runtime goes silent is redelivered after this; a runtime keeps every
     # command it works on in progress five times within it (long Docker calls, waits).
@@ -284,14 +285,6 @@ def _check_relations(settings: Settings) -> None:
             f"{streams.handled_max_age_seconds:g}) must be at least streams.commands_max_age_seconds "
             f"({env_name('streams', 'commands_max_age_seconds')}={streams.commands_max_age_seconds:g}): a command "
             "redelivered after its record expired could be carried out twice"
-        )
-    runtime = settings.runtime
-    if runtime.instance_dead_after_seconds >= runtime.claim_timeout_seconds:
-        raise ConfigError(
-            f"runtime.instance_dead_after_seconds ({env_name('runtime', 'instance_dead_after_seconds')}="
-            f"{runtime.instance_dead_after_seconds:g}) must be below runtime.claim_timeout_seconds "
-            f"({env_name('runtime', 'claim_timeout_seconds')}={runtime.claim_timeout_seconds:g}): the timeout is "
-            "the backstop for claims whose instance's liveness is unknown"
         )
     if settings.reaper.redrive_grace_seconds <= settings.runtime.claim_timeout_seconds:
         raise ConfigError(

@@ -27,7 +27,7 @@ from nats.js.api import ConsumerConfig
 
 from services.runtime.consumer import runtime_consumer_config
 from services.runtime.service import running_runtime
-from shared.config import Settings, StreamSettings
+from shared.config import Settings, StreamSettings, load_settings
 from shared.contracts import OUTCOME_TYPES
 from shared.event_store import EventStore
 from shared.failpoints import FAILPOINT_ENV
@@ -47,6 +47,7 @@ HOLD_CLAIMS = {
 # Far below the claim timeout, far above what the liveness path needs on a busy machine.
 DONE_WITHIN = 60.0
 IN_FLIGHT = 6
+ACK_WAIT = load_settings(environ={}).runtime.ack_wait_seconds  # the default, which these runtimes use
 
 Events = list[dict[str, Any]]
 
@@ -259,9 +260,10 @@ async def test_a_dead_instances_claim_is_taken_over_before_its_command_comes_bac
 async def test_kill_9_of_a_runtime_with_another_alive_completes_its_in_flight_commands(
     nats: NatsServer, root: Path, docker_client: docker.DockerClient, node_id: str, node_containers: None
 ) -> None:
-    """Creates in flight on a runtime (each held right after its claim) when it is killed:
-    the runtime alive beside it gets them redelivered within the ack wait and finishes each
-    one's own claim: one `running {created}` per create, on the session it claimed."""
+    """Creates in flight on a runtime (each held right after its claim): while it lives none
+    of them is redelivered; once it is killed, the runtime alive beside it gets them
+    redelivered within the ack wait and finishes each one's own claim: one `running {created}`
+    per create, on the session it claimed."""
     env = sandboxd_env(nats.url, root, node_id, TOKEN, **HOLD_CLAIMS)
     nc = await nats_client.connect(nats.url)
     js = nc.jetstream()
@@ -283,6 +285,13 @@ async def test_kill_9_of_a_runtime_with_another_alive_completes_its_in_flight_co
         claimed = await eventually(claims, lambda got: len(got) == IN_FLIGHT, what="every create claimed")
         survivor = spawn("services.runtime", env, root / "runtime-2.log")
         await eventually(lambda: live_instances(js), lambda ids: len(ids) == 2, what="the second runtime alive")
+
+        # A runtime that works on its commands keeps them: none is redelivered, however long
+        # it holds them (watched for longer than the ack wait).
+        async def redelivered() -> int:
+            return (await js.consumer_info(COMMANDS_STREAM, ConsumerName.RUNTIME)).num_redelivered or 0
+
+        await holds(redelivered, lambda n: n == 0, seconds=ACK_WAIT + 1, what="no redelivery from a live runtime")
         victim.send_signal(signal.SIGKILL)
         await killed(victim)
 

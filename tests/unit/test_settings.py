@@ -39,15 +39,6 @@ def test_a_file_is_read_and_variables_win(tmp_path: Path) -> None:
     assert (settings.http.host, settings.http.port, settings.sandbox.ttl_seconds) == ("0.0.0.0", 9200, 42)
 
 
-def test_an_instance_is_judged_dead_well_before_the_claim_timeout() -> None:
-    with pytest.raises(ConfigError) as caught:
-        load_settings(environ={"SANDBOXD_RUNTIME_INSTANCE_DEAD_AFTER_SECONDS": "120"})
-    message = str(caught.value)
-    assert "SANDBOXD_RUNTIME_INSTANCE_DEAD_AFTER_SECONDS=120" in message
-    assert "runtime.claim_timeout_seconds" in message
-    assert load_settings(environ={}).runtime.instance_dead_after_seconds == 5.0
-
-
 @pytest.mark.parametrize(
     ("environ", "needles"),
     [
