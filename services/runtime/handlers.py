@@ -151,6 +151,12 @@ class Finished:
 Step = Finished | None
 
 
+@dataclass(frozen=True, slots=True)
+class _LookBack:
+    handled: bool = False  # the command's outcome is in the chat's history
+    claimed: str | None = None  # the session the command's last claim named
+
+
 class _ChatTurn:
     """A command's turn on its chat within this process (see CommandHandlers._chat_turn)."""
 
@@ -259,8 +265,9 @@ class CommandHandlers:
             self._metrics.increment("sandbox.claim.dead_instance.total", {"event": claim.type})
         return OpenClaim(claim, liveness)
 
-    async def _handled_before(self, command: AnyCommand, state: ChatState) -> bool:
-        """Whether the chat's history already holds this command's outcome.
+    async def _look_back(self, command: AnyCommand, state: ChatState) -> _LookBack:
+        """What the chat's history says of the command: whether it already has its outcome,
+        and the session its last claim named (a claim taken over while it was away).
 
         Asked once, before a command's first claim, on chats with history. An outcome append
         is de-duplicated by its message id, but a claim is not: without this, a command seen
@@ -268,15 +275,17 @@ class CommandHandlers:
         longer the chat's last event would claim and start a container whose `running` the
         stream then drops as a duplicate."""
         if state.seq == 0:
-            return False
+            return _LookBack()
         command_id = str(command.command_id)
         history = await self._d.store.history(str(command.chat_id))
-        found = next((s for s in history if s.event.causation_id == command_id and is_outcome(s.event)), None)
-        if found is None:
-            return False
-        log.info("command %s already has its outcome; not handling it again", command_id)
-        await self._record_handled(command, found.seq)
-        return True
+        mine = [s for s in history if s.event.causation_id == command_id]
+        found = next((s for s in mine if is_outcome(s.event)), None)
+        if found is not None:
+            log.info("command %s already has its outcome; not handling it again", command_id)
+            await self._record_handled(command, found.seq)
+            return _LookBack(handled=True)
+        claims = [s.event.session for s in mine if isinstance(s.event, SandboxProvisioning | SandboxStopping)]
+        return _LookBack(claimed=claims[-1].session_id if claims and claims[-1] is not None else None)
 
     async def _record_handled(self, command: AnyCommand, outcome_seq: int) -> None:
         """Remember that the command had its outcome (before it is acknowledged)."""
@@ -391,7 +400,7 @@ class CommandHandlers:
             decision = decide_create(state.last, command, now, self._d.policy, self._new_id(), claim=claim)
             if isinstance(decision, ClaimProvision | ClaimReplace) and not checked:
                 checked = True
-                if await self._handled_before(command, state):
+                if (await self._look_back(command, state)).handled:
                     return None
             if isinstance(decision, Wait):
                 await turn.wait_aside(backoff)
@@ -521,11 +530,17 @@ class CommandHandlers:
         while True:
             state = await self._d.store.read(chat_id)
             claim = await self._open_claim(state, command)
-            decision = decide_stop(state.last, command, self._d.clock.now(), self._d.policy, pinned, claim=claim)
+            now = self._d.clock.now()
+            decision = decide_stop(state.last, command, now, self._d.policy, pinned, claim=claim)
             if isinstance(decision, ClaimStop) and not checked:
                 checked = True
-                if await self._handled_before(command, state):
+                before = await self._look_back(command, state)
+                if before.handled:
                     return None
+                # A claim of its own that was taken over while it was away (its runtime died)
+                # pins it to the session it claimed: it never stops one made since.
+                pinned = before.claimed
+                decision = decide_stop(state.last, command, now, self._d.policy, pinned, claim=claim)
             match decision:
                 case AlreadyHandled():
                     await self._already_handled(command, state)

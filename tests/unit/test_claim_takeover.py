@@ -36,6 +36,7 @@ from shared.contracts import (
     SandboxReused,
     SandboxRunning,
     SandboxStopped,
+    SandboxStopping,
     SessionStatus,
     StopSandbox,
     decode_heartbeat,
@@ -297,3 +298,34 @@ async def test_an_instance_heartbeats_until_it_leaves_and_reads_its_peers() -> N
     assert await peer.liveness(GONE) == Liveness.UNKNOWN, "poison says nothing"
     bucket.values[GONE] = encode(beat)
     assert await peer.liveness(GONE) == Liveness.UNKNOWN, "a heartbeat naming another instance says nothing"
+
+
+async def test_a_stop_whose_claim_was_taken_over_never_stops_the_session_made_since(node: Node) -> None:
+    """A stop claimed and its runtime died; a create took the dead claim over (removing the
+    container the stop was after) before the stop came back: the stop, redelivered, is pinned
+    to the session it claimed and leaves the new one alone."""
+    chat = str(uuid.uuid4())
+    created = node.outcome(chat, await node.send(CreateSandbox, chat))
+    assert created.session is not None
+    stop = node.command(StopSandbox, chat)
+    state = await node.store.read(chat)
+    claim = SandboxStopping(
+        event_id=str(uuid.uuid4()),
+        chat_id=chat,
+        session_id=created.session.session_id,
+        causation_id=str(stop.command_id),
+        occurred_at=T0,
+        node_id=NODE,
+        session=msgspec.structs.replace(created.session, status=SessionStatus.STOPPING, version=state.seq),
+        instance_id=GONE,
+    )
+    await node.store.append(claim, expected_seq=state.seq, msg_id=claim.event_id)
+    replaced = node.outcome(chat, await node.send(CreateSandbox, chat))
+    assert (replaced.type, replaced.result) == ("running", CreateResult.REPLACED)
+    await node.handle(stop)  # the redelivery
+    refused = node.outcome(chat, stop)
+    assert (refused.type, refused.reason) == ("rejected", RejectReason.STALE_SESSION)
+    assert refused.session is not None
+    assert replaced.session is not None
+    assert (refused.session.session_id, refused.session.status) == (replaced.session.session_id, "running")
+    assert list(node.driver.running.values()) == [replaced.session.container_id]
