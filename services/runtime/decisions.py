@@ -131,7 +131,8 @@ class ClaimProvision:
 
 @dataclass(frozen=True, slots=True)
 class ResumeProvision:
-    """Our own `provisioning` claim is the last event (a retry): start or find its container."""
+    """Our own `provisioning` claim is the chat's open claim (a retry, a redelivery after a
+    crash): start or find its container."""
 
     session: SessionRecord
     previous: PreviousSession | None
