@@ -122,9 +122,17 @@ class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # A command redelivered this often (transient failures, another node's session) ends with
     # a `failed` outcome instead of another try.
     max_deliveries: Annotated[int, msgspec.Meta(ge=2, le=10_000)] = 100
-    # A claim (provisioning/stopping) older than this is presumed abandoned and taken over.
+    # A claim (provisioning/stopping) older than this is presumed abandoned and taken over:
+    # the backstop for claims whose instance is unknown (written before instances heartbeated,
+    # or while its heartbeat cannot be read).
     claim_timeout_seconds: PositiveSeconds = 120.0
-    ack_wait_seconds: PositiveSeconds = 30.0
+    # A runtime instance whose heartbeat in `sandbox_instances` is this old (or gone) is dead:
+    # its claims are taken over at once (whatever their age; the claim timeout frees any claim
+    # older than itself). It heartbeats five times within this.
+    instance_dead_after_seconds: PositiveSeconds = 5.0
+    # A command whose runtime goes silent is redelivered after this; a runtime keeps every
+    # command it works on in progress five times within it (long Docker calls, waits).
+    ack_wait_seconds: PositiveSeconds = 4.0
     docker_timeout_seconds: PositiveSeconds = 60.0
     # Rebuild sandbox_sessions from the event stream before consuming commands.
     replay_on_start: bool = True

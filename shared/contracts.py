@@ -240,7 +240,11 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 
 
 class SandboxProvisioning(Event, frozen=True, kw_only=True, tag="provisioning"):
-    """The claim: a create owns the chat before any container exists."""
+    """The claim: a create owns the chat before any container exists. `instance_id` names the
+    runtime instance that made it (its heartbeat is in `sandbox_instances`); absent in claims
+    written before instances heartbeated."""
+
+    instance_id: Uuid | None = None
 
 
 class SandboxRunning(Event, frozen=True, kw_only=True, tag="running"):
@@ -256,7 +260,10 @@ class SandboxExtended(Event, frozen=True, kw_only=True, tag="extended"):
 
 
 class SandboxStopping(Event, frozen=True, kw_only=True, tag="stopping"):
-    """The claim of a stop, before the container is removed."""
+    """The claim of a stop (or of a create replacing the session), before the container is
+    removed; `instance_id` as in `provisioning`."""
+
+    instance_id: Uuid | None = None
 
 
 class SandboxStopped(Event, frozen=True, kw_only=True, tag="stopped"):
@@ -352,3 +359,26 @@ _handled_decoder = msgspec.json.Decoder(HandledCommand)
 
 def decode_handled(data: bytes) -> HandledCommand:
     return _handled_decoder.decode(data)
+
+
+# --------------------------------------------------------------------------- runtime instances
+
+
+class InstanceHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
+    """A running runtime instance, as `sandbox_instances` holds it (key `<instance_id>`):
+    rewritten several times within `runtime.instance_dead_after_seconds` while the instance
+    runs, deleted when it stops cleanly. A claim naming an instance whose heartbeat is gone or
+    older than that is taken over."""
+
+    instance_id: Uuid
+    node_id: NodeId
+    pid: Annotated[int, msgspec.Meta(ge=1)]
+    started_at: AwareDatetime
+    beat_at: AwareDatetime
+
+
+_heartbeat_decoder = msgspec.json.Decoder(InstanceHeartbeat)
+
+
+def decode_heartbeat(data: bytes) -> InstanceHeartbeat:
+    return _heartbeat_decoder.decode(data)

@@ -41,6 +41,7 @@ from shared.subjects import (
     EVENTS_STREAM,
     HANDLED_BUCKET,
     IDEMPOTENCY_BUCKET,
+    INSTANCES_BUCKET,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
     ConsumerName,
@@ -81,6 +82,8 @@ HANDLED_STREAM = f"KV_{HANDLED_BUCKET}"
 HANDLED_KEYS = f"$KV.{HANDLED_BUCKET}"
 IDEMPOTENCY_STREAM = f"KV_{IDEMPOTENCY_BUCKET}"
 IDEMPOTENCY_KEYS = f"$KV.{IDEMPOTENCY_BUCKET}"
+INSTANCES_STREAM = f"KV_{INSTANCES_BUCKET}"
+INSTANCES_KEYS = f"$KV.{INSTANCES_BUCKET}"
 
 # Inboxes. Outside accounts receive their consumers' deliveries through SANDBOXD's `_INBOX.>`
 # (AGENTS) and `_INBOX_chat.>` (CHATS); nobody inside SANDBOXD uses those prefixes, so no reply
@@ -296,12 +299,15 @@ ROLES: dict[Role, RoleSpec] = {
                 EVENT_SUBJECTS,
                 f"{SESSIONS_KEYS}.>",
                 f"{HANDLED_KEYS}.>",
+                f"{INSTANCES_KEYS}.>",
                 f"{STATUS_KEYS}.runtime.>",
                 ACCOUNT_INFO,
                 stream_info(COMMANDS_STREAM),
                 stream_info(STATUS_STREAM),
                 stream_info(HANDLED_STREAM),
                 *direct_get(HANDLED_STREAM),
+                stream_info(INSTANCES_STREAM),
+                *direct_get(INSTANCES_STREAM),
                 *_durable(COMMANDS_STREAM, ConsumerName.RUNTIME),
                 *_durable(EVENTS_STREAM, ConsumerName.PROJECTOR),
                 *_ordered_reads(EVENTS_STREAM, direct=True),
@@ -311,7 +317,7 @@ ROLES: dict[Role, RoleSpec] = {
         ),
         "consume commands (durable `sandboxd-runtime`); append events; project them "
         "(durable `sandboxd-projector`) into the registry; record handled commands in `sandbox_handled`; "
-        "write `sandbox_status` `runtime.>`",
+        "heartbeat in `sandbox_instances` and read the others' heartbeats; write `sandbox_status` `runtime.>`",
     ),
     Role.REAPER: RoleSpec(
         Role.REAPER,

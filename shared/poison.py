@@ -27,6 +27,7 @@ class PoisonSource(enum.StrEnum):
     RECORD = "record"  # a value in the sandbox_sessions bucket
     HANDLED = "handled"  # a value in the sandbox_handled bucket
     IDEMPOTENCY = "idempotency"  # a value in the sandbox_idempotency bucket
+    HEARTBEAT = "heartbeat"  # a value in the sandbox_instances bucket
 
 
 class Quarantine:

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from shared.contracts import COMMAND_TYPES, EVENT_TYPES, AnyEvent, HandledCommand, SessionRecord
+from shared.contracts import COMMAND_TYPES, EVENT_TYPES, AnyEvent, HandledCommand, InstanceHeartbeat, SessionRecord
 from shared.idempotency import IdempotentRequest
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
@@ -51,6 +51,11 @@ def generate() -> dict[str, str]:
         IdempotentRequest,
         "sandbox_idempotency KV value",
         "An HTTP request sent with an Idempotency-Key (key: SHA-256 of the key, hex) and, once known, its answer.",
+    )
+    docs["instance-heartbeat.json"] = _document(
+        InstanceHeartbeat,
+        "sandbox_instances KV value",
+        "A running runtime instance (key: its instance_id); claims name their instance.",
     )
     return {path: json.dumps(doc, indent=2, sort_keys=True) + "\n" for path, doc in docs.items()}
 

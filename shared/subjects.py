@@ -15,6 +15,9 @@ HANDLED_BUCKET = "sandbox_handled"
 # The HTTP facade's idempotency keys (key: SHA-256 of the client's key): the request and
 # the answer it got, so a retry gets the same answer.
 IDEMPOTENCY_BUCKET = "sandbox_idempotency"
+# One heartbeat per running runtime instance (key `<instance_id>`): claims name their
+# instance, and a claim whose instance is gone is taken over at once.
+INSTANCES_BUCKET = "sandbox_instances"
 
 COMMAND_PREFIX = "sandbox.cmd"
 EVENT_PREFIX = "sandbox.events"

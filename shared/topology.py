@@ -30,6 +30,7 @@ from shared.subjects import (
     EVENTS_STREAM,
     HANDLED_BUCKET,
     IDEMPOTENCY_BUCKET,
+    INSTANCES_BUCKET,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
 )
@@ -41,6 +42,9 @@ T = TypeVar("T")
 # A command is two ids and at most 32 labels; an event carries one session record.
 COMMAND_MAX_BYTES = 64 * 1024
 EVENT_MAX_BYTES = 256 * 1024
+# A live instance rewrites its heartbeat every second or so; a killed one's stays this long
+# (for operators), then reads as gone, like one deleted on a clean stop.
+INSTANCE_HEARTBEAT_MAX_AGE_SECONDS = 3600.0
 
 
 class TopologyError(Exception):
@@ -177,6 +181,19 @@ async def _create_idempotency_bucket(js: JetStreamContext, settings: StreamSetti
     return kv
 
 
+async def _create_instances_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    kv = await js.create_key_value(
+        bucket=INSTANCES_BUCKET,
+        description="sandboxd runtime instances: one heartbeat per running runtime (key: its instance id)",
+        history=1,
+        ttl=INSTANCE_HEARTBEAT_MAX_AGE_SECONDS,
+        replicas=settings.replicas,
+        direct=True,
+    )
+    log.info("created KV bucket %s", INSTANCES_BUCKET)
+    return kv
+
+
 async def _create_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
     kv = await js.create_key_value(
         bucket=STATUS_BUCKET,
@@ -194,6 +211,7 @@ async def ensure_topology(js: JetStreamContext, settings: StreamSettings) -> Key
     await _ensure_stream(js, events_stream_config(settings))
     await ensure_handled_bucket(js, settings)
     await ensure_idempotency_bucket(js, settings)
+    await ensure_instances_bucket(js, settings)
     try:
         return await js.key_value(SESSIONS_BUCKET)
     except BucketNotFoundError:
@@ -226,6 +244,14 @@ async def ensure_idempotency_bucket(js: JetStreamContext, settings: StreamSettin
         await js.update_stream(info.config)
         log.info("updated KV bucket %s max age", IDEMPOTENCY_BUCKET)
     return kv
+
+
+async def ensure_instances_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    """The runtime instances' heartbeats (shared/instances.py)."""
+    try:
+        return await js.key_value(INSTANCES_BUCKET)
+    except BucketNotFoundError:
+        return await _create_instances_bucket(js, settings)
 
 
 async def ensure_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
@@ -297,6 +323,13 @@ async def attach_idempotency_bucket(js: JetStreamContext, settings: StreamSettin
         return await _create_or_explain(
             f"KV bucket {IDEMPOTENCY_BUCKET}", lambda: _create_idempotency_bucket(js, settings)
         )
+
+
+async def attach_instances_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+    try:
+        return await js.key_value(INSTANCES_BUCKET)
+    except BucketNotFoundError:
+        return await _create_or_explain(f"KV bucket {INSTANCES_BUCKET}", lambda: _create_instances_bucket(js, settings))
 
 
 async def attach_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:

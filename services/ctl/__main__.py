@@ -105,8 +105,8 @@ def cmd_declare(_: argparse.Namespace) -> int:
 
     _with_admin(settings, "sandboxctl-declare", run)
     print(
-        "SANDBOX_COMMANDS, SANDBOX_EVENTS, sandbox_sessions, sandbox_handled, sandbox_idempotency and "
-        "sandbox_status are declared"
+        "SANDBOX_COMMANDS, SANDBOX_EVENTS, sandbox_sessions, sandbox_handled, sandbox_idempotency, "
+        "sandbox_instances and sandbox_status are declared"
     )
     return 0
 

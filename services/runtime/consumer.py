@@ -1,6 +1,9 @@
 """The command consumer: a durable pull consumer on `SANDBOX_COMMANDS`.
 
-This is the one place that acks, naks, terms and reports progress. Handlers only raise:
+This is the one place that acks, naks, terms and reports progress. A command is kept in
+progress while its handler runs (five times within `ack_wait`, through long Docker calls and
+waits alike), so a short `ack_wait` redelivers the commands of a runtime that went silent
+within seconds and never those of one that is working. Handlers only raise:
 a malformed command is rejected once and terminated; a transient failure is nak'd with a
 growing delay; anything else ends the command with a `failed` outcome and is acked. The
 consumer bounds deliveries (`runtime.max_deliveries`): the last one that would be handed
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
@@ -35,6 +39,8 @@ log = logging.getLogger(__name__)
 
 
 _QUICK_HANDOVERS = 20
+# In-progress reports per ack_wait while a command is handled.
+PROGRESS_PER_ACK_WAIT = 5
 
 
 def nak_delay(deliveries: int) -> float:
@@ -142,13 +148,50 @@ class CommandConsumer:
 
     async def _dispatch(self, msg: Msg) -> None:
         try:
-            await settle(msg, self._handlers, self._telemetry, self._max_deliveries)
+            await settle(
+                msg,
+                self._handlers,
+                self._telemetry,
+                self._max_deliveries,
+                progress_every=self._ack_wait / PROGRESS_PER_ACK_WAIT,
+            )
         except Exception:
             log.exception("settling %s failed", msg.subject)
 
 
-async def settle(msg: Msg, handlers: CommandHandlers, telemetry: Telemetry, max_deliveries: int) -> None:
-    """Handle one command message, in the trace its publisher started."""
+@contextlib.asynccontextmanager
+async def kept_in_progress(msg: Msg, every: float | None) -> AsyncIterator[None]:
+    """Report the message in progress every `every` seconds until the block exits (None:
+    not at all): whatever the handler awaits, the server does not redeliver the message."""
+    if every is None:
+        yield
+        return
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(every)
+            # Best effort: a lost in-progress only risks an early redelivery, which is harmless.
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    reporter = asyncio.create_task(report(), name=f"in-progress {msg.subject}")
+    try:
+        yield
+    finally:
+        reporter.cancel()
+        await asyncio.gather(reporter, return_exceptions=True)
+
+
+async def settle(
+    msg: Msg,
+    handlers: CommandHandlers,
+    telemetry: Telemetry,
+    max_deliveries: int,
+    *,
+    progress_every: float | None = None,
+) -> None:
+    """Handle one command message, in the trace its publisher started, keeping it in
+    progress every `progress_every` seconds meanwhile."""
     kind = metric_kind(msg.subject)
     with telemetry.tracer.span(
         "runtime.handle_command",
@@ -156,7 +199,8 @@ async def settle(msg: Msg, handlers: CommandHandlers, telemetry: Telemetry, max_
         kind=SpanKind.CONSUMER,
         parent=extract(msg.headers),
     ):
-        outcome = await _settle(msg, handlers, max_deliveries)
+        async with kept_in_progress(msg, progress_every):
+            outcome = await _settle(msg, handlers, max_deliveries)
     queued_at = msg.metadata.timestamp
     if queued_at is not None:
         latency_ms = (datetime.now(UTC) - queued_at).total_seconds() * 1000.0

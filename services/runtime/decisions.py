@@ -1,13 +1,19 @@
-"""Pure lifecycle decisions: (chat's last event, command, now) -> what to do.
+"""Pure lifecycle decisions: (chat's last event, its open claim and the liveness of the
+instance that made it, command, now) -> what to do.
 
 Nothing here performs I/O; the handlers carry decisions out and come back here after every
-lost race. A claim (`provisioning` or `stopping` as the chat's last event) is "in flight"
-while it is younger than the claim timeout; older ones, and claims a `failed` event left
-behind, are taken over, which is safe because every Docker step is idempotent by name.
+lost race. The chat's open claim is the `provisioning` or `stopping` event of a command that
+has had no outcome since: usually the chat's last event, but other commands' answers
+(`rejected`, `reused`, `failed`) may have landed on top of it, and it stays the command's own
+to resume (`find_open_claim`). Another command's open claim is "in flight" — waited on —
+unless the instance that made it is known to be dead, and never once it is older than the
+claim timeout (the backstop when the instance's liveness is unknown). Claims no longer in
+flight are taken over, which is safe because every Docker step is idempotent by name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -27,6 +33,7 @@ from shared.contracts import (
     StopSandbox,
     is_outcome,
 )
+from shared.instances import Liveness
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +45,48 @@ class Policy:
     claim_timeout: timedelta
     # No keepalive moves a session's expiry past created_at + max_lifetime.
     max_lifetime: timedelta = timedelta(days=7)
+
+
+# --------------------------------------------------------------------------- open claims
+
+ClaimEvent = SandboxProvisioning | SandboxStopping
+_CLAIM_STATES = frozenset({SessionStatus.PROVISIONING, SessionStatus.STOPPING})
+
+
+@dataclass(frozen=True, slots=True)
+class OpenClaim:
+    """The chat's open claim and what is known of the instance that made it."""
+
+    event: ClaimEvent
+    liveness: Liveness = Liveness.UNKNOWN
+
+    @property
+    def command_id(self) -> str | None:
+        return self.event.causation_id
+
+
+def under_claim(last: AnyEvent | None) -> bool:
+    """Whether the chat's state may have an open claim: its live session is in a claim state."""
+    session = last.session if last is not None else None
+    return session is not None and session.status in _CLAIM_STATES
+
+
+def find_open_claim(events: Sequence[AnyEvent]) -> ClaimEvent | None:
+    """The open claim of a chat whose events (oldest first) are `events`: the last claim, if
+    the chat's current session is the one it claimed and still in a claim state, and its
+    command has had no outcome since (a stop that failed leaves its session `stopping`, but
+    its claim is over)."""
+    if not events or not under_claim(events[-1]):
+        return None
+    session = events[-1].session
+    for i in range(len(events) - 1, -1, -1):
+        claim = events[i]
+        if isinstance(claim, ClaimEvent):
+            if claim.session is None or session is None or claim.session.session_id != session.session_id:
+                return None
+            answered = any(is_outcome(e) and e.causation_id == claim.causation_id for e in events[i + 1 :])
+            return None if answered else claim
+    return None
 
 
 # --------------------------------------------------------------------------- decisions
@@ -82,7 +131,8 @@ class ClaimProvision:
 
 @dataclass(frozen=True, slots=True)
 class ResumeProvision:
-    """Our own `provisioning` claim is the last event (a retry): start or find its container."""
+    """Our own `provisioning` claim is the chat's open claim (a retry, a redelivery after a
+    crash): start or find its container."""
 
     session: SessionRecord
     previous: PreviousSession | None
@@ -121,12 +171,24 @@ KeepaliveDecision = AlreadyHandled | Wait | Reject | Extend
 # --------------------------------------------------------------------------- helpers
 
 
-def _claim_in_flight(last: AnyEvent | None, command_id: str, now: datetime, policy: Policy) -> bool:
+def _claim_in_flight(claim: OpenClaim | None, command_id: str, now: datetime, policy: Policy) -> bool:
+    """Another command's claim that may still be carried out: its instance is not known to be
+    dead, and it is younger than the claim timeout."""
     return (
-        isinstance(last, SandboxProvisioning | SandboxStopping)
-        and last.causation_id != command_id
-        and now - last.occurred_at < policy.claim_timeout
+        claim is not None
+        and claim.command_id != command_id
+        and claim.liveness != Liveness.DEAD
+        and now - claim.event.occurred_at < policy.claim_timeout
     )
+
+
+def _own_claim(claim: OpenClaim | None, command_id: str) -> ClaimEvent | None:
+    return claim.event if claim is not None and claim.command_id == command_id else None
+
+
+def _waiting(session: SessionRecord, claim: OpenClaim | None) -> str:
+    by = f" (claimed by instance {claim.event.instance_id}: {claim.liveness})" if claim is not None else ""
+    return f"session {session.session_id} is {session.status}{by}"
 
 
 def _live(last: AnyEvent | None) -> SessionRecord | None:
@@ -180,24 +242,31 @@ def provision_after_replace(
 
 
 def decide_create(
-    last: AnyEvent | None, command: CreateSandbox, now: datetime, policy: Policy, new_session_id: str
+    last: AnyEvent | None,
+    command: CreateSandbox,
+    now: datetime,
+    policy: Policy,
+    new_session_id: str,
+    *,
+    claim: OpenClaim | None = None,
 ) -> CreateDecision:
+    """`claim`: the chat's open claim (see `find_open_claim`), None when it has none."""
     command_id = str(command.command_id)
-    if last is not None and last.causation_id == command_id:
-        if is_outcome(last):
-            return AlreadyHandled()
-        if isinstance(last, SandboxStopping) and last.session is not None:
-            return ResumeReplace(last.session)
-        if isinstance(last, SandboxProvisioning) and last.session is not None:
-            return ResumeProvision(last.session, last.previous)
+    if last is not None and last.causation_id == command_id and is_outcome(last):
+        return AlreadyHandled()
+    own = _own_claim(claim, command_id)
+    if isinstance(own, SandboxStopping) and own.session is not None:
+        return ResumeReplace(own.session)
+    if isinstance(own, SandboxProvisioning) and own.session is not None:
+        return ResumeProvision(own.session, own.previous)
     ttl = _ttl(command.ttl_seconds, policy)
     if isinstance(ttl, Reject):
         return ttl
     session = _live(last)
     if session is None:
         return ClaimProvision(new_session(command, new_session_id, ttl, now, policy), None)
-    if _claim_in_flight(last, command_id, now, policy):
-        return Wait(f"session {session.session_id} is {session.status}")
+    if _claim_in_flight(claim, command_id, now, policy):
+        return Wait(_waiting(session, claim))
     if session.status == SessionStatus.RUNNING and not session.is_expired(now):
         return Reuse(session)
     # Expired, or a claim that was abandoned: stop what is there and start afresh.
@@ -205,14 +274,20 @@ def decide_create(
 
 
 def decide_stop(
-    last: AnyEvent | None, command: StopSandbox, now: datetime, policy: Policy, pinned_session_id: str | None = None
+    last: AnyEvent | None,
+    command: StopSandbox,
+    now: datetime,
+    policy: Policy,
+    pinned_session_id: str | None = None,
+    *,
+    claim: OpenClaim | None = None,
 ) -> StopDecision:
     command_id = str(command.command_id)
-    if last is not None and last.causation_id == command_id:
-        if is_outcome(last):
-            return AlreadyHandled()
-        if isinstance(last, SandboxStopping) and last.session is not None:
-            return ResumeStop(last.session)
+    if last is not None and last.causation_id == command_id and is_outcome(last):
+        return AlreadyHandled()
+    own = _own_claim(claim, command_id)
+    if isinstance(own, SandboxStopping) and own.session is not None:
+        return ResumeStop(own.session)
     session = _live(last)
     target = pinned_session_id or (str(command.session_id) if command.session_id else None)
     if session is None:
@@ -227,13 +302,18 @@ def decide_stop(
             RejectReason.NOT_EXPIRED,
             f"session {session.session_id} now expires at {session.expires_at.isoformat()}",
         )
-    if _claim_in_flight(last, command_id, now, policy):
-        return Wait(f"session {session.session_id} is {session.status}")
+    if _claim_in_flight(claim, command_id, now, policy):
+        return Wait(_waiting(session, claim))
     return ClaimStop(stopping(session, now))
 
 
 def decide_keepalive(
-    last: AnyEvent | None, command: KeepaliveSandbox, now: datetime, policy: Policy
+    last: AnyEvent | None,
+    command: KeepaliveSandbox,
+    now: datetime,
+    policy: Policy,
+    *,
+    claim: OpenClaim | None = None,
 ) -> KeepaliveDecision:
     command_id = str(command.command_id)
     if last is not None and last.causation_id == command_id and is_outcome(last):
@@ -246,8 +326,8 @@ def decide_keepalive(
             RejectReason.STALE_SESSION,
             f"session {command.session_id} is not the chat's current session ({session.session_id})",
         )
-    if _claim_in_flight(last, command_id, now, policy) and session.status == SessionStatus.PROVISIONING:
-        return Wait(f"session {session.session_id} is provisioning")
+    if _claim_in_flight(claim, command_id, now, policy) and session.status == SessionStatus.PROVISIONING:
+        return Wait(_waiting(session, claim))
     if session.status != SessionStatus.RUNNING:
         return Reject(RejectReason.NOT_RUNNING, f"session {session.session_id} is {session.status}")
     if session.is_expired(now):

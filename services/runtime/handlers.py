@@ -4,6 +4,11 @@ Every append names the sequence it was decided from, so a lost race is an Append
 and the loop decides again from the new state. Outcome events use the message id
 `<chat_id>:<command_id>:outcome`, so a redelivered command can never get a second outcome; each
 step returns what became of the command, and `handle` returns its outcome event.
+
+Claims name this runtime instance. Meeting another command's open claim, a handler asks
+whether the instance that made it is alive (one heartbeat read, only for another instance's
+claim) and lets the pure decision wait on it or take it over; while it waits it steps out of
+the chat's turn, so the claim's own command (redelivered after a crash) can resume it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from services.runtime.decisions import (
     ClaimStop,
     CreateDecision,
     Extend,
+    OpenClaim,
     Policy,
     Reject,
     ResumeProvision,
@@ -38,7 +44,9 @@ from services.runtime.decisions import (
     decide_create,
     decide_keepalive,
     decide_stop,
+    find_open_claim,
     provision_after_replace,
+    under_claim,
 )
 from services.runtime.docker_driver import ContainerDriver
 from services.runtime.observe import ActiveSandboxes, observe_outcome
@@ -73,8 +81,9 @@ from shared.contracts import (
 )
 from shared.errors import AppendConflict, DockerUnavailable, InfrastructureError, NatsUnavailable, WrongNode
 from shared.event_store import ChatState, EventLog
-from shared.failpoints import failpoint
+from shared.failpoints import failpoint, hang_point
 from shared.handled import HandledIndex
+from shared.instances import InstanceLiveness, Liveness, Unmonitored
 from shared.subjects import INVALID_EVENTS_SUBJECT
 from shared.telemetry import Telemetry
 from shared.telemetry import disabled as telemetry_disabled
@@ -125,6 +134,8 @@ class HandlerDeps:
     active: ActiveSandboxes = field(default_factory=ActiveSandboxes)
     capacity: NodeCapacity = field(default_factory=unlimited)
     handled: HandledIndex = field(kw_only=True)  # the index of commands that had their outcome
+    # This runtime instance (named by its claims) and the liveness of the others.
+    instances: InstanceLiveness = field(default_factory=Unmonitored, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +151,45 @@ class Finished:
 Step = Finished | None
 
 
+@dataclass(frozen=True, slots=True)
+class _LookBack:
+    handled: bool = False  # the command's outcome is in the chat's history
+    claimed: str | None = None  # the session the command's last claim named
+
+
+class _ChatTurn:
+    """A command's turn on its chat within this process (see CommandHandlers._chat_turn)."""
+
+    def __init__(self, lock: asyncio.Lock, progress: Progress) -> None:
+        self._lock = lock
+        self._progress = progress
+        self.held = False
+
+    async def take(self) -> None:
+        """Wait for the turn, keeping the message in progress meanwhile."""
+        while True:
+            try:
+                await asyncio.wait_for(self._lock.acquire(), _TURN_PROGRESS_SECONDS)
+            except TimeoutError:
+                await self._progress()
+                continue
+            self.held = True
+            return
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self._lock.release()
+
+    async def wait_aside(self, backoff: _Backoff) -> None:
+        """Wait on another command's claim outside the turn: the chat's other commands —
+        the claim's own, resumed after a crash, among them — go on meanwhile."""
+        self.give_back()
+        await self._progress()
+        await backoff.sleep()
+        await self.take()
+
+
 class CommandHandlers:
     def __init__(self, deps: HandlerDeps, new_id: Callable[[], str] = lambda: str(uuid.uuid4())) -> None:
         self._d = deps
@@ -148,23 +198,19 @@ class CommandHandlers:
         self._chat_locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     @contextlib.asynccontextmanager
-    async def _chat_turn(self, chat_id: str, progress: Progress) -> AsyncIterator[None]:
+    async def _chat_turn(self, chat_id: str, progress: Progress) -> AsyncIterator[_ChatTurn]:
         """Commands for one chat take turns within this process: their appends would only
         conflict with each other (optimistic concurrency still guards across processes).
         A command waiting for its turn keeps its message in progress."""
         lock, users = self._chat_locks.get(chat_id, (asyncio.Lock(), 0))
         self._chat_locks[chat_id] = (lock, users + 1)
+        turn = _ChatTurn(lock, progress)
         try:
-            while True:
-                try:
-                    await asyncio.wait_for(lock.acquire(), _TURN_PROGRESS_SECONDS)
-                    break
-                except TimeoutError:
-                    await progress()
+            await turn.take()
             try:
-                yield
+                yield turn
             finally:
-                lock.release()
+                turn.give_back()
         finally:
             lock, users = self._chat_locks[chat_id]
             if users == 1:
@@ -181,7 +227,7 @@ class CommandHandlers:
             return outcome
 
     async def _run(self, command: AnyCommand, progress: Progress) -> AnyEvent | None:
-        async with self._chat_turn(str(command.chat_id), progress):
+        async with self._chat_turn(str(command.chat_id), progress) as turn:
             if await self._d.handled.lookup(str(command.chat_id), str(command.command_id)) is not None:
                 # Seen again after its outcome (a re-send, or a redelivery after a lost ack):
                 # never decided afresh, whatever the chat's state is now.
@@ -190,14 +236,38 @@ class CommandHandlers:
                 return None
             match command:
                 case CreateSandbox():
-                    return await self.create(command, progress)
+                    return await self.create(command, progress, turn)
                 case StopSandbox():
-                    return await self.stop(command, progress)
+                    return await self.stop(command, turn)
                 case KeepaliveSandbox():
-                    return await self.keepalive(command, progress)
+                    return await self.keepalive(command, turn)
 
-    async def _handled_before(self, command: AnyCommand, state: ChatState) -> bool:
-        """Whether the chat's history already holds this command's outcome.
+    async def _open_claim(self, state: ChatState, command: AnyCommand) -> OpenClaim | None:
+        """The chat's open claim as of `state`, and the liveness of the instance that made it
+        (read only for another command's claim made by another instance)."""
+        if not under_claim(state.last):
+            return None
+        claim = state.last
+        if not isinstance(claim, SandboxProvisioning | SandboxStopping):
+            # Buried under other commands' answers: found in the chat's history (rare).
+            history = await self._d.store.history(str(command.chat_id))
+            claim = find_open_claim([s.event for s in history if s.seq <= state.seq])
+        if claim is None:
+            return None
+        instance = claim.instance_id
+        if claim.causation_id == str(command.command_id) or instance is None:
+            return OpenClaim(claim)  # our own (liveness does not matter), or an old claim naming none
+        if instance == self._d.instances.instance_id:
+            return OpenClaim(claim, Liveness.ALIVE)
+        liveness = await self._d.instances.liveness(instance)
+        if liveness == Liveness.DEAD:
+            log.info("chat %s: instance %s is gone; its %s claim is not waited on", claim.chat_id, instance, claim.type)
+            self._metrics.increment("sandbox.claim.dead_instance.total", {"event": claim.type})
+        return OpenClaim(claim, liveness)
+
+    async def _look_back(self, command: AnyCommand, state: ChatState) -> _LookBack:
+        """What the chat's history says of the command: whether it already has its outcome,
+        and the session its last claim named (a claim taken over while it was away).
 
         Asked once, before a command's first claim, on chats with history. An outcome append
         is de-duplicated by its message id, but a claim is not: without this, a command seen
@@ -205,15 +275,17 @@ class CommandHandlers:
         longer the chat's last event would claim and start a container whose `running` the
         stream then drops as a duplicate."""
         if state.seq == 0:
-            return False
+            return _LookBack()
         command_id = str(command.command_id)
         history = await self._d.store.history(str(command.chat_id))
-        found = next((s for s in history if s.event.causation_id == command_id and is_outcome(s.event)), None)
-        if found is None:
-            return False
-        log.info("command %s already has its outcome; not handling it again", command_id)
-        await self._record_handled(command, found.seq)
-        return True
+        mine = [s for s in history if s.event.causation_id == command_id]
+        found = next((s for s in mine if is_outcome(s.event)), None)
+        if found is not None:
+            log.info("command %s already has its outcome; not handling it again", command_id)
+            await self._record_handled(command, found.seq)
+            return _LookBack(handled=True)
+        claims = [s.event.session for s in mine if isinstance(s.event, SandboxProvisioning | SandboxStopping)]
+        return _LookBack(claimed=claims[-1].session_id if claims and claims[-1] is not None else None)
 
     async def _record_handled(self, command: AnyCommand, outcome_seq: int) -> None:
         """Remember that the command had its outcome (before it is acknowledged)."""
@@ -265,16 +337,26 @@ class CommandHandlers:
         )
 
     async def _claim(
-        self, cls: type[AnyEvent], command: AnyCommand, session: SessionRecord, expected: int, **fields: Any
+        self,
+        cls: type[SandboxProvisioning | SandboxStopping],
+        command: AnyCommand,
+        session: SessionRecord,
+        expected: int,
+        **fields: Any,
     ) -> int | None:
-        """Append a claim; its sequence, or None when another writer got there first."""
-        event = self._event(cls, session.chat_id, str(command.command_id), session, expected, **fields)
+        """Append a claim naming this instance; its sequence, or None when another writer got
+        there first."""
+        instance_id = self._d.instances.instance_id
+        event = self._event(
+            cls, session.chat_id, str(command.command_id), session, expected, instance_id=instance_id, **fields
+        )
         try:
             seq = (await self._d.store.append(event, expected_seq=expected, msg_id=event.event_id)).seq
         except AppendConflict:
             self._metrics.increment("sandbox.append.conflict.total", {"event": event.type})
             return None
         failpoint("after_claim")
+        await hang_point("after_claim")
         return seq
 
     async def _outcome(
@@ -307,20 +389,21 @@ class CommandHandlers:
 
     # ------------------------------------------------------------------ create
 
-    async def create(self, command: CreateSandbox, progress: Progress) -> AnyEvent | None:
+    async def create(self, command: CreateSandbox, progress: Progress, turn: _ChatTurn) -> AnyEvent | None:
         backoff = _Backoff()
         chat_id = str(command.chat_id)
         checked = False
         while True:
             state = await self._d.store.read(chat_id)
-            decision = decide_create(state.last, command, self._d.clock.now(), self._d.policy, self._new_id())
+            claim = await self._open_claim(state, command)
+            now = self._d.clock.now()
+            decision = decide_create(state.last, command, now, self._d.policy, self._new_id(), claim=claim)
             if isinstance(decision, ClaimProvision | ClaimReplace) and not checked:
                 checked = True
-                if await self._handled_before(command, state):
+                if (await self._look_back(command, state)).handled:
                     return None
             if isinstance(decision, Wait):
-                await progress()
-                await backoff.sleep()
+                await turn.wait_aside(backoff)
             elif (finished := await self._carry_out_create(command, state, decision, progress)) is not None:
                 return finished.outcome
 
@@ -423,6 +506,9 @@ class CommandHandlers:
         now_state = await self._d.store.read(identity.chat_id)
         if isinstance(now_state.last, SandboxRunning) and now_state.last.causation_id == str(command.command_id):
             return Finished()  # node reconciliation adopted our container for this very command
+        still = await self._open_claim(now_state, command)
+        if still is not None and still.command_id == str(command.command_id):
+            return None  # another command's answer landed on our claim: resume it, the container stays
         # Our claim was overtaken: the container must not outlive the record it never got.
         log.warning("chat %s: running append lost its claim; removing container %s", identity.chat_id, container_id)
         await self._remove_quietly(identity, container_id)
@@ -436,25 +522,31 @@ class CommandHandlers:
 
     # ------------------------------------------------------------------ stop
 
-    async def stop(self, command: StopSandbox, progress: Progress) -> AnyEvent | None:
+    async def stop(self, command: StopSandbox, turn: _ChatTurn) -> AnyEvent | None:
         backoff = _Backoff()
         chat_id = str(command.chat_id)
         pinned: str | None = None
         checked = False
         while True:
             state = await self._d.store.read(chat_id)
-            decision = decide_stop(state.last, command, self._d.clock.now(), self._d.policy, pinned)
+            claim = await self._open_claim(state, command)
+            now = self._d.clock.now()
+            decision = decide_stop(state.last, command, now, self._d.policy, pinned, claim=claim)
             if isinstance(decision, ClaimStop) and not checked:
                 checked = True
-                if await self._handled_before(command, state):
+                before = await self._look_back(command, state)
+                if before.handled:
                     return None
+                # A claim of its own that was taken over while it was away (its runtime died)
+                # pins it to the session it claimed: it never stops one made since.
+                pinned = before.claimed
+                decision = decide_stop(state.last, command, now, self._d.policy, pinned, claim=claim)
             match decision:
                 case AlreadyHandled():
                     await self._already_handled(command, state)
                     return None
                 case Wait():
-                    await progress()
-                    await backoff.sleep()
+                    await turn.wait_aside(backoff)
                     continue
                 case Reject():
                     finished = await self._reject(command, state, decision)
@@ -487,18 +579,18 @@ class CommandHandlers:
 
     # ------------------------------------------------------------------ keepalive
 
-    async def keepalive(self, command: KeepaliveSandbox, progress: Progress) -> AnyEvent | None:
+    async def keepalive(self, command: KeepaliveSandbox, turn: _ChatTurn) -> AnyEvent | None:
         backoff = _Backoff()
         while True:
             state = await self._d.store.read(str(command.chat_id))
-            decision = decide_keepalive(state.last, command, self._d.clock.now(), self._d.policy)
+            claim = await self._open_claim(state, command)
+            decision = decide_keepalive(state.last, command, self._d.clock.now(), self._d.policy, claim=claim)
             match decision:
                 case AlreadyHandled():
                     await self._already_handled(command, state)
                     return None
                 case Wait():
-                    await progress()
-                    await backoff.sleep()
+                    await turn.wait_aside(backoff)
                     continue
                 case Reject():
                     finished = await self._reject(command, state, decision)

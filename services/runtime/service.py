@@ -32,6 +32,7 @@ from shared.config import Settings
 from shared.errors import DockerUnavailable
 from shared.event_store import EventStore
 from shared.handled import HandledCommands
+from shared.instances import InstanceLiveness, Instances
 from shared.nats_connection import service_connection
 from shared.nats_roles import Role
 from shared.poison import Quarantine
@@ -40,7 +41,7 @@ from shared.service import StartupError
 from shared.status_blocks import prometheus_endpoint, publish_periodically
 from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, ConsumerName
 from shared.telemetry import Telemetry, setup_telemetry
-from shared.topology import attach_handled_bucket, attach_status_bucket, attach_topology
+from shared.topology import attach_handled_bucket, attach_instances_bucket, attach_status_bucket, attach_topology
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +98,28 @@ async def running_runtime(
         kv = await attach_topology(js, settings.streams)
         status_bucket = await attach_status_bucket(js, settings.streams)
         handled_bucket = await attach_handled_bucket(js, settings.streams)
+        dead_after = timedelta(seconds=settings.runtime.instance_dead_after_seconds)
+        instances_bucket = await attach_instances_bucket(js, settings.streams)
+        instances = Instances(instances_bucket, clock, node_id=settings.runtime.node_id, dead_after=dead_after)
         engine: DockerDriver | None = None
         if driver is None:
             driver = engine = await _docker(stack, settings, telemetry)
         capacity = await node_capacity(settings, driver, engine)
         runtime = _wire(
-            settings, js, kv, handled_bucket, driver=driver, capacity=capacity, clock=clock, telemetry=telemetry
+            settings,
+            js,
+            kv,
+            handled_bucket,
+            driver=driver,
+            capacity=capacity,
+            clock=clock,
+            telemetry=telemetry,
+            instances=instances,
         )
         if settings.runtime.replay_on_start:
             await _replay(js, runtime, telemetry)
+        # Entered before the loops start, so the heartbeat outlives their drain.
+        await stack.enter_async_context(instances.heartbeating())
         tasks = _start_tasks(stack, settings, runtime, _status_writer(settings, js, status_bucket, telemetry), clock)
         log.info("runtime %s started", settings.runtime.node_id)
         yield RuntimeHandle(runtime.handlers, runtime.reconciler, tasks, runtime.deaths)
@@ -133,6 +147,7 @@ def _wire(
     capacity: NodeCapacity,
     clock: Clock,
     telemetry: Telemetry,
+    instances: InstanceLiveness,
 ) -> _Runtime:
     """Plain wiring: no I/O."""
     runtime = settings.runtime
@@ -157,7 +172,18 @@ def _wire(
     # The handlers never decide on a container the engine said is dead.
     handler_log = DeathAwareLog(store, deaths) if deaths is not None else store
     handlers = CommandHandlers(
-        HandlerDeps(handler_log, driver, clock, policy, settings.sandbox, telemetry, active, capacity, handled=handled)
+        HandlerDeps(
+            handler_log,
+            driver,
+            clock,
+            policy,
+            settings.sandbox,
+            telemetry,
+            active,
+            capacity,
+            handled=handled,
+            instances=instances,
+        )
     )
     consumer = CommandConsumer(
         js,

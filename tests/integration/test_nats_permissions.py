@@ -14,6 +14,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,16 @@ from nats.js.errors import NotFoundError
 
 from services.reaper.service import running_reaper
 from services.runtime.service import running_runtime
+from shared.clock import SystemClock
 from shared.config import NKEY_FILE_KEY, Settings, StreamSettings
+from shared.instances import Instances, Liveness
 from shared.nats_connection import NatsRefused, connect
 from shared.nats_credentials import ensure_seed
 from shared.nats_roles import Role
 from shared.subjects import (
     COMMANDS_STREAM,
     EVENTS_STREAM,
+    INSTANCES_BUCKET,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
     ConsumerName,
@@ -547,6 +551,27 @@ async def test_internal_roles_hold_only_their_own_rights(system: System) -> None
     assert await system.last_event_seq(chat) is None
     await runtime.close()
     await api.close()
+
+
+async def test_runtimes_heartbeat_and_read_each_others_heartbeats_and_nobody_else_writes_them(
+    system: System,
+) -> None:
+    """The running runtime's heartbeat is in `sandbox_instances`; another runtime instance
+    reads it (one direct get) and judges it alive; no other role may write one."""
+    kv = await system.admin.nc.jetstream().key_value(INSTANCES_BUCKET)
+    (running,) = await eventually(kv.keys, what="the runtime's heartbeat")
+    peer = await system.connect(Role.RUNTIME)
+    peer_kv = await peer.js.key_value(INSTANCES_BUCKET)
+    instances = Instances(peer_kv, SystemClock(), node_id="peer", dead_after=timedelta(seconds=5))
+    assert await instances.liveness(running) == Liveness.ALIVE
+    assert await instances.liveness(str(uuid.uuid4())) == Liveness.DEAD
+    await instances.beat()
+    assert instances.instance_id in await kv.keys()
+    for role in (Role.API, Role.REAPER, Role.AGENT, Role.AUDITOR):
+        party = await system.connect(role)
+        assert await party.attempt(f"$KV.{INSTANCES_BUCKET}.{running}", b"{}"), role
+        await party.close()
+    await peer.close()
 
 
 async def test_admin_purges_and_keeps_its_replies_private(system: System) -> None:

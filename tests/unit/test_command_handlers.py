@@ -27,12 +27,13 @@ from shared.contracts import (
     RejectReason,
     SandboxFailed,
     SandboxRunning,
+    SandboxStopped,
+    SandboxStopping,
     SessionStatus,
     StopSandbox,
     is_outcome,
 )
 from shared.errors import (
-    AppendConflict,
     DockerUnavailable,
     NatsUnavailable,
     SandboxStartFailed,
@@ -139,15 +140,62 @@ async def test_expired_session_is_replaced_and_the_old_container_removed(world: 
     assert world.store.types(str(chat)) == ["provisioning", "running", "stopping", "provisioning", "running"]
 
 
+async def overtake(world: World, chat: uuid.UUID, *events: type[AnyEvent]) -> None:
+    """Another command appends `events` on the chat's current session (a stop's claim and
+    outcome change its status; anything else carries it unchanged)."""
+    cause = str(uuid.uuid4())
+    statuses = {SandboxStopping: SessionStatus.STOPPING, SandboxStopped: SessionStatus.STOPPED}
+    for cls in events:
+        state = await world.store.read(str(chat))
+        assert state.session is not None
+        status = statuses.get(cls, state.session.status)
+        event = cls(
+            event_id=str(uuid.uuid4()),
+            chat_id=str(chat),
+            session_id=state.session.session_id,
+            causation_id=cause,
+            occurred_at=world.clock.now(),
+            node_id="node-a",
+            session=msgspec.structs.replace(state.session, status=status),
+        )
+        await world.store.append(event, expected_seq=state.seq, msg_id=event.event_id)
+
+
 async def test_a_lost_running_append_removes_the_started_container(world: World) -> None:
-    """The seed's 'save failed after create' case: the untracked container is removed."""
+    """The seed's 'save failed after create' case: while the container started, the claim was
+    taken over and ended (another runtime judged ours dead); the untracked container is
+    removed, and the create decides again."""
     chat = uuid.uuid4()
-    world.store.fail_next["running"].append(AppendConflict("someone else wrote first"))
-    command = await world.create(chat)
+    gate = hold_starts(world.driver)
+    task = asyncio.create_task(world.create(chat))
+    await until(lambda: world.store.types(str(chat)) == ["provisioning"], what="the create's claim")
+    await overtake(world, chat, SandboxStopping, SandboxStopped)
+    gate.set()
+    command = await task
     assert len(world.driver.started) == 2, "the lost container was removed, then the retry made a new one"
     assert world.driver.removed == [f"id-{world.driver.started[0]}"]
     outcome = world.outcome(chat, command.command_id)
     assert isinstance(outcome, SandboxRunning)
+    assert outcome.session is not None
+    assert list(world.driver.running.values()) == [outcome.session.container_id]
+
+
+async def test_an_answer_landing_on_the_claim_does_not_cost_the_container(world: World) -> None:
+    """Another command's answer (a keepalive refused while the session provisions) lands on
+    the claim while the container starts: the claim is still the create's own, so it keeps
+    its container and ends `running` on top of that answer."""
+    chat = uuid.uuid4()
+    gate = hold_starts(world.driver)
+    task = asyncio.create_task(world.create(chat))
+    await until(lambda: world.store.types(str(chat)) == ["provisioning"], what="the create's claim")
+    await overtake(world, chat, CommandRejected)
+    gate.set()
+    command = await task
+    assert world.driver.removed == []
+    assert len(world.driver.started) == 1
+    assert world.store.types(str(chat)) == ["provisioning", "rejected", "running"]
+    outcome = world.outcome(chat, command.command_id)
+    assert outcome.result == CreateResult.CREATED
     assert outcome.session is not None
     assert list(world.driver.running.values()) == [outcome.session.container_id]
 

@@ -4,6 +4,7 @@ ends the command with one `failed` outcome (`gave_up`) and terminates it."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import uuid
@@ -15,13 +16,15 @@ from typing import cast
 from nats.aio.msg import Msg
 
 from services.runtime.consumer import runtime_consumer_config, settle
+from services.runtime.containers import ContainerSpec
 from services.runtime.decisions import Policy
 from services.runtime.handlers import CommandHandlers, HandlerDeps
-from shared.config import SandboxSettings
+from shared.config import SandboxSettings, load_settings
 from shared.contracts import AnyEvent, SandboxFailed, SandboxRunning, is_outcome
 from shared.errors import NatsUnavailable
 from shared.subjects import command_subject
 from shared.telemetry import disabled
+from tests.support.eventually import holds, until
 from tests.unit.fakes_runtime import FakeClock, FakeDriver, FakeHandled, FakeStore
 
 POLICY = Policy("node-a", "img", timedelta(minutes=5), timedelta(hours=1), timedelta(seconds=60))
@@ -125,3 +128,49 @@ async def test_a_command_that_keeps_failing_gives_up_with_one_failed_outcome() -
     assert runtime_consumer_config("d", 1, 30.0, MAX_DELIVERIES).max_deliver == MAX_DELIVERIES + 1
     assert await runtime.deliver(chat, data, MAX_DELIVERIES + 1) == ("ack", None)
     assert len(runtime.outcomes(chat, command_id)) == 1
+
+
+@dataclass
+class WatchedMsg(FakeMsg):
+    """A delivery that also records each in-progress report among its settlements."""
+
+    async def in_progress(self) -> None:
+        self.settled.append(("in_progress", None))
+
+
+async def test_a_command_stays_in_progress_through_a_long_docker_call_and_no_longer() -> None:
+    runtime = Runtime()
+    chat = str(uuid.uuid4())
+    command_id, data = a_create(chat)
+    docker_done = asyncio.Event()
+    start = runtime.driver.ensure_running
+
+    async def slow_start(spec: ContainerSpec) -> str:
+        await docker_done.wait()  # one Docker call that outlasts many progress intervals
+        return await start(spec)
+
+    runtime.driver.ensure_running = slow_start  # type: ignore[method-assign]
+    msg = WatchedMsg(command_subject("create", chat), data, 1)
+    settling = asyncio.create_task(
+        settle(cast("Msg", msg), runtime.handlers, disabled(), MAX_DELIVERIES, progress_every=0.01)
+    )
+    await until(lambda: len(msg.settled) >= 3, what="in-progress reports during the Docker call")
+    assert {how for how, _ in msg.settled} == {"in_progress"}
+    docker_done.set()
+    await settling
+    assert msg.settled[-1] == ("ack", None)
+    reports = len(msg.settled)
+
+    async def reported() -> int:
+        return len(msg.settled)
+
+    await holds(reported, lambda n: n == reports, seconds=0.1, what="no in-progress report after the ack")
+    assert [e.type for e in runtime.outcomes(chat, command_id)] == ["running"]
+
+
+def test_a_silent_runtimes_commands_are_redelivered_within_seconds_by_default() -> None:
+    settings = load_settings(environ={})
+    assert settings.runtime.ack_wait_seconds == 4.0
+    assert settings.runtime.instance_dead_after_seconds <= 5.0
+    config = runtime_consumer_config("d", 32, settings.runtime.ack_wait_seconds, MAX_DELIVERIES)
+    assert config.ack_wait == 4.0

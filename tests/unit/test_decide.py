@@ -13,6 +13,7 @@ from services.runtime.decisions import (
     ClaimReplace,
     ClaimStop,
     Extend,
+    OpenClaim,
     Policy,
     Reject,
     ResumeProvision,
@@ -23,10 +24,12 @@ from services.runtime.decisions import (
     decide_create,
     decide_keepalive,
     decide_stop,
+    find_open_claim,
     provision_after_replace,
 )
 from shared.contracts import (
     AnyEvent,
+    CommandRejected,
     CreateSandbox,
     KeepaliveSandbox,
     PreviousSession,
@@ -40,6 +43,7 @@ from shared.contracts import (
     SessionStatus,
     StopSandbox,
 )
+from shared.instances import Liveness
 from tests.support.records import session_record
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -135,19 +139,111 @@ def test_after_a_terminal_session_a_new_one_is_claimed() -> None:
         assert decision.session.session_id == "sess-new"
 
 
+def open_claim(event: AnyEvent, liveness: Liveness = Liveness.UNKNOWN) -> OpenClaim:
+    assert isinstance(event, SandboxProvisioning | SandboxStopping)
+    return OpenClaim(event, liveness)
+
+
 def test_a_claim_in_flight_makes_others_wait_and_an_old_one_is_taken_over() -> None:
     claim = session(SessionStatus.PROVISIONING)
     fresh = last(SandboxProvisioning, claim, at=NOW - timedelta(seconds=59))
-    assert isinstance(decide_create(fresh, create(), NOW, POLICY, "s"), Wait)
+    assert isinstance(decide_create(fresh, create(), NOW, POLICY, "s", claim=open_claim(fresh)), Wait)
     stale = last(SandboxProvisioning, claim, at=NOW - timedelta(seconds=60))
-    decision = decide_create(stale, create(), NOW, POLICY, "s")
+    decision = decide_create(stale, create(), NOW, POLICY, "s", claim=open_claim(stale))
     assert isinstance(decision, ClaimReplace)
     assert decision.old.session_id == claim.session_id
 
 
 def test_a_stop_in_flight_makes_a_create_wait() -> None:
     stopping = last(SandboxStopping, session(SessionStatus.STOPPING), at=NOW)
-    assert isinstance(decide_create(stopping, create(), NOW, POLICY, "s"), Wait)
+    assert isinstance(decide_create(stopping, create(), NOW, POLICY, "s", claim=open_claim(stopping)), Wait)
+
+
+def test_a_claim_of_a_dead_instance_is_taken_over_at_once() -> None:
+    provisioning = last(SandboxProvisioning, session(SessionStatus.PROVISIONING), at=NOW)
+    stopping = last(SandboxStopping, session(SessionStatus.STOPPING), at=NOW)
+    for event in (provisioning, stopping):
+        dead = open_claim(event, Liveness.DEAD)
+        replaced = decide_create(event, create(), NOW, POLICY, "s", claim=dead)
+        assert isinstance(replaced, ClaimReplace), event.type
+        assert replaced.old.session_id == "sess-old"
+        assert isinstance(decide_stop(event, stop(), NOW, POLICY, claim=dead), ClaimStop), event.type
+    refused = decide_keepalive(provisioning, keepalive(), NOW, POLICY, claim=open_claim(provisioning, Liveness.DEAD))
+    assert isinstance(refused, Reject)
+    assert refused.reason == "not_running"
+
+
+def test_a_claim_of_a_live_instance_is_waited_on_until_the_claim_timeout() -> None:
+    claim = session(SessionStatus.PROVISIONING)
+    for liveness in (Liveness.ALIVE, Liveness.UNKNOWN):
+        fresh = last(SandboxProvisioning, claim, at=NOW - timedelta(seconds=59))
+        wait = decide_create(fresh, create(), NOW, POLICY, "s", claim=open_claim(fresh, liveness))
+        assert isinstance(wait, Wait), liveness
+        assert isinstance(decide_stop(fresh, stop(), NOW, POLICY, claim=open_claim(fresh, liveness)), Wait)
+        assert isinstance(decide_keepalive(fresh, keepalive(), NOW, POLICY, claim=open_claim(fresh, liveness)), Wait)
+        # The timeout stays the backstop, whatever is known of the instance.
+        stale = last(SandboxProvisioning, claim, at=NOW - timedelta(seconds=60))
+        taken = decide_create(stale, create(), NOW, POLICY, "s", claim=open_claim(stale, liveness))
+        assert isinstance(taken, ClaimReplace), liveness
+
+
+def test_liveness_does_not_matter_to_the_claims_own_command() -> None:
+    command = create()
+    event = last(SandboxProvisioning, session(SessionStatus.PROVISIONING), cause=str(command.command_id))
+    for liveness in Liveness:
+        decision = decide_create(event, command, NOW, POLICY, "s", claim=open_claim(event, liveness))
+        assert isinstance(decision, ResumeProvision), liveness
+
+
+def test_a_claim_buried_under_another_commands_answer_is_still_open() -> None:
+    """A keepalive refused while the session provisioned lands on the create's claim: the
+    create resumes its claim (never replaces its own session), others still wait on it."""
+    command = create()
+    claimed = session(SessionStatus.PROVISIONING)
+    previous = PreviousSession("p", "c")
+    claim = msgspec.structs.replace(
+        last(SandboxProvisioning, claimed, cause=str(command.command_id)), previous=previous
+    )
+    on_top = last(CommandRejected, claimed, cause="keepalive")
+    assert find_open_claim([claim, on_top]) == claim
+    assert decide_create(on_top, command, NOW, POLICY, "s", claim=open_claim(claim)) == ResumeProvision(
+        claimed, previous
+    )
+    assert isinstance(decide_create(on_top, create(), NOW, POLICY, "s", claim=open_claim(claim)), Wait)
+    dead = open_claim(claim, Liveness.DEAD)
+    assert isinstance(decide_create(on_top, create(), NOW, POLICY, "s", claim=dead), ClaimReplace)
+    stop_claim = last(SandboxStopping, session(SessionStatus.STOPPING), cause="the-stop")
+    on_stop = last(CommandRejected, session(SessionStatus.STOPPING), cause="keepalive")
+    own_stop = msgspec.convert({"command_id": str(uuid.uuid4()), "chat_id": str(CHAT)}, StopSandbox)
+    resumed = decide_stop(
+        on_stop,
+        own_stop,
+        NOW,
+        POLICY,
+        claim=open_claim(msgspec.structs.replace(stop_claim, causation_id=str(own_stop.command_id))),
+    )
+    assert resumed == ResumeStop(session(SessionStatus.STOPPING))
+
+
+def test_the_open_claim_is_the_last_claim_whose_command_has_no_outcome_yet() -> None:
+    provisioning = session(SessionStatus.PROVISIONING)
+    claim = last(SandboxProvisioning, provisioning, cause="c1")
+    assert find_open_claim([]) is None
+    assert find_open_claim([claim]) == claim
+    assert find_open_claim([claim, last(CommandRejected, provisioning, cause="k")]) == claim
+    # Its own outcome ends it, even when the session stays in a claim state (a failed stop).
+    assert find_open_claim([claim, last(SandboxRunning, session(), cause="c1")]) is None
+    stop_claim = last(SandboxStopping, session(SessionStatus.STOPPING), cause="s1")
+    failed_stop = last(SandboxFailed, session(SessionStatus.STOPPING), cause="s1")
+    assert find_open_claim([stop_claim, failed_stop]) is None
+    assert find_open_claim([stop_claim, failed_stop, last(CommandRejected, session(SessionStatus.STOPPING))]) is None
+    # A replace: the stopping claim on the old session, then the claim of the new one.
+    new = msgspec.structs.replace(provisioning, session_id="sess-new")
+    replace = [stop_claim, last(SandboxProvisioning, new, cause="s1"), last(CommandRejected, new, cause="k")]
+    assert find_open_claim(replace) == replace[1]
+    # The chat's session is not the one the last claim was for, or no claim is left in view.
+    assert find_open_claim([claim, last(CommandRejected, new, cause="k")]) is None
+    assert find_open_claim([last(CommandRejected, provisioning, cause="k")]) is None
 
 
 def test_a_failed_stop_leaves_a_session_that_the_next_create_replaces() -> None:
@@ -162,9 +258,11 @@ def test_a_command_resumes_its_own_claims() -> None:
     provisioning = last(SandboxProvisioning, claim, cause=own)
     previous = PreviousSession("p", "c")
     provisioning = msgspec.structs.replace(provisioning, previous=previous)
-    assert decide_create(provisioning, command, NOW, POLICY, "s") == ResumeProvision(claim, previous)
+    resumed = decide_create(provisioning, command, NOW, POLICY, "s", claim=open_claim(provisioning))
+    assert resumed == ResumeProvision(claim, previous)
     old = session(SessionStatus.STOPPING)
-    assert decide_create(last(SandboxStopping, old, cause=own), command, NOW, POLICY, "s") == ResumeReplace(old)
+    replacing = last(SandboxStopping, old, cause=own)
+    assert decide_create(replacing, command, NOW, POLICY, "s", claim=open_claim(replacing)) == ResumeReplace(old)
 
 
 def test_a_command_whose_outcome_is_last_is_already_handled() -> None:
@@ -223,9 +321,10 @@ def test_a_stop_pinned_to_its_claimed_session_does_not_stop_a_newer_one() -> Non
 def test_stop_waits_for_a_claim_in_flight_and_resumes_its_own() -> None:
     command = stop()
     claim = session(SessionStatus.STOPPING)
-    assert isinstance(decide_stop(last(SandboxStopping, claim), command, NOW, POLICY), Wait)
+    others = last(SandboxStopping, claim)
+    assert isinstance(decide_stop(others, command, NOW, POLICY, claim=open_claim(others)), Wait)
     own = last(SandboxStopping, claim, cause=str(command.command_id))
-    assert decide_stop(own, command, NOW, POLICY) == ResumeStop(claim)
+    assert decide_stop(own, command, NOW, POLICY, claim=open_claim(own)) == ResumeStop(claim)
     retry_after_failure = last(SandboxFailed, claim)
     assert isinstance(decide_stop(retry_after_failure, command, NOW, POLICY), ClaimStop)
 
