@@ -27,7 +27,8 @@ def run_service(name: str, main: Callable[[Settings, asyncio.Event], Awaitable[N
     try:
         settings = load_settings()
     except ConfigError as exc:
-        print(f"{name}: configuration error: {exc}", file=sys.stderr)
+        setup_json_logging(name)  # every line is JSON, this one too
+        log.error("configuration error: %s", exc)  # noqa: TRY400 - the message is the whole story
         return 2
     setup_json_logging(name, settings.telemetry.log_level)
 
@@ -41,7 +42,7 @@ def run_service(name: str, main: Callable[[Settings, asyncio.Event], Awaitable[N
     try:
         asyncio.run(runner())
     except StartupError as exc:
-        print(f"{name}: {exc}", file=sys.stderr)
+        log.error("cannot start: %s", exc)  # noqa: TRY400 - the message says what to do
         return 1
     return 0
 
