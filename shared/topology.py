@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from nats.errors import Error as NatsError
@@ -143,123 +144,74 @@ async def _ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
         log.info("updated stream %s settings", name)
 
 
-async def _create_sessions_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
+@dataclass(frozen=True, slots=True)
+class BucketSpec:
+    """A KV bucket of the contract: what `ensure_bucket` declares and `attach_bucket` opens."""
+
+    name: str
+    description: str
+    direct: bool = True  # readers use direct gets (any replica answers)
+    # How long a key lives, from the settings; None: until it is deleted.
+    max_age: Callable[[StreamSettings], float] | None = None
+
+
+SESSIONS = BucketSpec(SESSIONS_BUCKET, "sandboxd session registry: one record per chat with a live session")
+HANDLED = BucketSpec(
+    HANDLED_BUCKET,
+    "sandboxd handled commands: <chat_id>.<command_id> for every command that had its outcome",
+    max_age=lambda s: s.handled_max_age_seconds,
+)
+IDEMPOTENCY = BucketSpec(
+    IDEMPOTENCY_BUCKET,
+    "sandboxd HTTP idempotency keys: the request and the answer it got (key: SHA-256 of the key)",
+    max_age=lambda s: s.idempotency_max_age_seconds,
+)
+INSTANCES = BucketSpec(
+    INSTANCES_BUCKET,
+    "sandboxd runtime instances: one heartbeat per running runtime (key: its instance id)",
+    max_age=lambda _: INSTANCE_HEARTBEAT_MAX_AGE_SECONDS,
+)
+STATUS = BucketSpec(STATUS_BUCKET, "sandboxd process status blocks (reaper.<id>, ...)", direct=False)
+
+
+async def _create_bucket(js: JetStreamContext, spec: BucketSpec, settings: StreamSettings) -> KeyValue:
     kv = await js.create_key_value(
-        bucket=SESSIONS_BUCKET,
-        description="sandboxd session registry: one record per chat with a live session",
+        bucket=spec.name,
+        description=spec.description,
         history=1,
+        ttl=spec.max_age(settings) if spec.max_age is not None else None,
         replicas=settings.replicas,
-        direct=True,
+        direct=spec.direct,
     )
-    log.info("created KV bucket %s", SESSIONS_BUCKET)
+    log.info("created KV bucket %s", spec.name)
     return kv
 
 
-async def _create_handled_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
-    kv = await js.create_key_value(
-        bucket=HANDLED_BUCKET,
-        description="sandboxd handled commands: <chat_id>.<command_id> for every command that had its outcome",
-        history=1,
-        ttl=settings.handled_max_age_seconds,
-        replicas=settings.replicas,
-        direct=True,
-    )
-    log.info("created KV bucket %s", HANDLED_BUCKET)
-    return kv
-
-
-async def _create_idempotency_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
-    kv = await js.create_key_value(
-        bucket=IDEMPOTENCY_BUCKET,
-        description="sandboxd HTTP idempotency keys: the request and the answer it got (key: SHA-256 of the key)",
-        history=1,
-        ttl=settings.idempotency_max_age_seconds,
-        replicas=settings.replicas,
-        direct=True,
-    )
-    log.info("created KV bucket %s", IDEMPOTENCY_BUCKET)
-    return kv
-
-
-async def _create_instances_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
-    kv = await js.create_key_value(
-        bucket=INSTANCES_BUCKET,
-        description="sandboxd runtime instances: one heartbeat per running runtime (key: its instance id)",
-        history=1,
-        ttl=INSTANCE_HEARTBEAT_MAX_AGE_SECONDS,
-        replicas=settings.replicas,
-        direct=True,
-    )
-    log.info("created KV bucket %s", INSTANCES_BUCKET)
-    return kv
-
-
-async def _create_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
-    kv = await js.create_key_value(
-        bucket=STATUS_BUCKET,
-        description="sandboxd process status blocks (reaper.<id>, ...)",
-        history=1,
-        replicas=settings.replicas,
-    )
-    log.info("created KV bucket %s", STATUS_BUCKET)
+async def ensure_bucket(js: JetStreamContext, spec: BucketSpec, settings: StreamSettings) -> KeyValue:
+    """Create the bucket if it is missing; a key lifetime that changed in the settings is
+    applied (admin)."""
+    try:
+        kv = await js.key_value(spec.name)
+    except BucketNotFoundError:
+        return await _create_bucket(js, spec, settings)
+    if spec.max_age is not None:
+        info = await js.stream_info(f"KV_{spec.name}")
+        wanted = spec.max_age(settings)
+        if info.config.max_age != wanted:
+            info.config.max_age = wanted
+            await js.update_stream(info.config)
+            log.info("updated KV bucket %s max age", spec.name)
     return kv
 
 
 async def ensure_topology(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
-    """Create what is missing, update settings that may change, leave data alone (admin)."""
+    """Create what is missing, update settings that may change, leave data alone (admin).
+    The status bucket is declared apart (`ensure_bucket(js, STATUS, ...)`)."""
     await _ensure_stream(js, commands_stream_config(settings))
     await _ensure_stream(js, events_stream_config(settings))
-    await ensure_handled_bucket(js, settings)
-    await ensure_idempotency_bucket(js, settings)
-    await ensure_instances_bucket(js, settings)
-    try:
-        return await js.key_value(SESSIONS_BUCKET)
-    except BucketNotFoundError:
-        return await _create_sessions_bucket(js, settings)
-
-
-async def ensure_handled_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
-    """The index of handled commands (shared/handled.py); its TTL follows the settings."""
-    try:
-        kv = await js.key_value(HANDLED_BUCKET)
-    except BucketNotFoundError:
-        return await _create_handled_bucket(js, settings)
-    info = await js.stream_info(f"KV_{HANDLED_BUCKET}")
-    if info.config.max_age != settings.handled_max_age_seconds:
-        info.config.max_age = settings.handled_max_age_seconds
-        await js.update_stream(info.config)
-        log.info("updated KV bucket %s max age", HANDLED_BUCKET)
-    return kv
-
-
-async def ensure_idempotency_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
-    """The HTTP facade's idempotency keys (shared/idempotency.py); its TTL follows the settings."""
-    try:
-        kv = await js.key_value(IDEMPOTENCY_BUCKET)
-    except BucketNotFoundError:
-        return await _create_idempotency_bucket(js, settings)
-    info = await js.stream_info(f"KV_{IDEMPOTENCY_BUCKET}")
-    if info.config.max_age != settings.idempotency_max_age_seconds:
-        info.config.max_age = settings.idempotency_max_age_seconds
-        await js.update_stream(info.config)
-        log.info("updated KV bucket %s max age", IDEMPOTENCY_BUCKET)
-    return kv
-
-
-async def ensure_instances_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
-    """The runtime instances' heartbeats (shared/instances.py)."""
-    try:
-        return await js.key_value(INSTANCES_BUCKET)
-    except BucketNotFoundError:
-        return await _create_instances_bucket(js, settings)
-
-
-async def ensure_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
-    """The bucket where processes publish their status blocks (e.g. `reaper.<id>`)."""
-    try:
-        return await js.key_value(STATUS_BUCKET)
-    except BucketNotFoundError:
-        return await _create_status_bucket(js, settings)
+    for spec in (HANDLED, IDEMPOTENCY, INSTANCES):
+        await ensure_bucket(js, spec, settings)
+    return await ensure_bucket(js, SESSIONS, settings)
 
 
 # --------------------------------------------------------------------------- attaching
@@ -303,40 +255,16 @@ async def attach_topology(js: JetStreamContext, settings: StreamSettings) -> Key
     """Check the streams and open the registry bucket without changing anything that exists."""
     await _attach_stream(js, commands_stream_config(settings))
     await _attach_stream(js, events_stream_config(settings))
+    return await attach_bucket(js, SESSIONS, settings)
+
+
+async def attach_bucket(js: JetStreamContext, spec: BucketSpec, settings: StreamSettings) -> KeyValue:
+    """Open the bucket; create it only where this process's NATS user may (TopologyMissing,
+    saying what to run, where it may not)."""
     try:
-        return await js.key_value(SESSIONS_BUCKET)
+        return await js.key_value(spec.name)
     except BucketNotFoundError:
-        return await _create_or_explain(f"KV bucket {SESSIONS_BUCKET}", lambda: _create_sessions_bucket(js, settings))
-
-
-async def attach_handled_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
-    try:
-        return await js.key_value(HANDLED_BUCKET)
-    except BucketNotFoundError:
-        return await _create_or_explain(f"KV bucket {HANDLED_BUCKET}", lambda: _create_handled_bucket(js, settings))
-
-
-async def attach_idempotency_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
-    try:
-        return await js.key_value(IDEMPOTENCY_BUCKET)
-    except BucketNotFoundError:
-        return await _create_or_explain(
-            f"KV bucket {IDEMPOTENCY_BUCKET}", lambda: _create_idempotency_bucket(js, settings)
-        )
-
-
-async def attach_instances_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
-    try:
-        return await js.key_value(INSTANCES_BUCKET)
-    except BucketNotFoundError:
-        return await _create_or_explain(f"KV bucket {INSTANCES_BUCKET}", lambda: _create_instances_bucket(js, settings))
-
-
-async def attach_status_bucket(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
-    try:
-        return await js.key_value(STATUS_BUCKET)
-    except BucketNotFoundError:
-        return await _create_or_explain(f"KV bucket {STATUS_BUCKET}", lambda: _create_status_bucket(js, settings))
+        return await _create_or_explain(f"KV bucket {spec.name}", lambda: _create_bucket(js, spec, settings))
 
 
 async def topology_missing(js: JetStreamContext, *, status_bucket: bool = False) -> list[str]:

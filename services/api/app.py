@@ -82,7 +82,7 @@ from shared.poison import DECODE_ERRORS, Quarantine
 from shared.registry import Registry
 from shared.subjects import canonical_chat_id
 from shared.telemetry import Telemetry, setup_telemetry
-from shared.topology import attach_idempotency_bucket, attach_topology, topology_missing
+from shared.topology import IDEMPOTENCY, attach_bucket, attach_topology, topology_missing
 
 log = logging.getLogger(__name__)
 
@@ -519,7 +519,7 @@ async def _connect(
     )
     js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
     kv = await attach_topology(js, settings.streams)
-    idempotency_kv = await attach_idempotency_bucket(js, settings.streams)
+    idempotency_kv = await attach_bucket(js, IDEMPOTENCY, settings.streams)
     quarantine = Quarantine(telemetry.metrics)
     events = EventStore(js, quarantine=quarantine)
     await waiter.start(js, events)

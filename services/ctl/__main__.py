@@ -94,14 +94,14 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 
 
 def cmd_declare(_: argparse.Namespace) -> int:
-    from shared.topology import ensure_status_bucket, ensure_topology  # noqa: PLC0415
+    from shared.topology import STATUS, ensure_bucket, ensure_topology  # noqa: PLC0415
 
     settings = _settings()
 
     async def run(nc: Client) -> None:
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
         await ensure_topology(js, settings.streams)
-        await ensure_status_bucket(js, settings.streams)
+        await ensure_bucket(js, STATUS, settings.streams)
 
     _with_admin(settings, "sandboxctl-declare", run)
     print(

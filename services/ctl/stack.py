@@ -41,7 +41,7 @@ from shared.nats_credentials import EMBEDDED_DIR, Credentials, NkeyFileError, wr
 from shared.nats_roles import SYSTEM_ACCOUNT, Role
 from shared.nats_server_config import ACCOUNTS_FILE, render_accounts, render_server
 from shared.subjects import STATUS_BUCKET
-from shared.topology import ensure_status_bucket, ensure_topology
+from shared.topology import STATUS, ensure_bucket, ensure_topology
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ async def declare_as_admin(settings: Settings, nats: NatsSettings) -> None:
     try:
         js = nc.jetstream(timeout=nats.request_timeout_seconds)
         await ensure_topology(js, settings.streams)
-        await ensure_status_bucket(js, settings.streams)
+        await ensure_bucket(js, STATUS, settings.streams)
     finally:
         await nc.close()
 

@@ -14,7 +14,7 @@ from shared.nats_connection import service_connection
 from shared.nats_roles import Role
 from shared.status_blocks import prometheus_endpoint
 from shared.telemetry import Telemetry, setup_telemetry
-from shared.topology import attach_status_bucket, attach_topology
+from shared.topology import STATUS, attach_bucket, attach_topology
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ async def running_reaper(
         nc = await stack.enter_async_context(service_connection(settings.nats, name, role=Role.REAPER))
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
         sessions = await attach_topology(js, settings.streams)
-        status = await attach_status_bucket(js, settings.streams)
+        status = await attach_bucket(js, STATUS, settings.streams)
         reaper = Reaper(js, sessions, status, settings.reaper, clock or SystemClock(), telemetry)
         _start(stack, reaper)
         log.info(

@@ -41,7 +41,7 @@ from shared.service import StartupError
 from shared.status_blocks import prometheus_endpoint, publish_periodically
 from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, ConsumerName
 from shared.telemetry import Telemetry, setup_telemetry
-from shared.topology import attach_handled_bucket, attach_instances_bucket, attach_status_bucket, attach_topology
+from shared.topology import HANDLED, INSTANCES, STATUS, attach_bucket, attach_topology
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,10 @@ async def running_runtime(
         nc = await stack.enter_async_context(service_connection(settings.nats, name, role=Role.RUNTIME))
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
         kv = await attach_topology(js, settings.streams)
-        status_bucket = await attach_status_bucket(js, settings.streams)
-        handled_bucket = await attach_handled_bucket(js, settings.streams)
+        status_bucket = await attach_bucket(js, STATUS, settings.streams)
+        handled_bucket = await attach_bucket(js, HANDLED, settings.streams)
         dead_after = timedelta(seconds=settings.runtime.instance_dead_after_seconds)
-        instances_bucket = await attach_instances_bucket(js, settings.streams)
+        instances_bucket = await attach_bucket(js, INSTANCES, settings.streams)
         instances = Instances(instances_bucket, clock, node_id=settings.runtime.node_id, dead_after=dead_after)
         engine: DockerDriver | None = None
         if driver is None:

@@ -41,7 +41,7 @@ from shared.subjects import (
     STATUS_BUCKET,
     ConsumerName,
 )
-from shared.topology import TopologyMissing, ensure_status_bucket, ensure_topology
+from shared.topology import STATUS, TopologyMissing, ensure_bucket, ensure_topology
 from tests.conftest import TEST_TOKEN, missing, settings_for
 from tests.support.api_server import serving_api
 from tests.support.eventually import eventually, until
@@ -126,7 +126,7 @@ async def system(
     admin = await connect_as(secured, Role.ADMIN)
     js = admin.nc.jetstream()
     await ensure_topology(js, StreamSettings())
-    await ensure_status_bucket(js, StreamSettings())
+    await ensure_bucket(js, STATUS, StreamSettings())
     as_role = {role: role_settings(secured, tmp_path, node_id, role) for role in (Role.RUNTIME, Role.REAPER, Role.API)}
     async with (
         running_runtime(as_role[Role.RUNTIME]),

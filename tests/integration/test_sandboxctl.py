@@ -13,7 +13,7 @@ import pytest
 
 from shared.config import StreamSettings
 from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, SESSIONS_BUCKET, STATUS_BUCKET
-from shared.topology import ensure_status_bucket, ensure_topology
+from shared.topology import STATUS, ensure_bucket, ensure_topology
 from tests.support.nats_server import NatsServer
 
 READ_ONLY = [["status"], ["replay", "--dry-run"]]
@@ -45,7 +45,7 @@ async def _declare(server: NatsServer, *, status_bucket: bool) -> None:
         js = nc.jetstream()
         await ensure_topology(js, StreamSettings())
         if status_bucket:
-            await ensure_status_bucket(js, StreamSettings())
+            await ensure_bucket(js, STATUS, StreamSettings())
     finally:
         await nc.close()
 
