@@ -22,8 +22,9 @@ from shared.config import StreamSettings
 from shared.contracts import OUTCOME_TYPES
 from shared.event_store import EventStore
 from shared.failpoints import FAILPOINT_ENV
-from shared.subjects import COMMANDS_STREAM, SESSIONS_BUCKET, command_subject
+from shared.subjects import COMMANDS_STREAM, command_subject
 from shared.topology import ensure_topology
+from tests.support.consistency import assert_consistent
 from tests.support.eventually import eventually, holds
 from tests.support.nats_server import NatsServer
 from tests.support.processes import sandboxd_env, spawn, stop
@@ -45,29 +46,6 @@ async def history(js: JetStreamContext, chat: str) -> list[dict[str, Any]]:
 
 def outcomes_of(events: list[dict[str, Any]], command_id: str) -> list[dict[str, Any]]:
     return [e for e in events if e["causation_id"] == command_id and e["type"] in OUTCOMES]
-
-
-async def assert_consistent(js: JetStreamContext, docker_client: docker.DockerClient, chat: str) -> None:
-    """One live record and its running container, or neither; the KV agrees."""
-    state = await EventStore(js).read(chat)
-    session = state.session if state.session is not None and state.session.is_live else None
-    containers = docker_client.containers.list(all=True, filters={"label": f"sandboxd.chat_id={chat}"})
-    if session is None:
-        assert containers == [], "a container without a live record"
-    else:
-        assert [c.id for c in containers] == [session.container_id], "a live record without its container"
-        assert containers[0].status == "running"
-    kv = await js.key_value(SESSIONS_BUCKET)
-
-    async def held() -> str | None:
-        try:
-            record = json.loads((await kv.get(chat)).value or b"null")
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        return record["session_id"] if record else None
-
-    want = session.session_id if session else None
-    await eventually(held, lambda got: got == want, timeout=10, what=f"the registry holding {want} for {chat}")
 
 
 @pytest.mark.parametrize("point", ["after_claim", "after_start", "after_outcome"])
