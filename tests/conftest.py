@@ -20,6 +20,7 @@ from services.runtime.image import ensure_sandbox_image
 from services.runtime.service import RuntimeHandle, running_runtime
 from shared.config import Settings, load_settings
 from tests.support.nats_server import NatsServer, nats_server
+from tests.support.processes import make_sandbox_dirs
 
 INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -70,8 +71,7 @@ def node_id() -> str:
 
 @pytest.fixture
 def settings(request: pytest.FixtureRequest, nats: NatsServer, tmp_path: Path, node_id: str) -> Settings:
-    for sub in ("chats", "deps", "tools"):
-        (tmp_path / sub).mkdir()
+    make_sandbox_dirs(tmp_path)
     extra = {}
     if request.node.get_closest_marker("without_death_watch") is not None:
         extra["SANDBOXD_RUNTIME_DEATH_WATCH_ENABLED"] = "false"

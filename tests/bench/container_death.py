@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from services.runtime.image import ensure_sandbox_image
 from tests.bench.harness import dist
 from tests.support.nats_server import free_port, nats_server
-from tests.support.processes import sandboxd_env, spawn, stop, until_ready
+from tests.support.processes import make_sandbox_dirs, sandboxd_env, spawn, stop, until_ready
 
 IMAGE = "sandboxd-sandbox:latest"
 TOKEN = "bench-" + uuid.uuid4().hex
@@ -82,8 +82,7 @@ async def main() -> None:
     ensure_sandbox_image(client, IMAGE)
     with tempfile.TemporaryDirectory(prefix="sandboxd-deaths-") as tmp, nats_server(Path(tmp) / "nats") as server:
         root = Path(tmp)
-        for sub in ("chats", "deps", "tools"):
-            (root / sub).mkdir()
+        make_sandbox_dirs(root)
         port = free_port()
         env = sandboxd_env(
             server.url,

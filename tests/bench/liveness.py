@@ -42,7 +42,7 @@ from shared.failpoints import FAILPOINT_ENV
 from shared.subjects import INSTANCES_BUCKET, command_subject
 from shared.topology import ensure_topology
 from tests.support.nats_server import nats_server
-from tests.support.processes import Child, sandboxd_env, spawn, stop
+from tests.support.processes import Child, make_sandbox_dirs, sandboxd_env, spawn, stop
 
 IMAGE = "sandboxd-sandbox:latest"
 NODE = "bench-liveness"
@@ -158,8 +158,7 @@ async def main() -> None:
     ensure_sandbox_image(client, IMAGE)
     with tempfile.TemporaryDirectory(prefix="sandboxd-liveness-") as tmp, nats_server(Path(tmp) / "nats") as server:
         root = Path(tmp)
-        for sub in ("chats", "deps", "tools"):
-            (root / sub).mkdir()
+        make_sandbox_dirs(root)
         env = sandboxd_env(
             server.url,
             root,

@@ -39,7 +39,7 @@ from shared.subjects import EVENT_SUBJECTS, EVENTS_STREAM
 from shared.topology import ensure_topology
 from tests.support.http_load import Call, HttpLoad
 from tests.support.nats_server import NatsServer, free_port
-from tests.support.processes import api_base, sandboxd_env, spawn, stop, until_ready
+from tests.support.processes import api_base, make_sandbox_dirs, sandboxd_env, spawn, stop, until_ready
 
 TOKEN = "bench-" + uuid.uuid4().hex
 OUTCOMES = {"running", "reused", "extended", "stopped", "failed", "rejected"}
@@ -141,8 +141,7 @@ async def main() -> None:
     outage = float(os.environ.get("BENCH_OUTAGE", "3.5"))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for sub in ("chats", "deps", "tools"):
-            (root / sub).mkdir()
+        make_sandbox_dirs(root)
         server = NatsServer(free_port(), root / "nats")
         server.start()
         env = sandboxd_env(

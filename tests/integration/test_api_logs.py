@@ -14,15 +14,14 @@ import pytest
 
 from tests.support.eventually import eventually
 from tests.support.nats_server import NatsServer, free_port
-from tests.support.processes import api_base, sandboxd_env, spawn, stop, until_ready
+from tests.support.processes import api_base, make_sandbox_dirs, sandboxd_env, spawn, stop, until_ready
 
 TOKEN = "log-token-" + uuid.uuid4().hex
 
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    for sub in ("chats", "deps", "tools"):
-        (tmp_path / sub).mkdir()
+    make_sandbox_dirs(tmp_path)
     return tmp_path
 
 

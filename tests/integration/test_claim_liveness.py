@@ -36,7 +36,7 @@ from shared.topology import ensure_topology
 from tests.support.consistency import assert_consistent
 from tests.support.eventually import eventually, holds
 from tests.support.nats_server import NatsServer
-from tests.support.processes import Child, sandboxd_env, spawn, stop
+from tests.support.processes import Child, make_sandbox_dirs, sandboxd_env, spawn, stop
 
 OUTCOMES = {t.__struct_config__.tag for t in OUTCOME_TYPES}
 TOKEN = "claim-liveness-token"
@@ -55,8 +55,7 @@ Events = list[dict[str, Any]]
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    for sub in ("chats", "deps", "tools"):
-        (tmp_path / sub).mkdir()
+    make_sandbox_dirs(tmp_path)
     return tmp_path
 
 

@@ -19,6 +19,7 @@ from shared.config import Settings
 from shared.event_store import EventStore
 from tests.conftest import settings_for
 from tests.support.nats_server import NatsServer
+from tests.support.processes import make_sandbox_dirs
 
 API = "/api/v1"
 OPTIONS = {
@@ -35,8 +36,7 @@ OPTIONS = {
 
 @pytest.fixture
 def settings(nats: NatsServer, tmp_path: Path, node_id: str, docker_client: docker.DockerClient) -> Settings:
-    for sub in ("chats", "deps", "tools"):
-        (tmp_path / sub).mkdir()
+    make_sandbox_dirs(tmp_path)
     return settings_for(nats.url, tmp_path, node_id, **OPTIONS, SANDBOXD_SANDBOX_OCI_RUNTIME=oci_runtime(docker_client))
 
 

@@ -47,7 +47,16 @@ from shared.subjects import (
 from shared.topology import ensure_topology
 from tests.support.eventually import eventually
 from tests.support.nats_server import NatsServer
-from tests.support.processes import Child, api_base, metric_total, sandboxd_env, spawn, stop, until_ready
+from tests.support.processes import (
+    Child,
+    api_base,
+    make_sandbox_dirs,
+    metric_total,
+    sandboxd_env,
+    spawn,
+    stop,
+    until_ready,
+)
 
 OUTCOMES = {t.__struct_config__.tag for t in OUTCOME_TYPES}
 TOKEN = "cross-process-token"
@@ -64,8 +73,7 @@ CREATES_HANDLED = "sandbox_create_total"  # sandbox.create.total, once per creat
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    for sub in ("chats", "deps", "tools"):
-        (tmp_path / sub).mkdir()
+    make_sandbox_dirs(tmp_path)
     return tmp_path
 
 

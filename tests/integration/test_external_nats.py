@@ -20,6 +20,7 @@ from tests.conftest import TEST_TOKEN, settings_for
 from tests.support.api_server import serving_api
 from tests.support.nats_image import ensure_nats_image
 from tests.support.nats_server import free_port
+from tests.support.processes import make_sandbox_dirs
 
 
 def _wait_listening(port: int, timeout: float = 15.0) -> None:
@@ -44,8 +45,7 @@ async def test_stack_on_a_containerised_nats_server(
     )
     with container:
         _wait_listening(port)
-        for sub in ("chats", "deps", "tools"):
-            (tmp_path / sub).mkdir()
+        make_sandbox_dirs(tmp_path)
         settings = settings_for(f"nats://127.0.0.1:{port}", tmp_path, node_id)
         async with (
             running_runtime(settings),

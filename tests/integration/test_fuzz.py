@@ -57,6 +57,7 @@ from tests.support.fuzz import (
     rejection_problems,
 )
 from tests.support.nats_server import NatsServer
+from tests.support.processes import make_sandbox_dirs
 
 pytestmark = [
     pytest.mark.integration,
@@ -79,8 +80,7 @@ def fuzz_seed() -> int:
 @pytest.fixture
 def settings(nats: NatsServer, tmp_path: Path, node_id: str) -> Settings:
     """As the shared fixture, but a create that takes longer than 2 s answers 202."""
-    for sub in ("chats", "deps", "tools"):
-        (tmp_path / sub).mkdir()
+    make_sandbox_dirs(tmp_path)
     return settings_for(nats.url, tmp_path, node_id, SANDBOXD_API_WAIT_SECONDS="2")
 
 

@@ -28,6 +28,7 @@ from tests.support.api_server import serving_api
 from tests.support.appends import append_event
 from tests.support.eventually import eventually
 from tests.support.nats_server import NatsServer
+from tests.support.processes import make_sandbox_dirs
 from tests.support.records import session_record
 
 API = "/api/v1"
@@ -61,8 +62,7 @@ def outcomes_in(history: dict[str, Any], command_id: str) -> list[dict[str, Any]
 async def test_an_outcome_later_than_the_wait_is_a_202_whose_status_url_serves_it(
     nats: NatsServer, tmp_path: Path, node_id: str, docker_client: docker.DockerClient, node_containers: None
 ) -> None:
-    for sub in ("chats", "deps", "tools"):
-        (tmp_path / sub).mkdir()
+    make_sandbox_dirs(tmp_path)
     # No runtime runs at first: no outcome can come within the wait, however short.
     settings = settings_for(nats.url, tmp_path, node_id, SANDBOXD_API_WAIT_SECONDS="0.5")
     async with (

@@ -15,6 +15,7 @@ from shared.config import Settings
 from shared.contracts import decode_record
 from shared.subjects import SESSIONS_BUCKET
 from tests.support.eventually import eventually, past
+from tests.support.processes import make_sandbox_dirs
 
 Client = httpx.AsyncClient
 
@@ -171,8 +172,7 @@ async def test_docker_failure_is_an_error_that_says_so(
     from tests.conftest import TEST_TOKEN, settings_for  # noqa: PLC0415
     from tests.support.api_server import serving_api  # noqa: PLC0415
 
-    for sub in ("chats", "deps", "tools"):
-        (tmp_path / sub).mkdir()
+    make_sandbox_dirs(tmp_path)
     bad = settings_for(nats.url, tmp_path, node_id, SANDBOXD_SANDBOX_IMAGE="sandboxd-no-such-image:never")
     async with running_runtime(bad), serving_api(bad) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
         chat = str(uuid.uuid4())

@@ -31,7 +31,7 @@ from tests.conftest import TEST_TOKEN, settings_for
 from tests.support.api_server import serving_api
 from tests.support.eventually import eventually, holds
 from tests.support.nats_server import NatsServer
-from tests.support.processes import api_base, sandboxd_env, spawn, stop, until_ready
+from tests.support.processes import api_base, make_sandbox_dirs, sandboxd_env, spawn, stop, until_ready
 
 OUTCOMES = {t.__struct_config__.tag for t in OUTCOME_TYPES}
 KEY = "Idempotency-Key"
@@ -40,8 +40,7 @@ TOKEN = "idempotency-token"
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    for sub in ("chats", "deps", "tools"):
-        (tmp_path / sub).mkdir(exist_ok=True)
+    make_sandbox_dirs(tmp_path)
     return tmp_path
 
 

@@ -47,6 +47,7 @@ from tests.support.api_server import serving_api
 from tests.support.eventually import eventually, until
 from tests.support.nats_parties import Party, connect_as
 from tests.support.nats_server import NatsServer, secured_nats_server
+from tests.support.processes import make_sandbox_dirs
 
 CHAT = "3f0c9a7e-2b1d-4c8e-9f6a-5d4e3c2b1a09"  # the chat-scoped agent's chat
 API = "$JS.API"
@@ -121,8 +122,7 @@ async def system(
 ) -> AsyncIterator[System]:
     """Declared as admin, then the runtime (on the real Docker engine), the reaper and the
     API, each with its own seed."""
-    for sub in ("chats", "deps", "tools"):
-        (tmp_path / sub).mkdir()
+    make_sandbox_dirs(tmp_path)
     admin = await connect_as(secured, Role.ADMIN)
     js = admin.nc.jetstream()
     await ensure_topology(js, StreamSettings())

@@ -31,7 +31,7 @@ from shared.topology import ensure_topology
 from tests.support.eventually import eventually, until
 from tests.support.http_load import Call, HttpLoad
 from tests.support.nats_server import NatsServer
-from tests.support.processes import api_base, sandboxd_env, spawn, stop, until_ready
+from tests.support.processes import api_base, make_sandbox_dirs, sandboxd_env, spawn, stop, until_ready
 
 TOKEN = "restart-token"
 WORKERS = 4
@@ -39,8 +39,7 @@ WORKERS = 4
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    for sub in ("chats", "deps", "tools"):
-        (tmp_path / sub).mkdir()
+    make_sandbox_dirs(tmp_path)
     return tmp_path
 
 

@@ -41,6 +41,7 @@ from tests.conftest import TEST_IMAGE, settings_for
 from tests.support.appends import append_event, outcomes_of
 from tests.support.eventually import eventually
 from tests.support.nats_server import NatsServer
+from tests.support.processes import make_sandbox_dirs
 from tests.support.records import session_record
 
 API = "/api/v1"
@@ -50,8 +51,7 @@ CLAIM_TIMEOUT_SECONDS = 1
 @pytest.fixture
 def settings(nats: NatsServer, tmp_path: Path, node_id: str) -> Settings:
     """A claim is abandoned after a second here (the default is two minutes)."""
-    for sub in ("chats", "deps", "tools"):
-        (tmp_path / sub).mkdir()
+    make_sandbox_dirs(tmp_path)
     return settings_for(nats.url, tmp_path, node_id, SANDBOXD_RUNTIME_CLAIM_TIMEOUT_SECONDS=str(CLAIM_TIMEOUT_SECONDS))
 
 

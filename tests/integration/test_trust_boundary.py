@@ -42,6 +42,7 @@ from tests.support.api_server import serving_api
 from tests.support.eventually import eventually
 from tests.support.nats_server import NatsServer
 from tests.support.private_dockerd import PrivateDockerd, private_dockerd_with_image
+from tests.support.processes import make_sandbox_dirs
 from tests.support.records import session_record
 
 API = "/api/v1"
@@ -256,8 +257,7 @@ async def test_poisoned_events_never_stop_a_chat_or_the_projector(
 async def test_poisoned_registry_entries_are_skipped_reported_and_repaired(
     nats: NatsServer, tmp_path: Path, node_id: str, docker_client: docker.DockerClient, node_containers: None
 ) -> None:
-    for sub in ("chats", "deps", "tools"):
-        (tmp_path / sub).mkdir()
+    make_sandbox_dirs(tmp_path)
     settings = settings_for(nats.url, tmp_path, node_id)
     live = str(uuid.uuid4())
     async with running_runtime(settings), serving_api(settings) as base:
@@ -364,8 +364,7 @@ async def test_http_input_is_strict(api: httpx.AsyncClient) -> None:
 async def test_a_body_that_never_arrives_is_a_408(
     nats: NatsServer, tmp_path: Path, node_id: str, docker_client: docker.DockerClient
 ) -> None:
-    for sub in ("chats", "deps", "tools"):
-        (tmp_path / sub).mkdir()
+    make_sandbox_dirs(tmp_path)
     settings = settings_for(nats.url, tmp_path, node_id, SANDBOXD_HTTP_BODY_TIMEOUT_SECONDS="0.5")
     async with serving_api(settings) as base:
         host, port = base.removeprefix("http://").split(":")
@@ -386,8 +385,7 @@ async def test_a_body_that_never_arrives_is_a_408(
 async def test_capacity_and_lifetime_limits(
     nats: NatsServer, tmp_path: Path, node_id: str, docker_client: docker.DockerClient, node_containers: None
 ) -> None:
-    for sub in ("chats", "deps", "tools"):
-        (tmp_path / sub).mkdir()
+    make_sandbox_dirs(tmp_path)
     settings = settings_for(
         nats.url,
         tmp_path,
@@ -438,8 +436,7 @@ async def test_the_event_stream_is_bounded_per_chat(runtime: RuntimeHandle, nc: 
 async def test_a_command_that_cannot_be_carried_out_ends_after_max_deliveries(
     nats: NatsServer, tmp_path: Path, node_id: str, docker_client: docker.DockerClient, node_containers: None
 ) -> None:
-    for sub in ("chats", "deps", "tools"):
-        (tmp_path / sub).mkdir()
+    make_sandbox_dirs(tmp_path)
     settings = settings_for(nats.url, tmp_path, node_id, SANDBOXD_RUNTIME_MAX_DELIVERIES="3")
     async with running_runtime(settings):
         nc = await connect(settings)

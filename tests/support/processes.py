@@ -35,6 +35,14 @@ class Child(subprocess.Popen[bytes]):
     metrics_url: str | None
 
 
+def make_sandbox_dirs(root: Path) -> Path:
+    """The host directories `sandboxd_env` names under `root` (chats and the two read-only
+    mount sources); `root` itself, for chaining."""
+    for sub in ("chats", "deps", "tools"):
+        (root / sub).mkdir(exist_ok=True)
+    return root
+
+
 def sandboxd_env(url: str, root: Path, node_id: str, token: str, **extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXD_")}
     return {
