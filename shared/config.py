@@ -130,6 +130,10 @@ class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # its claims are taken over at once (whatever their age; the claim timeout frees any claim
     # older than itself). It heartbeats five times within this.
     instance_dead_after_seconds: PositiveSeconds = 5.0
+    # A node (Docker host) whose runtimes have all been silent this long is dead: its live
+    # sessions become `lost {reason: node_lost}` and new sessions are placed elsewhere; when it
+    # returns it removes their containers. At least instance_dead_after_seconds.
+    node_dead_after_seconds: PositiveSeconds = 30.0
     # A command whose runtime goes silent is redelivered after this; a runtime keeps every
     # command it works on in progress five times within it (long Docker calls, waits).
     ack_wait_seconds: PositiveSeconds = 4.0
@@ -303,6 +307,14 @@ def _check_relations(settings: Settings) -> None:
             f"{streams.handled_max_age_seconds:g}) must be at least streams.commands_max_age_seconds "
             f"({env_name('streams', 'commands_max_age_seconds')}={streams.commands_max_age_seconds:g}): a command "
             "redelivered after its record expired could be carried out twice"
+        )
+    runtime = settings.runtime
+    if runtime.node_dead_after_seconds < runtime.instance_dead_after_seconds:
+        raise ConfigError(
+            f"runtime.node_dead_after_seconds ({env_name('runtime', 'node_dead_after_seconds')}="
+            f"{runtime.node_dead_after_seconds:g}) must be at least runtime.instance_dead_after_seconds "
+            f"({env_name('runtime', 'instance_dead_after_seconds')}={runtime.instance_dead_after_seconds:g}): "
+            "a node is dead only when all its instances are"
         )
     if settings.reaper.redrive_grace_seconds <= settings.runtime.claim_timeout_seconds:
         raise ConfigError(

@@ -94,6 +94,9 @@ class LostReason(enum.StrEnum):
     CONTAINER_EXITED = "container_exited"
     CONTAINER_MISSING = "container_missing"
     CONTAINER_NOT_RUNNING = "container_not_running"
+    # Its node's runtimes were all silent for runtime.node_dead_after_seconds: the node is
+    # dead, and a returning node removes the container (it never resurrects the session).
+    NODE_LOST = "node_lost"
 
 
 class ExtendReason(enum.StrEnum):
@@ -239,12 +242,25 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
         return str(self.__struct_config__.tag)
 
 
+class Placement(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a new session was placed and why: the node with the most free capacity among the
+    nodes whose runtimes heartbeat (`free`: its free places as the placing runtime saw them,
+    null when unlimited; `nodes`: how many live nodes it chose from)."""
+
+    node_id: NodeId
+    placed_by: NodeId  # the node of the runtime that chose
+    free: int | None = None
+    nodes: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
 class SandboxProvisioning(Event, frozen=True, kw_only=True, tag="provisioning"):
     """The claim: a create owns the chat before any container exists. `instance_id` names the
     runtime instance that made it (its heartbeat is in `sandbox_instances`); absent in claims
-    written before instances heartbeated."""
+    written before instances heartbeated. `placement` records how a new session's node was
+    chosen (absent for the new session of a replace, which stays on its node)."""
 
     instance_id: Uuid | None = None
+    placement: Placement | None = None
 
 
 class SandboxRunning(Event, frozen=True, kw_only=True, tag="running"):
@@ -382,3 +398,58 @@ _heartbeat_decoder = msgspec.json.Decoder(InstanceHeartbeat)
 
 def decode_heartbeat(data: bytes) -> InstanceHeartbeat:
     return _heartbeat_decoder.decode(data)
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+class NodeBeat(msgspec.Struct, frozen=True, kw_only=True):
+    """A node (one Docker host) as `sandbox_instances` holds it (key `node.<node token>`):
+    rewritten by each of its runtime instances with every heartbeat, never deleted, so a node
+    whose runtimes all went silent is seen silent. Placement reads its free capacity."""
+
+    node_id: NodeId
+    instance_id: Uuid  # the instance that wrote it
+    beat_at: AwareDatetime
+    live_sessions: Annotated[int, msgspec.Meta(ge=0)]
+    max_sessions: Annotated[int, msgspec.Meta(ge=1)] | None = None  # None: unlimited
+
+
+_node_beat_decoder = msgspec.json.Decoder(NodeBeat)
+
+
+def decode_node_beat(data: bytes) -> NodeBeat:
+    return _node_beat_decoder.decode(data)
+
+
+class NodeEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """A node's lifecycle, on `sandbox.events.node.<node token>`."""
+
+    event_id: str
+    node_id: NodeId
+    occurred_at: AwareDatetime
+    last_beat_at: AwareDatetime | None  # the node's last heartbeat when this was recorded
+    recorded_by: NodeId  # the node of the runtime that recorded it
+
+    @property
+    def type(self) -> str:
+        return str(self.__struct_config__.tag)
+
+
+class NodeDead(NodeEvent, frozen=True, kw_only=True, tag="node_dead"):
+    """Every runtime of the node was silent for runtime.node_dead_after_seconds: its live
+    sessions are recorded `lost {reason: node_lost}`, new sessions go elsewhere."""
+
+
+class NodeReturned(NodeEvent, frozen=True, kw_only=True, tag="node_returned"):
+    """A runtime of a node recorded dead heartbeats again; the node removes the containers of
+    the sessions it no longer owns before it takes work."""
+
+
+AnyNodeEvent = NodeDead | NodeReturned
+NODE_EVENT_TYPES: tuple[type[NodeEvent], ...] = (NodeDead, NodeReturned)
+_node_event_decoder: msgspec.json.Decoder[AnyNodeEvent] = msgspec.json.Decoder(AnyNodeEvent)
+
+
+def decode_node_event(data: bytes) -> AnyNodeEvent:
+    return _node_event_decoder.decode(data)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.contracts import ErrorType
+from shared.contracts import ErrorType, Placement
 
 
 class SandboxdError(Exception):
@@ -35,12 +35,23 @@ class DockerUnavailable(TransientError):
 
 
 class WrongNode(TransientError):
-    """The session's container lives on another Docker host: only that node's runtime may
-    touch it, so the command goes back to the stream for another runtime to take."""
+    """The session's container lives on another Docker host whose runtimes are silent (not
+    yet dead): only that node may touch it, so the command waits (nak with a delay) for the
+    node to answer again or to be declared dead."""
 
     def __init__(self, owner: str, here: str) -> None:
         super().__init__(f"the container belongs to node {owner}, this is {here}")
         self.owner = owner
+
+
+class Forward(SandboxdError):
+    """The command is for another node: the one whose container it touches, or the one a new
+    session was placed on. The consumer forwards it to that node's queue and acknowledges it."""
+
+    def __init__(self, node_id: str, placement: Placement | None = None) -> None:
+        super().__init__(f"for node {node_id}")
+        self.node_id = node_id
+        self.placement = placement
 
 
 class SandboxStartFailed(InfrastructureError):

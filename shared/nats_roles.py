@@ -42,6 +42,7 @@ from shared.subjects import (
     HANDLED_BUCKET,
     IDEMPOTENCY_BUCKET,
     INSTANCES_BUCKET,
+    NODE_COMMAND_SUBJECTS,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
     ConsumerName,
@@ -297,6 +298,7 @@ ROLES: dict[Role, RoleSpec] = {
         Permissions(
             publish=(
                 EVENT_SUBJECTS,
+                NODE_COMMAND_SUBJECTS,
                 f"{SESSIONS_KEYS}.>",
                 f"{HANDLED_KEYS}.>",
                 f"{INSTANCES_KEYS}.>",
@@ -306,16 +308,19 @@ ROLES: dict[Role, RoleSpec] = {
                 stream_info(STATUS_STREAM),
                 stream_info(HANDLED_STREAM),
                 *direct_get(HANDLED_STREAM),
-                stream_info(INSTANCES_STREAM),
-                *direct_get(INSTANCES_STREAM),
-                *_durable(COMMANDS_STREAM, ConsumerName.RUNTIME),
+                *_ordered_reads(INSTANCES_STREAM, direct=True),
+                # The shared queue (`sandboxd-runtime`) and each node's (`sandboxd-node-<node>`:
+                # its own node's, and a dead node's until it returns). Consumer names cannot be
+                # matched by a prefix, so: any durable on the commands stream.
+                *_durable(COMMANDS_STREAM, "*"),
                 *_durable(EVENTS_STREAM, ConsumerName.PROJECTOR),
                 *_ordered_reads(EVENTS_STREAM, direct=True),
                 *_ordered_reads(SESSIONS_STREAM, direct=True),
             ),
             subscribe=(f"{inbox_prefix(Role.RUNTIME)}.>",),
         ),
-        "consume commands (durable `sandboxd-runtime`); append events; project them "
+        "consume commands (durables `sandboxd-runtime` and `sandboxd-node-<node>`), forward them to "
+        "`sandbox.node.<node>.>`; append events; project them "
         "(durable `sandboxd-projector`) into the registry; record handled commands in `sandbox_handled`; "
         "heartbeat in `sandbox_instances` and read the others' heartbeats; write `sandbox_status` `runtime.>`",
     ),

@@ -12,7 +12,16 @@ from typing import Any
 
 import msgspec
 
-from shared.contracts import COMMAND_TYPES, EVENT_TYPES, AnyEvent, HandledCommand, InstanceHeartbeat, SessionRecord
+from shared.contracts import (
+    COMMAND_TYPES,
+    EVENT_TYPES,
+    NODE_EVENT_TYPES,
+    AnyEvent,
+    HandledCommand,
+    InstanceHeartbeat,
+    NodeBeat,
+    SessionRecord,
+)
 from shared.idempotency import IdempotentRequest
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
@@ -57,6 +66,16 @@ def generate() -> dict[str, str]:
         "sandbox_instances KV value",
         "A running runtime instance (key: its instance_id); claims name their instance.",
     )
+    docs["node-beat.json"] = _document(
+        NodeBeat,
+        "sandbox_instances KV value under node.<node>",
+        "A node (Docker host) and its free capacity, rewritten by its runtimes' heartbeats; placement reads it.",
+    )
+    for node_cls in NODE_EVENT_TYPES:
+        tag = node_cls.__struct_config__.tag
+        docs[f"node-events/{tag}.json"] = _document(
+            node_cls, f"{tag} event on sandbox.events.node.<node>", (node_cls.__doc__ or "").strip()
+        )
     return {path: json.dumps(doc, indent=2, sort_keys=True) + "\n" for path, doc in docs.items()}
 
 

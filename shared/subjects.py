@@ -22,6 +22,13 @@ INSTANCES_BUCKET = "sandbox_instances"
 COMMAND_PREFIX = "sandbox.cmd"
 EVENT_PREFIX = "sandbox.events"
 COMMAND_SUBJECTS = f"{COMMAND_PREFIX}.>"
+# Commands a runtime forwarded to the node that must carry them out (the node a create was
+# placed on, or the node whose container a command touches), in SANDBOX_COMMANDS beside the
+# public subjects: `sandbox.node.<node token>.<kind>.<chat_id>`. Only runtimes publish here.
+NODE_COMMAND_PREFIX = "sandbox.node"
+NODE_COMMAND_SUBJECTS = f"{NODE_COMMAND_PREFIX}.>"
+# Node lifecycle events (`node_dead`, `node_returned`), in SANDBOX_EVENTS beside the chats'.
+NODE_EVENT_PREFIX = f"{EVENT_PREFIX}.node"
 EVENT_SUBJECTS = f"{EVENT_PREFIX}.>"
 # Rejections of commands whose subject names no valid chat id land here.
 INVALID_EVENTS_SUBJECT = f"{EVENT_PREFIX}.invalid"
@@ -32,6 +39,45 @@ class ConsumerName(enum.StrEnum):
 
     RUNTIME = "sandboxd-runtime"  # the runtimes' shared queue on SANDBOX_COMMANDS
     PROJECTOR = "sandboxd-projector"  # the registry projector on SANDBOX_EVENTS
+
+
+NODE_CONSUMER_PREFIX = "sandboxd-node-"  # + node token: one node's queue on SANDBOX_COMMANDS
+
+
+def node_token(node_id: str) -> str:
+    """A node id as one subject token and consumer-name part: node ids may hold dots, which
+    neither allows; `~` is not allowed in node ids, so the mapping is one to one."""
+    return node_id.replace(".", "~")
+
+
+def node_consumer(node_id: str) -> str:
+    return NODE_CONSUMER_PREFIX + node_token(node_id)
+
+
+def node_command_subject(node_id: str, kind: str, chat_id: str) -> str:
+    return f"{NODE_COMMAND_PREFIX}.{node_token(node_id)}.{kind}.{chat_id}"
+
+
+def node_commands_of(node_id: str) -> str:
+    """The filter of one node's queue."""
+    return f"{NODE_COMMAND_PREFIX}.{node_token(node_id)}.>"
+
+
+def public_command_subject(subject: str) -> str:
+    """The public subject a forwarded command was published on (unchanged for public ones)."""
+    prefix = NODE_COMMAND_PREFIX + "."
+    if not subject.startswith(prefix):
+        return subject
+    _node, _, rest = subject[len(prefix) :].partition(".")
+    return f"{COMMAND_PREFIX}.{rest}"
+
+
+def node_event_subject(node_id: str) -> str:
+    return f"{NODE_EVENT_PREFIX}.{node_token(node_id)}"
+
+
+def is_node_event_subject(subject: str) -> bool:
+    return subject.startswith(NODE_EVENT_PREFIX + ".")
 
 
 EVENT_TYPE_HEADER = "Sandbox-Event"

@@ -32,6 +32,7 @@ from shared.subjects import (
     HANDLED_BUCKET,
     IDEMPOTENCY_BUCKET,
     INSTANCES_BUCKET,
+    NODE_COMMAND_SUBJECTS,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
 )
@@ -60,7 +61,8 @@ def commands_stream_config(settings: StreamSettings) -> StreamConfig:
     return StreamConfig(
         name=COMMANDS_STREAM,
         description="sandboxd commands (work queue: each command is consumed once)",
-        subjects=[COMMAND_SUBJECTS],
+        # The public subjects, and the nodes' queues that runtimes forward commands to.
+        subjects=[COMMAND_SUBJECTS, NODE_COMMAND_SUBJECTS],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         num_replicas=settings.replicas,
@@ -119,12 +121,19 @@ def _check_contract(name: str, have: StreamConfig, wanted: StreamConfig) -> None
             f"stream {name} exists with retention {have.retention}, the contract needs "
             f"{wanted.retention}; it cannot be changed in place (delete or rename the old stream)"
         )
-    if set(have.subjects or []) != set(wanted.subjects or []):
+    if not set(have.subjects or []) <= set(wanted.subjects or []):
         raise TopologyError(f"stream {name} exists with subjects {have.subjects}, expected {wanted.subjects}")
+
+
+def _subjects_missing(have: StreamConfig, wanted: StreamConfig) -> list[str]:
+    """Subjects the contract added since the stream was made (declaring adds them)."""
+    return sorted(set(wanted.subjects or []) - set(have.subjects or []))
 
 
 def _drifted(have: StreamConfig, wanted: StreamConfig) -> list[str]:
     fields = [f for f in _MUTABLE if getattr(have, f) != getattr(wanted, f)]
+    if _subjects_missing(have, wanted):
+        fields.append("subjects")
     if _republish(have) != _republish(wanted):
         fields.append("republish")
     return fields
@@ -242,6 +251,9 @@ async def _attach_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
         log.info("created stream %s", name)
         return
     _check_contract(name, info.config, wanted)
+    missing = _subjects_missing(info.config, wanted)
+    if missing:
+        raise TopologyMissing(f"stream {name} lacks the subjects {', '.join(missing)}; {DECLARE_HINT}")
     drift = _drifted(info.config, wanted)
     if drift:
         log.warning(

@@ -90,6 +90,11 @@ class NodeCapacity:
             self._admitted.discard(session_id)
             self._since_listing[session_id] = self._now()
 
+    async def snapshot(self) -> tuple[int, int]:
+        """(live sessions, limit) for the node's beat: the listing refreshed when due."""
+        await self._refresh()
+        return len(self._listed | self._admitted | set(self._since_listing)), self.limit
+
     def removed(self, session_id: str) -> None:
         """The session's container is gone: its place is free before the next listing."""
         self._listed.discard(session_id)

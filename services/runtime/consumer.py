@@ -5,7 +5,9 @@ progress while its handler runs (five times within `ack_wait`, through long Dock
 waits alike), so a short `ack_wait` redelivers the commands of a runtime that went silent
 within seconds and never those of one that is working. Handlers only raise:
 a malformed command is rejected once and terminated; a transient failure is nak'd with a
-growing delay; anything else ends the command with a `failed` outcome and is acked. The
+growing delay; a command another node must carry out is forwarded to that node's queue
+(`sandbox.node.<node>.<kind>.<chat_id>`, see routing.py) and acked; anything else ends the
+command with a `failed` outcome and is acked. The
 consumer bounds deliveries (`runtime.max_deliveries`): the last one that would be handed
 back ends the command with a `failed` outcome (`gave_up`) instead, so nothing spins forever
 and nothing accepted is left without an answer.
@@ -25,20 +27,26 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry.trace import SpanKind
 
-from services.runtime.handlers import CommandHandlers
+from services.runtime.handlers import CommandHandlers, Delivery
+from services.runtime.routing import MAX_HOPS, delivery_of, forward
 from shared.commands import MalformedCommand, decode_command
 from shared.consumers import bind_durable
 from shared.contracts import COMMAND_TYPES, AnyCommand
-from shared.errors import TransientError, WrongNode
+from shared.errors import Forward, TransientError, WrongNode
 from shared.logs import bound_log_context
-from shared.subjects import COMMAND_SUBJECTS, COMMANDS_STREAM, ConsumerName, split_command_subject
+from shared.subjects import (
+    COMMAND_SUBJECTS,
+    COMMANDS_STREAM,
+    ConsumerName,
+    public_command_subject,
+    split_command_subject,
+)
 from shared.telemetry import Telemetry, extract
 from shared.telemetry import disabled as telemetry_disabled
 
 log = logging.getLogger(__name__)
 
 
-_QUICK_HANDOVERS = 20
 # In-progress reports per ack_wait while a command is handled.
 PROGRESS_PER_ACK_WAIT = 5
 
@@ -47,7 +55,9 @@ def nak_delay(deliveries: int) -> float:
     return float(min(0.5 * 2 ** max(deliveries - 1, 0), 30.0))
 
 
-def runtime_consumer_config(durable: str, max_in_flight: int, ack_wait: float, max_deliver: int) -> ConsumerConfig:
+def runtime_consumer_config(
+    durable: str, max_in_flight: int, ack_wait: float, max_deliver: int, filter_subject: str = COMMAND_SUBJECTS
+) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=durable,
         ack_policy=AckPolicy.EXPLICIT,
@@ -57,20 +67,20 @@ def runtime_consumer_config(durable: str, max_in_flight: int, ack_wait: float, m
         # One more than the runtime tries: a runtime that dies during a command's last try
         # leaves it one delivery in which to give it its `failed` outcome.
         max_deliver=max_deliver + 1,
-        filter_subject=COMMAND_SUBJECTS,
+        filter_subject=filter_subject,
     )
 
 
 def metric_kind(subject: str) -> str:
     """The command kind as a metric label: one of the known kinds, never what a subject says."""
-    kind = split_command_subject(subject)[0]
+    kind = split_command_subject(public_command_subject(subject))[0]
     return kind if kind in COMMAND_TYPES else "unknown"
 
 
-def handover_delay(deliveries: int) -> float:
-    """A command for another node's container goes back at once for a while (another
-    runtime, likely the owner, takes it), then backs off (the owner may be down)."""
-    return 0.02 if deliveries <= _QUICK_HANDOVERS else nak_delay(deliveries - _QUICK_HANDOVERS)
+def wait_for_node_delay(deliveries: int) -> float:
+    """A command for a silent node's container waits for the node to beat again or be
+    declared dead: a second at first, backing off."""
+    return min(float(deliveries), 10.0)
 
 
 class CommandConsumer:
@@ -83,6 +93,7 @@ class CommandConsumer:
         ack_wait_seconds: float,
         max_deliveries: int = 100,
         durable: str = ConsumerName.RUNTIME,
+        filter_subject: str = COMMAND_SUBJECTS,
         telemetry: Telemetry | None = None,
     ) -> None:
         self._telemetry = telemetry or telemetry_disabled()
@@ -92,11 +103,14 @@ class CommandConsumer:
         self._ack_wait = ack_wait_seconds
         self._max_deliveries = max_deliveries
         self._durable = durable
+        self._filter = filter_subject
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        config = runtime_consumer_config(self._durable, self._max_in_flight, self._ack_wait, self._max_deliveries)
+        config = runtime_consumer_config(
+            self._durable, self._max_in_flight, self._ack_wait, self._max_deliveries, self._filter
+        )
         sub = await bind_durable(self._js, COMMANDS_STREAM, config)
         log.info("consuming %s as %s", COMMANDS_STREAM, self._durable)
         try:
@@ -154,6 +168,7 @@ class CommandConsumer:
                 self._telemetry,
                 self._max_deliveries,
                 progress_every=self._ack_wait / PROGRESS_PER_ACK_WAIT,
+                js=self._js,
             )
         except Exception:
             log.exception("settling %s failed", msg.subject)
@@ -189,9 +204,10 @@ async def settle(
     max_deliveries: int,
     *,
     progress_every: float | None = None,
+    js: JetStreamContext | None = None,
 ) -> None:
     """Handle one command message, in the trace its publisher started, keeping it in
-    progress every `progress_every` seconds meanwhile."""
+    progress every `progress_every` seconds meanwhile (`js`: where to forward it)."""
     kind = metric_kind(msg.subject)
     with telemetry.tracer.span(
         "runtime.handle_command",
@@ -200,19 +216,19 @@ async def settle(
         parent=extract(msg.headers),
     ):
         async with kept_in_progress(msg, progress_every):
-            outcome = await _settle(msg, handlers, max_deliveries)
+            outcome = await _settle(msg, handlers, max_deliveries, js)
     queued_at = msg.metadata.timestamp
     if queued_at is not None:
         latency_ms = (datetime.now(UTC) - queued_at).total_seconds() * 1000.0
         telemetry.metrics.record("sandbox.command.duration_ms", latency_ms, {"kind": kind, "outcome": outcome})
 
 
-async def _settle(msg: Msg, handlers: CommandHandlers, max_deliveries: int) -> str:
+async def _settle(msg: Msg, handlers: CommandHandlers, max_deliveries: int, js: JetStreamContext | None) -> str:
     """Decide the message's ack, nak or term; what became of it, for the latency metric."""
     deliveries = msg.metadata.num_delivered
     last_try = deliveries >= max_deliveries
     try:
-        command = decode_command(msg.subject, msg.data)
+        command = decode_command(public_command_subject(msg.subject), msg.data)
     except MalformedCommand as bad:
         return await _reject(msg, handlers, bad, last_try=last_try)
 
@@ -222,14 +238,17 @@ async def _settle(msg: Msg, handlers: CommandHandlers, max_deliveries: int) -> s
             await msg.in_progress()
 
     with bound_log_context(chat_id=str(command.chat_id), command_id=str(command.command_id)):
+        delivery = delivery_of(msg)
         try:
-            outcome = await handlers.handle(command, progress)
+            outcome = await handlers.handle(command, progress, delivery)
+        except Forward as to:
+            return await _forward(msg, command, to, delivery, js)
         except (WrongNode, TransientError) as exc:
             if last_try:
                 return await _give_up(msg, handlers, command, exc)
             if isinstance(exc, WrongNode):
-                log.debug("command on %s handed back: %s", msg.subject, exc)
-                await msg.nak(delay=handover_delay(deliveries))
+                log.info("command on %s waits for its node: %s", msg.subject, exc)
+                await msg.nak(delay=wait_for_node_delay(deliveries))
                 return "handed_over"
             await _nak(msg, deliveries, exc)
             return "retried"
@@ -245,6 +264,23 @@ async def _settle(msg: Msg, handlers: CommandHandlers, max_deliveries: int) -> s
             outcome = None
     await msg.ack()
     return outcome.type if outcome is not None else "none"
+
+
+async def _forward(msg: Msg, command: AnyCommand, to: Forward, delivery: Delivery, js: JetStreamContext | None) -> str:
+    """Forward the command to its node's queue, then ack it; hand it back when it cannot be
+    forwarded (NATS busy, or it went round too often)."""
+    deliveries = msg.metadata.num_delivered
+    if js is None or delivery.hops >= MAX_HOPS:
+        log.warning("command on %s not forwarded again (%d hops): %s", msg.subject, delivery.hops, to)
+        await msg.nak(delay=wait_for_node_delay(deliveries))
+        return "handed_over"
+    try:
+        await forward(js, msg, command, to, delivery)
+    except TransientError as exc:
+        await _nak(msg, deliveries, exc)
+        return "retried"
+    await msg.ack()
+    return "forwarded"
 
 
 async def _reject(msg: Msg, handlers: CommandHandlers, bad: MalformedCommand, *, last_try: bool) -> str:

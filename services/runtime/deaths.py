@@ -34,8 +34,9 @@ from dataclasses import dataclass, replace
 
 from services.runtime.containers import ContainerIdentity, container_name
 from services.runtime.docker_driver import ContainerEvent, ContainerEventSource, ContainerEventStream, ExitState
+from services.runtime.losses import MarkLost, append_lost
 from services.runtime.observe import ActiveSandboxes
-from services.runtime.reconcile import MarkLost, append_lost, is_canonical_uuid
+from services.runtime.reconcile import is_canonical_uuid
 from shared.clock import Clock
 from shared.contracts import AnyEvent, LostReason, SandboxProvisioning, SandboxRunning, SessionStatus
 from shared.errors import AppendConflict, DockerUnavailable, SandboxdError

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from functools import partial
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -49,6 +50,7 @@ from services.runtime.decisions import (
     under_claim,
 )
 from services.runtime.docker_driver import ContainerDriver
+from services.runtime.losses import mark_node_lost
 from services.runtime.observe import ActiveSandboxes, observe_outcome
 from shared.clock import Clock
 from shared.commands import MalformedCommand
@@ -64,6 +66,7 @@ from shared.contracts import (
     ExtendReason,
     HandledCommand,
     KeepaliveSandbox,
+    Placement,
     PreviousSession,
     RejectReason,
     SandboxExtended,
@@ -79,11 +82,12 @@ from shared.contracts import (
     StopSandbox,
     is_outcome,
 )
-from shared.errors import AppendConflict, DockerUnavailable, InfrastructureError, NatsUnavailable, WrongNode
+from shared.errors import AppendConflict, DockerUnavailable, Forward, InfrastructureError, NatsUnavailable, WrongNode
 from shared.event_store import ChatState, EventLog
 from shared.failpoints import failpoint, hang_point
 from shared.handled import HandledIndex
 from shared.instances import InstanceLiveness, Liveness, Unmonitored
+from shared.nodes import Nodes, NodeState, SingleNode
 from shared.subjects import INVALID_EVENTS_SUBJECT
 from shared.telemetry import Telemetry
 from shared.telemetry import disabled as telemetry_disabled
@@ -136,6 +140,18 @@ class HandlerDeps:
     handled: HandledIndex = field(kw_only=True)  # the index of commands that had their outcome
     # This runtime instance (named by its claims) and the liveness of the others.
     instances: InstanceLiveness = field(default_factory=Unmonitored, kw_only=True)
+    # The nodes: where new sessions go, and whether another node's session may be reached.
+    # None: this node only (SingleNode).
+    nodes: Nodes | None = field(default=None, kw_only=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """How the command reached this runtime: `placement` when another runtime placed the new
+    session here and forwarded the create, `hops` how often it was forwarded."""
+
+    placement: Placement | None = None
+    hops: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +212,7 @@ class CommandHandlers:
         self._new_id = new_id
         self._metrics = deps.telemetry.metrics
         self._chat_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._nodes: Nodes = deps.nodes if deps.nodes is not None else SingleNode(deps.policy.node_id)
 
     @contextlib.asynccontextmanager
     async def _chat_turn(self, chat_id: str, progress: Progress) -> AsyncIterator[_ChatTurn]:
@@ -218,15 +235,18 @@ class CommandHandlers:
             else:
                 self._chat_locks[chat_id] = (lock, users - 1)
 
-    async def handle(self, command: AnyCommand, progress: Progress) -> AnyEvent | None:
-        """Carry the command out; its outcome event (None when it had one already)."""
+    async def handle(
+        self, command: AnyCommand, progress: Progress, delivery: Delivery | None = None
+    ) -> AnyEvent | None:
+        """Carry the command out; its outcome event (None when it had one already). Forward
+        when the command is another node's to carry out."""
         attributes = {"chat.id": str(command.chat_id), "command.id": str(command.command_id)}
         with self._d.telemetry.tracer.span(f"usecase.{command.kind}_sandbox", attributes) as span:
-            outcome = await self._run(command, progress)
+            outcome = await self._run(command, progress, delivery or Delivery())
             observe_outcome(command, outcome, span, self._metrics, self._d.active)
             return outcome
 
-    async def _run(self, command: AnyCommand, progress: Progress) -> AnyEvent | None:
+    async def _run(self, command: AnyCommand, progress: Progress, delivery: Delivery) -> AnyEvent | None:
         async with self._chat_turn(str(command.chat_id), progress) as turn:
             if await self._d.handled.lookup(str(command.chat_id), str(command.command_id)) is not None:
                 # Seen again after its outcome (a re-send, or a redelivery after a lost ack):
@@ -236,7 +256,7 @@ class CommandHandlers:
                 return None
             match command:
                 case CreateSandbox():
-                    return await self.create(command, progress, turn)
+                    return await self.create(command, progress, turn, delivery)
                 case StopSandbox():
                     return await self.stop(command, turn)
                 case KeepaliveSandbox():
@@ -305,10 +325,54 @@ class CommandHandlers:
         await self._record_handled(command, state.seq)
         return Finished()
 
-    def _own(self, session: SessionRecord) -> None:
-        """Docker work on a session's container is for the node that runs it."""
-        if session.node_id != self._d.policy.node_id:
-            raise WrongNode(session.node_id, self._d.policy.node_id)
+    async def _owned_here(self, command: AnyCommand, session: SessionRecord) -> bool:
+        """Docker work on a session's container is for the node that runs it: True when that
+        is this node. Another node's session: Forward to it while it is alive; WrongNode (wait)
+        while it is silent; once it is dead, the session is recorded lost here and False
+        says to read the chat again."""
+        here, owner = self._d.policy.node_id, session.node_id
+        if owner == here:
+            return True
+        match self._nodes.state(owner):
+            case NodeState.ALIVE:
+                raise Forward(owner)
+            case NodeState.SILENT:
+                raise WrongNode(owner, here)
+            case NodeState.DEAD:
+                lost = await mark_node_lost(
+                    self._d.store,
+                    str(command.chat_id),
+                    owner,
+                    here=here,
+                    now=self._d.clock.now(),
+                    event_id=self._new_id(),
+                )
+                if lost is not None:
+                    log.info(
+                        "chat %s: node %s is dead; its session %s is lost", command.chat_id, owner, lost.session_id
+                    )
+                    self._metrics.increment("sandbox.node.session_lost.total", {"by": "command"})
+                return False
+
+    async def _if_owned_here(
+        self, command: AnyCommand, session: SessionRecord, then: Callable[[], Awaitable[Step]]
+    ) -> Step:
+        """`then` when the session's container is this node's; None (read the chat again)
+        when its dead node's session was just recorded lost."""
+        return await then() if await self._owned_here(command, session) else None
+
+    def _placement(self, delivery: Delivery) -> Placement:
+        """Where a new session goes: here when another runtime placed it here; else the node
+        with the most free capacity, and Forward when that is another."""
+        here = self._d.policy.node_id
+        if delivery.placement is not None and delivery.placement.node_id == here:
+            return delivery.placement
+        placement = self._nodes.place()
+        if placement.node_id != here:
+            self._metrics.increment("sandbox.placement.total", {"where": "forwarded"})
+            raise Forward(placement.node_id, placement)
+        self._metrics.increment("sandbox.placement.total", {"where": "here"})
+        return placement
 
     def _identity(self, command: AnyCommand, session: SessionRecord) -> ContainerIdentity:
         """The container a session of this command's chat has on this node."""
@@ -389,7 +453,9 @@ class CommandHandlers:
 
     # ------------------------------------------------------------------ create
 
-    async def create(self, command: CreateSandbox, progress: Progress, turn: _ChatTurn) -> AnyEvent | None:
+    async def create(
+        self, command: CreateSandbox, progress: Progress, turn: _ChatTurn, delivery: Delivery | None = None
+    ) -> AnyEvent | None:
         backoff = _Backoff()
         chat_id = str(command.chat_id)
         checked = False
@@ -404,11 +470,13 @@ class CommandHandlers:
                     return None
             if isinstance(decision, Wait):
                 await turn.wait_aside(backoff)
-            elif (finished := await self._carry_out_create(command, state, decision, progress)) is not None:
+            elif (
+                finished := await self._carry_out_create(command, state, decision, progress, delivery or Delivery())
+            ) is not None:
                 return finished.outcome
 
     async def _carry_out_create(
-        self, command: CreateSandbox, state: ChatState, decision: CreateDecision, progress: Progress
+        self, command: CreateSandbox, state: ChatState, decision: CreateDecision, progress: Progress, delivery: Delivery
     ) -> Step:
         """Finished when the command is; None to read the chat again and re-decide."""
         match decision:
@@ -421,25 +489,43 @@ class CommandHandlers:
             case Reuse(session):
                 return await self._outcome(SandboxReused, command, session, state.seq, result=CreateResult.REUSED)
             case ClaimProvision(session, previous):
-                async with self._d.capacity.admit(session.session_id) as refused:
-                    if refused is not None:
-                        return await self._reject(
-                            command, state, Reject(RejectReason.CAPACITY_EXCEEDED, refused.detail)
-                        )
-                    seq = await self._claim(SandboxProvisioning, command, session, state.seq, previous=previous)
-                    return None if seq is None else await self._start(command, session, seq, previous, progress)
+                return await self._provision(command, state, session, previous, progress=progress, delivery=delivery)
             case ResumeProvision(session, previous):
-                self._own(session)
-                return await self._start(command, session, state.seq, previous, progress)
+                resume = partial(self._start, command, session, state.seq, previous, progress)
+                return await self._if_owned_here(command, session, resume)
             case ClaimReplace(old):
-                self._own(old)
-                seq = await self._claim(SandboxStopping, command, old, state.seq, reason=StopReason.REPLACED)
-                return None if seq is None else await self._replace(command, old, seq, progress)
+                claim_replace = partial(self._claim_replace, command, old, state, progress)
+                return await self._if_owned_here(command, old, claim_replace)
             case ResumeReplace(old):
-                self._own(old)
-                return await self._replace(command, old, state.seq, progress)
+                replace = partial(self._replace, command, old, state.seq, progress)
+                return await self._if_owned_here(command, old, replace)
             case _:
                 assert_never(decision)
+
+    async def _provision(
+        self,
+        command: CreateSandbox,
+        state: ChatState,
+        session: SessionRecord,
+        previous: PreviousSession | None,
+        *,
+        progress: Progress,
+        delivery: Delivery,
+    ) -> Step:
+        placement = self._placement(delivery)
+        async with self._d.capacity.admit(session.session_id) as refused:
+            if refused is not None:
+                return await self._reject(command, state, Reject(RejectReason.CAPACITY_EXCEEDED, refused.detail))
+            seq = await self._claim(
+                SandboxProvisioning, command, session, state.seq, previous=previous, placement=placement
+            )
+            return None if seq is None else await self._start(command, session, seq, previous, progress)
+
+    async def _claim_replace(
+        self, command: CreateSandbox, old: SessionRecord, state: ChatState, progress: Progress
+    ) -> Step:
+        seq = await self._claim(SandboxStopping, command, old, state.seq, reason=StopReason.REPLACED)
+        return None if seq is None else await self._replace(command, old, seq, progress)
 
     async def _replace(self, command: CreateSandbox, old: SessionRecord, claim_seq: int, progress: Progress) -> Step:
         try:
@@ -551,18 +637,21 @@ class CommandHandlers:
                 case Reject():
                     finished = await self._reject(command, state, decision)
                 case ClaimStop(session):
-                    self._own(session)
                     pinned = session.session_id
-                    seq = await self._claim(SandboxStopping, command, session, state.seq, reason=command.reason)
-                    finished = None if seq is None else await self._finish_stop(command, session, seq)
+                    claim_stop = partial(self._claim_stop, command, session, state)
+                    finished = await self._if_owned_here(command, session, claim_stop)
                 case ResumeStop(session):
-                    self._own(session)
                     pinned = session.session_id
-                    finished = await self._finish_stop(command, session, state.seq)
+                    resume = partial(self._finish_stop, command, session, state.seq)
+                    finished = await self._if_owned_here(command, session, resume)
                 case _:
                     assert_never(decision)
             if finished is not None:
                 return finished.outcome
+
+    async def _claim_stop(self, command: StopSandbox, session: SessionRecord, state: ChatState) -> Step:
+        seq = await self._claim(SandboxStopping, command, session, state.seq, reason=command.reason)
+        return None if seq is None else await self._finish_stop(command, session, seq)
 
     async def _finish_stop(self, command: StopSandbox, session: SessionRecord, claim_seq: int) -> Step:
         try:

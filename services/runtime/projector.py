@@ -29,7 +29,14 @@ from shared.consumers import bind_durable
 from shared.event_store import EventStore
 from shared.poison import PoisonSource, Quarantine
 from shared.registry import Registry
-from shared.subjects import EVENT_SUBJECTS, EVENTS_STREAM, INVALID_EVENTS_SUBJECT, ConsumerName, chat_of
+from shared.subjects import (
+    EVENT_SUBJECTS,
+    EVENTS_STREAM,
+    INVALID_EVENTS_SUBJECT,
+    ConsumerName,
+    chat_of,
+    is_node_event_subject,
+)
 from shared.telemetry import Telemetry, extract
 from shared.telemetry import disabled as telemetry_disabled
 
@@ -138,7 +145,7 @@ class Projector:
             chat = chat_of(m.subject)
             if chat is not None:
                 last_of[chat] = m
-            elif m.subject != INVALID_EVENTS_SUBJECT:
+            elif m.subject != INVALID_EVENTS_SUBJECT and not is_node_event_subject(m.subject):
                 seq = m.metadata.sequence.stream
                 self._quarantine.report(PoisonSource.EVENT, m.subject, seq, "its subject names no chat")
         chats = list(last_of)

@@ -27,16 +27,14 @@ import msgspec
 from services.runtime.containers import ContainerIdentity, container_name
 from services.runtime.docker_driver import ContainerDriver, ObservedContainer
 from services.runtime.handlers import outcome_msg_id
+from services.runtime.losses import MarkLost, append_lost
 from services.runtime.observe import ActiveSandboxes
 from shared.clock import Clock
 from shared.contracts import (
     AnyEvent,
     CreateResult,
-    ErrorInfo,
-    ErrorType,
     LostReason,
     RunningReason,
-    SandboxLost,
     SandboxProvisioning,
     SandboxRunning,
     SandboxStopped,
@@ -46,7 +44,7 @@ from shared.contracts import (
     StopReason,
 )
 from shared.errors import AppendConflict
-from shared.event_store import ChatState, EventLog, EventStore
+from shared.event_store import ChatState, EventStore
 from shared.registry import Registry
 from shared.subjects import canonical_chat_id
 from shared.telemetry import Telemetry
@@ -56,20 +54,6 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- decisions
-
-
-@dataclass(frozen=True, slots=True)
-class MarkLost:
-    session: SessionRecord
-    reason: LostReason
-    docker_state: str
-    container_id: str | None
-    exit_code: int | None = None  # as the engine reported it, when it did
-    oom_killed: bool | None = None
-
-    @property
-    def error(self) -> ErrorInfo:
-        return ErrorInfo(ErrorType.CONTAINER_STATE, self.docker_state, self.exit_code, self.oom_killed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,35 +137,6 @@ def _key(action: Action) -> tuple[str, str]:
 # --------------------------------------------------------------------------- effects
 
 
-async def append_lost(
-    store: EventLog,
-    chat: str,
-    state: ChatState,
-    action: MarkLost,
-    *,
-    node_id: str,
-    now: datetime,
-    event_id: str,
-    msg_id: str | None = None,
-) -> SandboxLost:
-    """Record the session of `action` as `lost`, decided from `state` (AppendConflict when the
-    chat moved on meanwhile). Reconciliation and the death watch both come here."""
-    lost = msgspec.structs.replace(action.session, status=SessionStatus.LOST, updated_at=now)
-    event = SandboxLost(
-        event_id=event_id,
-        chat_id=chat,
-        session_id=action.session.session_id,
-        causation_id=None,
-        occurred_at=now,
-        node_id=node_id,
-        reason=action.reason,
-        error=action.error,
-        session=msgspec.structs.replace(lost, version=state.seq),
-    )
-    await store.append(event, expected_seq=state.seq, msg_id=msg_id or event_id)
-    return event
-
-
 @dataclass
 class ReconcileReport:
     containers: int = 0
@@ -231,9 +186,16 @@ class NodeReconciler:
         async with self._one_pass:
             return await self._run_once()
 
-    async def _run_once(self) -> ReconcileReport:
+    async def fence(self) -> ReconcileReport:
+        """A pass for a node that was declared dead and is back: a container that no live
+        session owns is removed at once (its session was recorded lost while the node was
+        away; waiting for a second observation would let it run on)."""
+        async with self._one_pass:
+            return await self._run_once(fencing=True)
+
+    async def _run_once(self, *, fencing: bool = False) -> ReconcileReport:
         with self._telemetry.tracer.span("adapter.sandbox.reconcile_sessions", {"node.id": self._node_id}) as span:
-            report = await self._pass()
+            report = await self._pass(fencing=fencing)
             span.set_attribute("sandbox.container_count", report.containers)
             span.set_attribute("sandbox.lost_count", report.lost)
             span.set_attribute("sandbox.adopted_count", report.adopted)
@@ -251,7 +213,7 @@ class NodeReconciler:
         self.last_report = report
         return report
 
-    async def _pass(self) -> ReconcileReport:
+    async def _pass(self, *, fencing: bool) -> ReconcileReport:
         report = ReconcileReport()
         containers = await self._driver.list_managed(self._node_id)
         self._active.set(sum(1 for c in containers if c.state == "running"))
@@ -270,7 +232,7 @@ class NodeReconciler:
         seen_now: Counter[tuple[str, str]] = Counter()
         for chat in sorted(chats):
             try:
-                await self._reconcile_chat(chat, by_chat.get(chat, []), seen_now, report)
+                await self._reconcile_chat(chat, by_chat.get(chat, []), seen_now, report, fencing=fencing)
             except Exception as exc:  # noqa: BLE001 - one chat's failure must not end the pass
                 report.errors += 1
                 log.warning("reconciling chat %s failed: %s", chat, exc)
@@ -283,13 +245,16 @@ class NodeReconciler:
         containers: list[ObservedContainer],
         seen_now: Counter[tuple[str, str]],
         report: ReconcileReport,
+        *,
+        fencing: bool = False,
     ) -> None:
         state = await self._store.read(chat)
         actions = decide_for_chat(state, containers, self._node_id, self._clock.now(), self._claim_timeout)
         for action in actions:
             key = _key(action)
             seen_now[key] = self._seen[key] + 1
-            if seen_now[key] < self._confirmations:
+            needed = 1 if fencing and isinstance(action, RemoveOrphan) else self._confirmations
+            if seen_now[key] < needed:
                 report.pending_confirmation += 1
                 continue
             try:

@@ -26,7 +26,7 @@ from shared.errors import NatsUnavailable
 from shared.event_store import check_event
 from shared.poison import PoisonSource, Quarantine
 from shared.registry import Registry
-from shared.subjects import EVENT_SUBJECTS, EVENTS_STREAM, INVALID_EVENTS_SUBJECT, chat_of
+from shared.subjects import EVENT_SUBJECTS, EVENTS_STREAM, INVALID_EVENTS_SUBJECT, chat_of, is_node_event_subject
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ async def last_sessions(js: JetStreamContext, quarantine: Quarantine | None = No
                 out[chat] = LastEvent(seq, None, trusted=False)
             else:
                 out[chat] = LastEvent(seq, checked.session)
-        elif msg.subject != INVALID_EVENTS_SUBJECT:
+        elif msg.subject != INVALID_EVENTS_SUBJECT and not is_node_event_subject(msg.subject):
             quarantine.report(PoisonSource.EVENT, msg.subject, seq, "its subject names no chat")
         if msg.metadata.num_pending == 0:
             done.set()

@@ -23,6 +23,7 @@ from services.runtime.consumer import CommandConsumer
 from services.runtime.deaths import DeathAwareLog, DeathWatch
 from services.runtime.docker_driver import ContainerDriver, DockerDriver, prepare_chats_root
 from services.runtime.handlers import CommandHandlers, HandlerDeps, policy_from
+from services.runtime.nodes import NodeLog, NodeWatch
 from services.runtime.observe import ActiveSandboxes
 from services.runtime.projector import Projector
 from services.runtime.reconcile import NodeReconciler
@@ -32,14 +33,22 @@ from shared.config import Settings
 from shared.errors import DockerUnavailable
 from shared.event_store import EventStore
 from shared.handled import HandledCommands
-from shared.instances import InstanceLiveness, Instances
+from shared.instances import BEATS_PER_DEADLINE, InstanceLiveness, Instances
 from shared.nats_connection import service_connection
 from shared.nats_roles import Role
+from shared.nodes import NodeDirectory
 from shared.poison import Quarantine
 from shared.registry import Registry
 from shared.service import StartupError
 from shared.status_blocks import prometheus_endpoint, publish_periodically
-from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, ConsumerName
+from shared.subjects import (
+    COMMAND_SUBJECTS,
+    COMMANDS_STREAM,
+    EVENTS_STREAM,
+    ConsumerName,
+    node_commands_of,
+    node_consumer,
+)
 from shared.telemetry import Telemetry, setup_telemetry
 from shared.topology import HANDLED, INSTANCES, STATUS, attach_bucket, attach_topology
 
@@ -64,6 +73,7 @@ class RuntimeHandle:
     reconciler: NodeReconciler
     tasks: list[asyncio.Task[None]]
     deaths: DeathWatch | None = None  # None: no engine events to follow (or switched off)
+    nodes: NodeWatch | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +88,8 @@ class _Runtime:
     reconciler: NodeReconciler
     active: ActiveSandboxes
     deaths: DeathWatch | None
+    nodes: NodeWatch
+    node_queue: CommandConsumer  # this node's queue: commands other runtimes forwarded here
 
 
 @contextlib.asynccontextmanager
@@ -101,6 +113,14 @@ async def running_runtime(
         dead_after = timedelta(seconds=settings.runtime.instance_dead_after_seconds)
         instances_bucket = await attach_bucket(js, INSTANCES, settings.streams)
         instances = Instances(instances_bucket, clock, node_id=settings.runtime.node_id, dead_after=dead_after)
+        directory = NodeDirectory(
+            instances_bucket,
+            clock,
+            here=settings.runtime.node_id,
+            instance_id=instances.instance_id,
+            fresh_for=dead_after,
+            dead_after=timedelta(seconds=settings.runtime.node_dead_after_seconds),
+        )
         engine: DockerDriver | None = None
         if driver is None:
             driver = engine = await _docker(stack, settings, telemetry)
@@ -115,14 +135,16 @@ async def running_runtime(
             clock=clock,
             telemetry=telemetry,
             instances=instances,
+            directory=directory,
         )
         if settings.runtime.replay_on_start:
             await _replay(js, runtime, telemetry)
         # Entered before the loops start, so the heartbeat outlives their drain.
         await stack.enter_async_context(instances.heartbeating())
+        await runtime.nodes.start()  # this node's beat, before any placement reads it
         tasks = _start_tasks(stack, settings, runtime, _status_writer(settings, js, status_bucket, telemetry), clock)
         log.info("runtime %s started", settings.runtime.node_id)
-        yield RuntimeHandle(runtime.handlers, runtime.reconciler, tasks, runtime.deaths)
+        yield RuntimeHandle(runtime.handlers, runtime.reconciler, tasks, runtime.deaths, runtime.nodes)
 
 
 async def _docker(stack: contextlib.AsyncExitStack, settings: Settings, telemetry: Telemetry) -> DockerDriver:
@@ -148,6 +170,7 @@ def _wire(
     clock: Clock,
     telemetry: Telemetry,
     instances: InstanceLiveness,
+    directory: NodeDirectory,
 ) -> _Runtime:
     """Plain wiring: no I/O."""
     runtime = settings.runtime
@@ -183,16 +206,26 @@ def _wire(
             capacity,
             handled=handled,
             instances=instances,
+            nodes=directory,
         )
     )
-    consumer = CommandConsumer(
-        js,
-        handlers,
-        max_in_flight=runtime.max_in_flight,
-        ack_wait_seconds=runtime.ack_wait_seconds,
-        max_deliveries=runtime.max_deliveries,
-        telemetry=telemetry,
-    )
+
+    def queue_consumer(durable: str = ConsumerName.RUNTIME, filter_subject: str = COMMAND_SUBJECTS) -> CommandConsumer:
+        return CommandConsumer(
+            js,
+            handlers,
+            max_in_flight=runtime.max_in_flight,
+            ack_wait_seconds=runtime.ack_wait_seconds,
+            max_deliveries=runtime.max_deliveries,
+            durable=durable,
+            filter_subject=filter_subject,
+            telemetry=telemetry,
+        )
+
+    def node_queue(node_id: str) -> CommandConsumer:
+        return queue_consumer(node_consumer(node_id), node_commands_of(node_id))
+
+    consumer = queue_consumer()
     projector = Projector(js, store, registry, telemetry=telemetry, quarantine=quarantine)
     reconciler = NodeReconciler(
         store,
@@ -208,7 +241,29 @@ def _wire(
     )
     if deaths is not None and runtime.reconcile_enabled:
         deaths.reconcile_after_reconnect(reconciler.run_once)
-    return _Runtime(quarantine, registry, handlers, consumer, projector, reconciler, active, deaths)
+    nodes = NodeWatch(
+        directory,
+        capacity=capacity,
+        nodes=NodeLog(js, quarantine),
+        store=store,
+        registry=registry,
+        clock=clock,
+        fence=reconciler.fence,
+        consume_queue=lambda node, stop: node_queue(node).run(stop),
+        telemetry=telemetry,
+    )
+    return _Runtime(
+        quarantine,
+        registry,
+        handlers,
+        consumer,
+        projector,
+        reconciler,
+        active,
+        deaths,
+        nodes,
+        node_queue(runtime.node_id),
+    )
 
 
 async def _replay(js: JetStreamContext, runtime: _Runtime, telemetry: Telemetry) -> None:
@@ -249,6 +304,8 @@ def _start_tasks(
     stopping = asyncio.Event()
     loops: dict[str, Coroutine[Any, Any, None]] = {
         "commands": runtime.consumer.run(stopping),
+        "node commands": runtime.node_queue.run(stopping),
+        "nodes": runtime.nodes.run(stopping, settings.runtime.instance_dead_after_seconds / BEATS_PER_DEADLINE),
         "projector": runtime.projector.run(stopping),
         "status": publish_periodically(put_status, status, settings.telemetry.status_interval_seconds, stopping),
     }

@@ -13,7 +13,7 @@ import pytest
 from services.runtime.capacity import NodeCapacity
 from services.runtime.containers import ContainerSpec, container_name
 from services.runtime.decisions import Policy
-from services.runtime.handlers import CommandHandlers, HandlerDeps
+from services.runtime.handlers import CommandHandlers, Delivery, HandlerDeps
 from shared.commands import MalformedCommand
 from shared.config import SandboxSettings
 from shared.contracts import (
@@ -23,9 +23,13 @@ from shared.contracts import (
     CreateResult,
     CreateSandbox,
     KeepaliveSandbox,
+    LostReason,
+    Placement,
     PreviousSession,
     RejectReason,
     SandboxFailed,
+    SandboxLost,
+    SandboxProvisioning,
     SandboxRunning,
     SandboxStopped,
     SandboxStopping,
@@ -35,11 +39,13 @@ from shared.contracts import (
 )
 from shared.errors import (
     DockerUnavailable,
+    Forward,
     NatsUnavailable,
     SandboxStartFailed,
     SandboxStopFailed,
     WrongNode,
 )
+from shared.nodes import NodeState
 from shared.subjects import INVALID_EVENTS_SUBJECT
 from tests.support.eventually import until
 from tests.unit.fakes_runtime import FakeClock, FakeDriver, FakeHandled, FakeStore
@@ -453,3 +459,74 @@ async def test_handle_returns_none_when_the_outcome_was_given_before(world: Worl
     assert len(world.store.events(str(chat))) == events
     await world.handlers.handle(new_command(StopSandbox, chat), world.progress)
     assert await world.handlers.handle(create, world.progress) is None  # found in the chat's history
+
+
+class StubNodes:
+    """Nodes as the handlers see them: fixed states, a fixed placement."""
+
+    def __init__(self, here: str, states: dict[str, NodeState], place_on: str) -> None:
+        self._here = here
+        self.states = states
+        self.place_on = place_on
+
+    @property
+    def node_id(self) -> str:
+        return self._here
+
+    def state(self, node_id: str) -> NodeState:
+        return NodeState.ALIVE if node_id == self._here else self.states[node_id]
+
+    def place(self) -> Placement:
+        return Placement(node_id=self.place_on, placed_by=self._here, free=3, nodes=2)
+
+
+def handlers_on(world: World, node: str, nodes: StubNodes) -> CommandHandlers:
+    policy = Policy(node, "img", timedelta(minutes=5), timedelta(hours=1), timedelta(seconds=60))
+    return CommandHandlers(
+        HandlerDeps(
+            world.store, world.driver, world.clock, policy, SandboxSettings(), handled=world.handled, nodes=nodes
+        )
+    )
+
+
+async def test_a_create_placed_on_another_node_is_forwarded_with_its_placement(world: World) -> None:
+    chat = uuid.uuid4()
+    here = handlers_on(world, "node-a", StubNodes("node-a", {"node-b": NodeState.ALIVE}, place_on="node-b"))
+    create = msgspec.convert({"command_id": str(uuid.uuid4()), "chat_id": str(chat)}, CreateSandbox)
+    with pytest.raises(Forward) as forwarded:
+        await here.handle(create, world.progress)
+    assert forwarded.value.node_id == "node-b"
+    assert forwarded.value.placement is not None
+    assert forwarded.value.placement.placed_by == "node-a"
+    assert world.store.types(str(chat)) == [], "nothing recorded by the node that placed it"
+    there = handlers_on(world, "node-b", StubNodes("node-b", {"node-a": NodeState.ALIVE}, place_on="node-a"))
+    await there.handle(create, world.progress, Delivery(placement=forwarded.value.placement, hops=1))
+    claim = world.store.events(str(chat))[0]
+    assert isinstance(claim, SandboxProvisioning)
+    assert claim.placement == forwarded.value.placement, "the placed node claims it, recording the choice"
+    assert world.store.types(str(chat)) == ["provisioning", "running"]
+
+
+async def test_a_command_for_another_nodes_session_is_forwarded_waits_or_loses_it(world: World) -> None:
+    chat = uuid.uuid4()
+    nodes = StubNodes("node-a", {"node-b": NodeState.ALIVE}, place_on="node-a")
+    node_b = handlers_on(world, "node-b", StubNodes("node-b", {}, place_on="node-b"))
+    await node_b.handle(
+        msgspec.convert({"command_id": str(uuid.uuid4()), "chat_id": str(chat)}, CreateSandbox), world.progress
+    )
+    node_a = handlers_on(world, "node-a", nodes)
+    stop = msgspec.convert({"command_id": str(uuid.uuid4()), "chat_id": str(chat)}, StopSandbox)
+    with pytest.raises(Forward, match="node-b"):
+        await node_a.handle(stop, world.progress)
+    nodes.states["node-b"] = NodeState.SILENT
+    with pytest.raises(WrongNode, match="node-b"):
+        await node_a.handle(stop, world.progress)
+    assert world.store.types(str(chat)) == ["provisioning", "running"], "nothing recorded while it is another's"
+    nodes.states["node-b"] = NodeState.DEAD
+    await node_a.handle(stop, world.progress)
+    lost, rejected = world.store.events(str(chat))[-2:]
+    assert isinstance(lost, SandboxLost)
+    assert lost.reason == LostReason.NODE_LOST
+    assert isinstance(rejected, CommandRejected)
+    assert rejected.reason == RejectReason.NO_LIVE_SESSION
+    assert len(world.driver.running) == 1, "node-a never touches node-b's container"

@@ -22,7 +22,7 @@ from services.runtime.deaths import ContainerDeath, DeathAwareLog, DeathWatch, P
 from services.runtime.decisions import Policy
 from services.runtime.docker_driver import ContainerEvent, ExitState, ObservedContainer
 from services.runtime.handlers import CommandHandlers, HandlerDeps
-from services.runtime.reconcile import MarkLost
+from services.runtime.losses import MarkLost
 from shared.config import SandboxSettings
 from shared.contracts import (
     AnyEvent,

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from services.runtime.docker_driver import ObservedContainer
-from services.runtime.reconcile import Adopt, MarkLost, RemoveOrphan, decide_for_chat
+from services.runtime.losses import MarkLost
+from services.runtime.reconcile import Adopt, RemoveOrphan, decide_for_chat
 from shared.contracts import AnyEvent, SandboxProvisioning, SandboxRunning, SandboxStopped, SessionRecord, SessionStatus
 from shared.event_store import ChatState
 from tests.support.records import session_record

@@ -1,0 +1,218 @@
+"""Nodes (Docker hosts) and where new sessions go: `sandbox_instances` keys `node.<node token>`.
+
+Every runtime instance rewrites its node's beat (`NodeBeat`: when, and the node's live
+sessions against `runtime.max_sessions`) with each heartbeat; the key is never deleted, so a
+node whose runtimes all stopped or died is seen silent. Each runtime reads every node's beat
+once per heartbeat interval into a `NodeDirectory` and judges each node (`judge_node`):
+
+- alive: a beat within `runtime.instance_dead_after_seconds` — a candidate for new sessions,
+  and commands for its sessions are forwarded to its queue;
+- silent: no fresh beat, but not yet dead — commands for its sessions wait (nak with a delay);
+- dead: silent for `runtime.node_dead_after_seconds`, measured from the later of its last beat
+  and when this runtime began watching (a whole cluster restarting does not declare every
+  node dead at once) — its sessions are recorded lost.
+
+Placement (`choose_node`) is pure: the alive node with the most free places, counting the
+placements this runtime made since that node's last beat (so a burst spreads before the next
+beats arrive); ties are broken at random.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from nats.js.kv import KeyValue
+
+from shared.clock import Clock
+from shared.contracts import NodeBeat, Placement, decode_node_beat, encode
+from shared.event_store import with_nats_retry
+from shared.poison import DECODE_ERRORS, PoisonSource, Quarantine
+from shared.subjects import node_token
+
+log = logging.getLogger(__name__)
+
+NODE_KEY_PREFIX = "node."
+# Free places of a node with no limit: large, less what it runs (fewest sessions wins).
+_UNLIMITED_FREE = 1_000_000_000
+# A placement counts against its node until a beat written this long after it.
+_PLACEMENT_SETTLES = timedelta(seconds=1)
+_PLACEMENT_FORGOTTEN = timedelta(seconds=30)
+
+
+def node_key(node_id: str) -> str:
+    return NODE_KEY_PREFIX + node_token(node_id)
+
+
+class NodeState(enum.StrEnum):
+    ALIVE = "alive"
+    SILENT = "silent"
+    DEAD = "dead"
+
+
+def judge_node(
+    beat_at: datetime | None,
+    now: datetime,
+    watching_since: datetime,
+    *,
+    fresh_for: timedelta,
+    dead_after: timedelta,
+) -> NodeState:
+    """Pure: a node's state from its last beat (None: none seen) at `now`."""
+    if beat_at is not None and now - beat_at < fresh_for:
+        return NodeState.ALIVE
+    silent_since = watching_since if beat_at is None else max(beat_at, watching_since)
+    return NodeState.DEAD if now - silent_since >= dead_after else NodeState.SILENT
+
+
+def free_places(beat: NodeBeat, pending: int) -> int:
+    limit = beat.max_sessions if beat.max_sessions is not None else _UNLIMITED_FREE
+    return limit - beat.live_sessions - pending
+
+
+def choose_node(
+    alive: Sequence[NodeBeat],
+    pending: Mapping[str, int],
+    here: str,
+    pick: Callable[[Sequence[str]], str] = random.choice,
+) -> Placement:
+    """Pure: the node for a new session among the alive nodes' beats; this node when it knows
+    of none (its own beat not read yet)."""
+    if not alive:
+        return Placement(node_id=here, placed_by=here, nodes=1)
+    free = {b.node_id: free_places(b, pending.get(b.node_id, 0)) for b in alive}
+    best = max(free.values())
+    node = pick(sorted(n for n, f in free.items() if f == best))
+    limited = next(b for b in alive if b.node_id == node).max_sessions is not None
+    return Placement(node_id=node, placed_by=here, free=best if limited else None, nodes=len(alive))
+
+
+class Nodes(Protocol):
+    """What the command handlers need to know of nodes."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    def state(self, node_id: str) -> NodeState: ...
+
+    def place(self) -> Placement: ...
+
+
+class SingleNode:
+    """A runtime that knows of no other node (unit tests, tools): every session is placed
+    here, and another node's session waits for that node (it is never judged alive or dead)."""
+
+    def __init__(self, node_id: str) -> None:
+        self._node_id = node_id
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    def state(self, node_id: str) -> NodeState:
+        return NodeState.ALIVE if node_id == self._node_id else NodeState.SILENT
+
+    def place(self) -> Placement:
+        return Placement(node_id=self._node_id, placed_by=self._node_id)
+
+
+@dataclass
+class _Seen:
+    beat: NodeBeat | None  # None: known only from a session that names it
+
+
+@dataclass
+class NodeDirectory:
+    """This runtime's view of the nodes: its own node's beat written, every node's read."""
+
+    kv: KeyValue
+    clock: Clock
+    here: str
+    instance_id: str
+    fresh_for: timedelta
+    dead_after: timedelta
+    quarantine: Quarantine = field(default_factory=Quarantine)
+    pick: Callable[[Sequence[str]], str] = random.choice
+    _seen: dict[str, _Seen] = field(default_factory=dict)
+    _placed: list[tuple[str, datetime]] = field(default_factory=list)
+    _watching_since: datetime | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.here
+
+    async def beat(self, live_sessions: int, max_sessions: int | None) -> NodeBeat:
+        beat = NodeBeat(
+            node_id=self.here,
+            instance_id=self.instance_id,
+            beat_at=self.clock.now(),
+            live_sessions=live_sessions,
+            max_sessions=max_sessions,
+        )
+        await with_nats_retry(lambda: self.kv.put(node_key(self.here), encode(beat)), what="node beat")
+        self._seen[self.here] = _Seen(beat)
+        return beat
+
+    async def refresh(self) -> None:
+        """Read every node's beat (one watch of `node.>`); nodes seen before keep their entry."""
+
+        async def read_all() -> list[tuple[str, int, bytes]]:
+            found: list[tuple[str, int, bytes]] = []
+            watcher = await self.kv.watch(NODE_KEY_PREFIX + ">", ignore_deletes=True)
+            try:
+                async for entry in watcher:
+                    if entry is None:
+                        break
+                    if entry.value:
+                        found.append((entry.key, entry.revision or 0, entry.value))
+            finally:
+                await watcher.stop()  # type: ignore[no-untyped-call]
+            return found
+
+        if self._watching_since is None:
+            self._watching_since = self.clock.now()
+        for key, revision, value in await with_nats_retry(read_all, what="node beats"):
+            try:
+                beat = decode_node_beat(value)
+            except DECODE_ERRORS as exc:
+                self.quarantine.report(PoisonSource.HEARTBEAT, key, revision, f"does not decode: {exc}")
+                continue
+            if node_key(beat.node_id) != key:
+                self.quarantine.report(PoisonSource.HEARTBEAT, key, revision, "it names another node")
+                continue
+            self._seen[beat.node_id] = _Seen(beat)
+
+    def know_of(self, node_id: str) -> None:
+        """A node named by a live session: judged from now on even if it never beats."""
+        self._seen.setdefault(node_id, _Seen(None))
+
+    def state(self, node_id: str) -> NodeState:
+        seen = self._seen.get(node_id)
+        beat_at = seen.beat.beat_at if seen is not None and seen.beat is not None else None
+        since = self._watching_since or self.clock.now()
+        return judge_node(beat_at, self.clock.now(), since, fresh_for=self.fresh_for, dead_after=self.dead_after)
+
+    def last_beat(self, node_id: str) -> NodeBeat | None:
+        seen = self._seen.get(node_id)
+        return seen.beat if seen is not None else None
+
+    def nodes(self) -> dict[str, NodeState]:
+        return {node: self.state(node) for node in self._seen}
+
+    def place(self) -> Placement:
+        now = self.clock.now()
+        self._placed = [(n, at) for n, at in self._placed if now - at < _PLACEMENT_FORGOTTEN]
+        alive = [s.beat for n, s in self._seen.items() if s.beat is not None and self.state(n) == NodeState.ALIVE]
+        pending: dict[str, int] = {}
+        for node, at in self._placed:
+            beat = self.last_beat(node)
+            if beat is None or at > beat.beat_at - _PLACEMENT_SETTLES:
+                pending[node] = pending.get(node, 0) + 1
+        placement = choose_node(alive, pending, self.here, self.pick)
+        self._placed.append((placement.node_id, now))
+        return placement
