@@ -17,10 +17,10 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from functools import partial
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import Any, assert_never
 
 import msgspec
