@@ -43,6 +43,7 @@ from shared.subjects import (
     IDEMPOTENCY_BUCKET,
     INSTANCES_BUCKET,
     NODE_COMMAND_SUBJECTS,
+    NODE_COMMANDS_STREAM,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
     ConsumerName,
@@ -309,10 +310,12 @@ ROLES: dict[Role, RoleSpec] = {
                 stream_info(HANDLED_STREAM),
                 *direct_get(HANDLED_STREAM),
                 *_ordered_reads(INSTANCES_STREAM, direct=True),
-                # The shared queue (`sandboxd-runtime`) and each node's (`sandboxd-node-<node>`:
-                # its own node's, and a dead node's until it returns). Consumer names cannot be
-                # matched by a prefix, so: any durable on the commands stream.
-                *_durable(COMMANDS_STREAM, "*"),
+                *_durable(COMMANDS_STREAM, ConsumerName.RUNTIME),
+                # Each node's queue (`sandboxd-node-<node>`: its own node's, and a dead node's
+                # until it returns). Consumer names cannot be matched by a prefix, so: any
+                # durable on the nodes' stream (which holds only those queues).
+                stream_info(NODE_COMMANDS_STREAM),
+                *_durable(NODE_COMMANDS_STREAM, "*"),
                 *_durable(EVENTS_STREAM, ConsumerName.PROJECTOR),
                 *_ordered_reads(EVENTS_STREAM, direct=True),
                 *_ordered_reads(SESSIONS_STREAM, direct=True),

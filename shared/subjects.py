@@ -6,6 +6,7 @@ import enum
 import uuid
 
 COMMANDS_STREAM = "SANDBOX_COMMANDS"
+NODE_COMMANDS_STREAM = "SANDBOX_NODE_COMMANDS"  # the nodes' queues (see NODE_COMMAND_PREFIX)
 EVENTS_STREAM = "SANDBOX_EVENTS"
 SESSIONS_BUCKET = "sandbox_sessions"
 STATUS_BUCKET = "sandbox_status"
@@ -23,8 +24,8 @@ COMMAND_PREFIX = "sandbox.cmd"
 EVENT_PREFIX = "sandbox.events"
 COMMAND_SUBJECTS = f"{COMMAND_PREFIX}.>"
 # Commands a runtime forwarded to the node that must carry them out (the node a create was
-# placed on, or the node whose container a command touches), in SANDBOX_COMMANDS beside the
-# public subjects: `sandbox.node.<node token>.<kind>.<chat_id>`. Only runtimes publish here.
+# placed on, or the node whose container a command touches), in SANDBOX_NODE_COMMANDS:
+# `sandbox.node.<node token>.<kind>.<chat_id>`. Only runtimes publish here.
 NODE_COMMAND_PREFIX = "sandbox.node"
 NODE_COMMAND_SUBJECTS = f"{NODE_COMMAND_PREFIX}.>"
 # Node lifecycle events (`node_dead`, `node_returned`), in SANDBOX_EVENTS beside the chats'.
@@ -41,7 +42,7 @@ class ConsumerName(enum.StrEnum):
     PROJECTOR = "sandboxd-projector"  # the registry projector on SANDBOX_EVENTS
 
 
-NODE_CONSUMER_PREFIX = "sandboxd-node-"  # + node token: one node's queue on SANDBOX_COMMANDS
+NODE_CONSUMER_PREFIX = "sandboxd-node-"  # + node token: one node's queue on SANDBOX_NODE_COMMANDS
 
 
 def node_token(node_id: str) -> str:

@@ -33,6 +33,7 @@ from shared.subjects import (
     IDEMPOTENCY_BUCKET,
     INSTANCES_BUCKET,
     NODE_COMMAND_SUBJECTS,
+    NODE_COMMANDS_STREAM,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
 )
@@ -61,14 +62,34 @@ def commands_stream_config(settings: StreamSettings) -> StreamConfig:
     return StreamConfig(
         name=COMMANDS_STREAM,
         description="sandboxd commands (work queue: each command is consumed once)",
-        # The public subjects, and the nodes' queues that runtimes forward commands to.
-        subjects=[COMMAND_SUBJECTS, NODE_COMMAND_SUBJECTS],
+        subjects=[COMMAND_SUBJECTS],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         num_replicas=settings.replicas,
         duplicate_window=settings.commands_duplicate_window_seconds,
         max_age=settings.commands_max_age_seconds,
         # Full: new commands are refused at publish, so an accepted command is never dropped.
+        max_bytes=settings.commands_max_bytes,
+        max_msg_size=COMMAND_MAX_BYTES,
+        discard=DiscardPolicy.NEW,
+        allow_direct=False,
+    )
+
+
+def node_commands_stream_config(settings: StreamSettings) -> StreamConfig:
+    """The nodes' queues: commands a runtime forwarded to the node that must carry them out
+    (`sandbox.node.<node>.<kind>.<chat_id>`, one durable `sandboxd-node-<node>` per node). A
+    stream of its own, so that runtimes may make a consumer per node here and no consumer but
+    their shared one on SANDBOX_COMMANDS."""
+    return StreamConfig(
+        name=NODE_COMMANDS_STREAM,
+        description="sandboxd commands forwarded to the node that carries them out (work queue per node)",
+        subjects=[NODE_COMMAND_SUBJECTS],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        num_replicas=settings.replicas,
+        duplicate_window=settings.commands_duplicate_window_seconds,
+        max_age=settings.commands_max_age_seconds,
         max_bytes=settings.commands_max_bytes,
         max_msg_size=COMMAND_MAX_BYTES,
         discard=DiscardPolicy.NEW,
@@ -121,19 +142,12 @@ def _check_contract(name: str, have: StreamConfig, wanted: StreamConfig) -> None
             f"stream {name} exists with retention {have.retention}, the contract needs "
             f"{wanted.retention}; it cannot be changed in place (delete or rename the old stream)"
         )
-    if not set(have.subjects or []) <= set(wanted.subjects or []):
+    if set(have.subjects or []) != set(wanted.subjects or []):
         raise TopologyError(f"stream {name} exists with subjects {have.subjects}, expected {wanted.subjects}")
-
-
-def _subjects_missing(have: StreamConfig, wanted: StreamConfig) -> list[str]:
-    """Subjects the contract added since the stream was made (declaring adds them)."""
-    return sorted(set(wanted.subjects or []) - set(have.subjects or []))
 
 
 def _drifted(have: StreamConfig, wanted: StreamConfig) -> list[str]:
     fields = [f for f in _MUTABLE if getattr(have, f) != getattr(wanted, f)]
-    if _subjects_missing(have, wanted):
-        fields.append("subjects")
     if _republish(have) != _republish(wanted):
         fields.append("republish")
     return fields
@@ -217,6 +231,7 @@ async def ensure_topology(js: JetStreamContext, settings: StreamSettings) -> Key
     """Create what is missing, update settings that may change, leave data alone (admin).
     The status bucket is declared apart (`ensure_bucket(js, STATUS, ...)`)."""
     await _ensure_stream(js, commands_stream_config(settings))
+    await _ensure_stream(js, node_commands_stream_config(settings))
     await _ensure_stream(js, events_stream_config(settings))
     for spec in (HANDLED, IDEMPOTENCY, INSTANCES):
         await ensure_bucket(js, spec, settings)
@@ -251,9 +266,6 @@ async def _attach_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
         log.info("created stream %s", name)
         return
     _check_contract(name, info.config, wanted)
-    missing = _subjects_missing(info.config, wanted)
-    if missing:
-        raise TopologyMissing(f"stream {name} lacks the subjects {', '.join(missing)}; {DECLARE_HINT}")
     drift = _drifted(info.config, wanted)
     if drift:
         log.warning(
@@ -268,6 +280,11 @@ async def attach_topology(js: JetStreamContext, settings: StreamSettings) -> Key
     await _attach_stream(js, commands_stream_config(settings))
     await _attach_stream(js, events_stream_config(settings))
     return await attach_bucket(js, SESSIONS, settings)
+
+
+async def attach_node_queues(js: JetStreamContext, settings: StreamSettings) -> None:
+    """The runtimes' own stream of forwarded commands (no other process needs it)."""
+    await _attach_stream(js, node_commands_stream_config(settings))
 
 
 async def attach_bucket(js: JetStreamContext, spec: BucketSpec, settings: StreamSettings) -> KeyValue:

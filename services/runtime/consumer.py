@@ -93,6 +93,7 @@ class CommandConsumer:
         ack_wait_seconds: float,
         max_deliveries: int = 100,
         durable: str = ConsumerName.RUNTIME,
+        stream: str = COMMANDS_STREAM,
         filter_subject: str = COMMAND_SUBJECTS,
         telemetry: Telemetry | None = None,
     ) -> None:
@@ -103,6 +104,7 @@ class CommandConsumer:
         self._ack_wait = ack_wait_seconds
         self._max_deliveries = max_deliveries
         self._durable = durable
+        self._stream = stream
         self._filter = filter_subject
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -111,8 +113,8 @@ class CommandConsumer:
         config = runtime_consumer_config(
             self._durable, self._max_in_flight, self._ack_wait, self._max_deliveries, self._filter
         )
-        sub = await bind_durable(self._js, COMMANDS_STREAM, config)
-        log.info("consuming %s as %s", COMMANDS_STREAM, self._durable)
+        sub = await bind_durable(self._js, self._stream, config)
+        log.info("consuming %s as %s", self._stream, self._durable)
         try:
             while not stopping.is_set():
                 free = self._free_slots()
@@ -124,7 +126,7 @@ class CommandConsumer:
                 except (NatsTimeoutError, TimeoutError):  # nats-py raises either when nothing came
                     continue
                 except Exception:
-                    log.exception("fetch from %s failed; retrying", COMMANDS_STREAM)
+                    log.exception("fetch from %s failed; retrying", self._stream)
                     await asyncio.sleep(0.5)
                     continue
                 for msg in msgs:

@@ -156,7 +156,10 @@ class NodeWatch:
         await self.beat()
         await self._directory.refresh()
         await self._returned()
-        for node, state in self._directory.nodes().items():
+        states = self._directory.nodes()
+        for state in NodeState:
+            self._metrics.set("sandbox.nodes", sum(1 for s in states.values() if s == state), {"state": state})
+        for node, state in states.items():
             if node == self._here:
                 continue
             if state == NodeState.DEAD:

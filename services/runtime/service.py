@@ -45,12 +45,13 @@ from shared.subjects import (
     COMMAND_SUBJECTS,
     COMMANDS_STREAM,
     EVENTS_STREAM,
+    NODE_COMMANDS_STREAM,
     ConsumerName,
     node_commands_of,
     node_consumer,
 )
 from shared.telemetry import Telemetry, setup_telemetry
-from shared.topology import HANDLED, INSTANCES, STATUS, attach_bucket, attach_topology
+from shared.topology import HANDLED, INSTANCES, STATUS, attach_bucket, attach_node_queues, attach_topology
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ async def running_runtime(
         nc = await stack.enter_async_context(service_connection(settings.nats, name, role=Role.RUNTIME))
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
         kv = await attach_topology(js, settings.streams)
+        await attach_node_queues(js, settings.streams)
         status_bucket = await attach_bucket(js, STATUS, settings.streams)
         handled_bucket = await attach_bucket(js, HANDLED, settings.streams)
         dead_after = timedelta(seconds=settings.runtime.instance_dead_after_seconds)
@@ -210,7 +212,9 @@ def _wire(
         )
     )
 
-    def queue_consumer(durable: str = ConsumerName.RUNTIME, filter_subject: str = COMMAND_SUBJECTS) -> CommandConsumer:
+    def queue_consumer(
+        durable: str = ConsumerName.RUNTIME, stream: str = COMMANDS_STREAM, filter_subject: str = COMMAND_SUBJECTS
+    ) -> CommandConsumer:
         return CommandConsumer(
             js,
             handlers,
@@ -218,12 +222,13 @@ def _wire(
             ack_wait_seconds=runtime.ack_wait_seconds,
             max_deliveries=runtime.max_deliveries,
             durable=durable,
+            stream=stream,
             filter_subject=filter_subject,
             telemetry=telemetry,
         )
 
     def node_queue(node_id: str) -> CommandConsumer:
-        return queue_consumer(node_consumer(node_id), node_commands_of(node_id))
+        return queue_consumer(node_consumer(node_id), NODE_COMMANDS_STREAM, node_commands_of(node_id))
 
     consumer = queue_consumer()
     projector = Projector(js, store, registry, telemetry=telemetry, quarantine=quarantine)

@@ -39,6 +39,7 @@ from services.runtime.image import ensure_sandbox_image
 from shared.config import StreamSettings
 from shared.contracts import OUTCOME_TYPES
 from shared.failpoints import FAILPOINT_ENV
+from shared.nodes import NODE_KEY_PREFIX
 from shared.subjects import INSTANCES_BUCKET, command_subject
 from shared.topology import ensure_topology
 from tests.support.nats_server import nats_server
@@ -81,7 +82,7 @@ async def publish(nc: Client, kind: str, chat: str) -> str:
 async def live_instances(nc: Client) -> int:
     kv = await nc.jetstream().key_value(INSTANCES_BUCKET)
     try:
-        return len(await kv.keys())
+        return len([key for key in await kv.keys() if not key.startswith(NODE_KEY_PREFIX)])
     except nats.js.errors.NoKeysError:
         return 0
 

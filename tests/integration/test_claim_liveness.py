@@ -31,6 +31,7 @@ from shared.config import Settings, StreamSettings, load_settings
 from shared.contracts import OUTCOME_TYPES
 from shared.event_store import EventStore
 from shared.failpoints import FAILPOINT_ENV
+from shared.nodes import NODE_KEY_PREFIX
 from shared.subjects import COMMANDS_STREAM, INSTANCES_BUCKET, ConsumerName, command_subject
 from shared.topology import ensure_topology
 from tests.support.consistency import assert_consistent
@@ -98,10 +99,11 @@ def claim_of(events: Events, command_id: str) -> dict[str, Any]:
 
 
 async def live_instances(js: JetStreamContext) -> set[str]:
-    """The instances whose heartbeat is in the bucket (deleted ones are not)."""
+    """The instances whose heartbeat is in the bucket (deleted ones are not; nodes' beats,
+    `node.<node>`, are not instances)."""
     kv = await js.key_value(INSTANCES_BUCKET)
     try:
-        return set(await kv.keys())
+        return {key for key in await kv.keys() if not key.startswith(NODE_KEY_PREFIX)}
     except nats_client.js.errors.NoKeysError:
         return set()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import signal
 import uuid
@@ -36,6 +37,7 @@ from shared.subjects import (
     COMMANDS_STREAM,
     EVENTS_STREAM,
     INSTANCES_BUCKET,
+    NODE_COMMANDS_STREAM,
     ConsumerName,
     command_subject,
     node_command_subject,
@@ -46,7 +48,7 @@ from shared.topology import ensure_topology
 from tests.support.eventually import eventually, holds
 from tests.support.nats_server import NatsServer
 from tests.support.private_dockerd import PrivateDockerd, private_dockerd_with_image
-from tests.support.processes import Child, make_sandbox_dirs, sandboxd_env, spawn, stop
+from tests.support.processes import Child, make_sandbox_dirs, metric_total, sandboxd_env, spawn, stop
 
 TEST_IMAGE = "sandboxd-sandbox:latest"
 TOKEN = "multi-host-token"
@@ -176,19 +178,21 @@ async def node_events(js: JetStreamContext, node: str) -> list[str]:
     return [json.loads(raw.data or b"{}")["type"]]
 
 
-async def consumer_counts(js: JetStreamContext, durable: str) -> tuple[int, int, int]:
-    """(delivered, redelivered, ack pending) of a consumer on the commands stream."""
-    info = await js.consumer_info(COMMANDS_STREAM, durable)
+async def consumer_counts(js: JetStreamContext, durable: str, stream: str = COMMANDS_STREAM) -> tuple[int, int, int]:
+    """(delivered, redelivered, ack pending) of a consumer."""
+    info = await js.consumer_info(stream, durable)
     return info.delivered.consumer_seq or 0, info.num_redelivered or 0, info.num_ack_pending or 0
 
 
 async def test_placement_spreads_and_commands_reach_their_node_once(hosts: Hosts) -> None:
-    for node in NODES:
-        hosts.runtime(node, f"runtime-{node}")
+    runtimes = [hosts.runtime(node, f"runtime-{node}") for node in NODES]
     nc = await nats_client.connect(hosts.nats.url)
     js = nc.jetstream()
     try:
         await nodes_beating(js, *NODES)
+        for child in runtimes:  # each runtime has read both nodes' beats: a burst can spread
+            alive = functools.partial(metric_total, child, "sandbox_nodes", state="alive")
+            await eventually(alive, lambda n: n == len(NODES), what="both nodes alive to each runtime")
         chats = [str(uuid.uuid4()) for _ in range(10)]
         creates = {chat: await publish(js, "create", chat) for chat in chats}
         created = await all_answered(js, creates)
@@ -219,11 +223,12 @@ async def test_placement_spreads_and_commands_reach_their_node_once(hosts: Hosts
         assert shared == (len(creates) + len(stops), 0, 0), shared
         forwarded = 0
         for node in NODES:
-            delivered, redelivered, pending = await consumer_counts(js, node_consumer(node))
+            delivered, redelivered, pending = await consumer_counts(js, node_consumer(node), NODE_COMMANDS_STREAM)
             assert (redelivered, pending) == (0, 0), node
             forwarded += delivered
         assert forwarded > 0, "two nodes and twenty commands: some were another node's"
-        assert (await js.stream_info(COMMANDS_STREAM)).state.messages == 0
+        for stream in (COMMANDS_STREAM, NODE_COMMANDS_STREAM):
+            assert (await js.stream_info(stream)).state.messages == 0, stream
     finally:
         await nc.close()
 

@@ -33,13 +33,18 @@ from shared.instances import Instances, Liveness
 from shared.nats_connection import NatsRefused, connect
 from shared.nats_credentials import ensure_seed
 from shared.nats_roles import Role
+from shared.nodes import NODE_KEY_PREFIX
 from shared.subjects import (
     COMMANDS_STREAM,
     EVENTS_STREAM,
     INSTANCES_BUCKET,
+    NODE_COMMANDS_STREAM,
     SESSIONS_BUCKET,
     STATUS_BUCKET,
     ConsumerName,
+    node_command_subject,
+    node_commands_of,
+    node_consumer,
 )
 from shared.topology import STATUS, TopologyMissing, ensure_bucket, ensure_topology
 from tests.conftest import TEST_TOKEN, missing, settings_for
@@ -553,13 +558,39 @@ async def test_internal_roles_hold_only_their_own_rights(system: System) -> None
     await api.close()
 
 
+async def test_only_runtimes_forward_commands_to_nodes_and_consume_the_nodes_queues(system: System) -> None:
+    """`sandbox.node.>` (SANDBOX_NODE_COMMANDS) is the runtimes' alone: a command there is
+    carried out by the node it names without any further check of who sent it."""
+    chat = str(uuid.uuid4())
+    forwarded = node_command_subject("node-x", "create", chat)
+    for role in (Role.API, Role.REAPER, Role.AGENT, Role.AUDITOR):
+        party = await system.connect(role)
+        assert await party.attempt(forwarded, command(chat)[1]), role
+        assert await party.attempt(f"{API}.CONSUMER.MSG.NEXT.{NODE_COMMANDS_STREAM}.{node_consumer('node-x')}"), role
+        await party.close()
+    runtime = await system.connect(Role.RUNTIME)
+    ack = await runtime.js.publish(forwarded, command(chat)[1], headers={"Nats-Msg-Id": str(uuid.uuid4())})
+    assert ack.stream == NODE_COMMANDS_STREAM
+    await runtime.js.add_consumer(
+        NODE_COMMANDS_STREAM, durable_name=node_consumer("node-x"), filter_subject=node_commands_of("node-x")
+    )
+    sub = await runtime.js.pull_subscribe_bind(node_consumer("node-x"), NODE_COMMANDS_STREAM)
+    [msg] = await sub.fetch(1, timeout=5)
+    assert msg.subject == forwarded
+    await msg.ack()
+    await runtime.close()
+
+
 async def test_runtimes_heartbeat_and_read_each_others_heartbeats_and_nobody_else_writes_them(
     system: System,
 ) -> None:
     """The running runtime's heartbeat is in `sandbox_instances`; another runtime instance
     reads it (one direct get) and judges it alive; no other role may write one."""
     kv = await system.admin.nc.jetstream().key_value(INSTANCES_BUCKET)
-    (running,) = await eventually(kv.keys, what="the runtime's heartbeat")
+    keys = await eventually(
+        kv.keys, lambda found: any(not k.startswith(NODE_KEY_PREFIX) for k in found), what="a heartbeat"
+    )
+    (running,) = [k for k in keys if not k.startswith(NODE_KEY_PREFIX)]
     peer = await system.connect(Role.RUNTIME)
     peer_kv = await peer.js.key_value(INSTANCES_BUCKET)
     instances = Instances(peer_kv, SystemClock(), node_id="peer", dead_after=timedelta(seconds=5))
