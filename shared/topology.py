@@ -58,11 +58,11 @@ class TopologyMissing(TopologyError, StartupError):
     """A stream or bucket is missing and this process may not create it; says what to run."""
 
 
-def commands_stream_config(settings: StreamSettings) -> StreamConfig:
+def _work_queue(name: str, description: str, subjects: str, settings: StreamSettings) -> StreamConfig:
     return StreamConfig(
-        name=COMMANDS_STREAM,
-        description="sandboxd commands (work queue: each command is consumed once)",
-        subjects=[COMMAND_SUBJECTS],
+        name=name,
+        description=description,
+        subjects=[subjects],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         num_replicas=settings.replicas,
@@ -76,24 +76,22 @@ def commands_stream_config(settings: StreamSettings) -> StreamConfig:
     )
 
 
+def commands_stream_config(settings: StreamSettings) -> StreamConfig:
+    return _work_queue(
+        COMMANDS_STREAM, "sandboxd commands (work queue: each command is consumed once)", COMMAND_SUBJECTS, settings
+    )
+
+
 def node_commands_stream_config(settings: StreamSettings) -> StreamConfig:
     """The nodes' queues: commands a runtime forwarded to the node that must carry them out
     (`sandbox.node.<node>.<kind>.<chat_id>`, one durable `sandboxd-node-<node>` per node). A
     stream of its own, so that runtimes may make a consumer per node here and no consumer but
     their shared one on SANDBOX_COMMANDS."""
-    return StreamConfig(
-        name=NODE_COMMANDS_STREAM,
-        description="sandboxd commands forwarded to the node that carries them out (work queue per node)",
-        subjects=[NODE_COMMAND_SUBJECTS],
-        retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.FILE,
-        num_replicas=settings.replicas,
-        duplicate_window=settings.commands_duplicate_window_seconds,
-        max_age=settings.commands_max_age_seconds,
-        max_bytes=settings.commands_max_bytes,
-        max_msg_size=COMMAND_MAX_BYTES,
-        discard=DiscardPolicy.NEW,
-        allow_direct=False,
+    return _work_queue(
+        NODE_COMMANDS_STREAM,
+        "sandboxd commands forwarded to the node that carries them out (work queue per node)",
+        NODE_COMMAND_SUBJECTS,
+        settings,
     )
 
 
