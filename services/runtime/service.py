@@ -283,7 +283,7 @@ StatusWriter = Callable[[bytes], Awaitable[None]]
 def _status_writer(settings: Settings, js: JetStreamContext, bucket: KeyValue, telemetry: Telemetry) -> StatusWriter:
     async def put_status(data: bytes) -> None:
         await bucket.put(f"runtime.{settings.runtime.node_id}.{os.getpid()}", data)
-        await observe_consumer_lag(js, telemetry)
+        await observe_consumer_lag(js, telemetry, settings.runtime.node_id)
 
     return put_status
 
@@ -349,9 +349,14 @@ async def node_capacity(settings: Settings, driver: ContainerDriver, engine: Doc
     return NodeCapacity(limit, live_sessions)
 
 
-async def observe_consumer_lag(js: JetStreamContext, telemetry: Telemetry) -> None:
-    """Consumer lag as gauges: messages not yet delivered and delivered but unacknowledged."""
-    for stream, consumer in ((COMMANDS_STREAM, ConsumerName.RUNTIME), (EVENTS_STREAM, ConsumerName.PROJECTOR)):
+async def observe_consumer_lag(js: JetStreamContext, telemetry: Telemetry, node_id: str) -> None:
+    """Consumer lag as gauges: messages not yet delivered and delivered but unacknowledged
+    (the shared queue, the projector's, and this node's queue)."""
+    for stream, consumer in (
+        (COMMANDS_STREAM, str(ConsumerName.RUNTIME)),
+        (EVENTS_STREAM, str(ConsumerName.PROJECTOR)),
+        (NODE_COMMANDS_STREAM, node_consumer(node_id)),
+    ):
         with contextlib.suppress(Exception):
             info = await js.consumer_info(stream, consumer)
             telemetry.metrics.set("sandbox.consumer.pending", info.num_pending or 0, {"consumer": consumer})
