@@ -16,6 +16,7 @@ from pathlib import Path
 import docker
 import httpx
 import nats
+import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
@@ -38,7 +39,7 @@ from shared.topology import ensure_topology
 from tests.integration.test_stack_up import running_stack, supervision
 from tests.support.consistency import assert_consistent
 from tests.support.eventually import eventually, until
-from tests.support.nats_cluster import NatsCluster, is_current, stream_leader
+from tests.support.nats_cluster import NatsCluster, is_current, nats_cluster, stream_leader
 from tests.support.nats_server import NatsServer, free_port
 from tests.support.processes import api_base, make_sandbox_dirs, sandboxd_env, spawn, stop, until_ready
 
@@ -123,6 +124,26 @@ async def test_a_client_connects_while_a_server_of_its_list_is_down(nats: NatsSe
         assert nc.connected_url is not None
         assert f"{nc.connected_url.hostname}:{nc.connected_url.port}" == nats.url.removeprefix("nats://")
         await nc.close()
+
+
+async def test_a_secured_cluster_has_the_roles_of_the_single_server(tmp_path: Path) -> None:
+    with nats_cluster(tmp_path, secured=True) as cluster:
+        with pytest.raises(Exception, match="Authorization Violation"):
+            await nats.connect(cluster.urls[0], allow_reconnect=False, connect_timeout=5)
+        admin = await cluster.connect(Role.ADMIN)
+        try:
+            js = admin.jetstream(timeout=5)
+            await cluster.ready(js)
+            await ensure_topology(js, StreamSettings(replicas=3))
+            assert (await js.stream_info(EVENTS_STREAM)).config.num_replicas == 3
+        finally:
+            await admin.close()
+        agent = await cluster.connect(Role.AGENT)
+        try:
+            with pytest.raises(TimeoutError):  # refused: an agent may not declare streams
+                await agent.jetstream(timeout=1).add_stream(name="NOT_ALLOWED", subjects=["x.>"])
+        finally:
+            await agent.close()
 
 
 # --------------------------------------------------------------------------- a server lost under load
