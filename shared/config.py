@@ -26,9 +26,11 @@ ENV_PREFIX = "SANDBOXD_"
 CONFIG_FILE_ENV = "SANDBOXD_CONFIG"
 NKEY_FILE_KEY = "nats.nkey_file (SANDBOXD_NATS_NKEY_FILE)"
 
-Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+MAX_PORT = 65535
+Port = Annotated[int, msgspec.Meta(ge=0, le=MAX_PORT)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+MAX_EMBEDDED_CLUSTER_SIZE = 5
 
 
 class ConfigError(Exception):
@@ -40,9 +42,15 @@ def _hostname() -> str:
 
 
 class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    # Unset: `sandboxctl up` starts an embedded nats-server on 127.0.0.1:embedded_port.
+    # One server URL, or several comma-separated (the servers of a cluster: the client picks
+    # one and moves to another when it goes). Unset: `sandboxctl up` starts the embedded
+    # server(s) on 127.0.0.1:embedded_port (and the next ports in cluster mode).
     url: str | None = None
     embedded_port: Port = 4222
+    # Servers of the embedded stack: 1 (a single server) or a 3- or 5-node JetStream cluster
+    # on loopback, clients on embedded_port, +1, ..., routes on embedded_cluster_port, +1, ...
+    embedded_cluster_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_EMBEDDED_CLUSTER_SIZE)] = 1
+    embedded_cluster_port: Port = 6222
     connect_timeout_seconds: PositiveSeconds = 5.0
     request_timeout_seconds: PositiveSeconds = 5.0
     # The NATS user nkey seed this process connects with (`.sandboxd/nats/<role>.nk`, written
@@ -273,7 +281,7 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
         where = _source_of(match.group(1), env, file)
         raise ConfigError(f"invalid configuration value for {where}: {message[: match.start()]}") from exc
     _check_relations(settings)
-    return settings
+    return _embedded_cluster_replicas(settings, data.get("streams", {}))
 
 
 def _check_nkey_file(settings: NatsSettings) -> None:
@@ -285,9 +293,67 @@ def _check_nkey_file(settings: NatsSettings) -> None:
             raise ConfigError(f"{NKEY_FILE_KEY}: {exc}") from exc
 
 
+def _check_nats(settings: NatsSettings) -> None:
+    url_key = f"nats.url ({env_name('nats', 'url')})"
+    if settings.url is not None:
+        urls = settings.url.split(",")
+        if not all(url.strip() for url in urls):
+            raise ConfigError(f"{url_key} = {settings.url!r}: an empty server URL in the comma-separated list")
+        if any(any(c.isspace() for c in url.strip()) for url in urls):
+            raise ConfigError(f"{url_key} = {settings.url!r}: server URLs are separated by commas, not spaces")
+    size = settings.embedded_cluster_size
+    size_key = f"nats.embedded_cluster_size ({env_name('nats', 'embedded_cluster_size')}={size})"
+    if size % 2 == 0:
+        raise ConfigError(
+            f"{size_key} must be odd (1, 3 or 5): a JetStream cluster needs a majority of its servers, "
+            f"so {size} servers survive no more losses than {size - 1}"
+        )
+    for name, port in (
+        ("embedded_port", settings.embedded_port),
+        ("embedded_cluster_port", settings.embedded_cluster_port),
+    ):
+        if port + size - 1 > MAX_PORT:
+            raise ConfigError(
+                f"nats.{name} ({env_name('nats', name)}={port}) leaves no room for {size} servers "
+                f"(ports {port}..{port + size - 1}; {size_key})"
+            )
+    if size > 1:
+        clients = set(range(settings.embedded_port, settings.embedded_port + size))
+        routes = set(range(settings.embedded_cluster_port, settings.embedded_cluster_port + size))
+        if clients & routes:
+            raise ConfigError(
+                f"nats.embedded_port ({env_name('nats', 'embedded_port')}={settings.embedded_port}) and "
+                f"nats.embedded_cluster_port ({env_name('nats', 'embedded_cluster_port')}="
+                f"{settings.embedded_cluster_port}) overlap for {size} servers ({size_key})"
+            )
+
+
+def _embedded_cluster_replicas(settings: Settings, given: Mapping[str, Any]) -> Settings:
+    """With the embedded cluster, streams and buckets default to one replica per server
+    (unless `streams.replicas` was given)."""
+    nats = settings.nats
+    if nats.url is not None or nats.embedded_cluster_size == 1 or "replicas" in given:
+        return settings
+    streams = msgspec.structs.replace(settings.streams, replicas=nats.embedded_cluster_size)
+    return msgspec.structs.replace(settings, streams=streams)
+
+
+def check_embedded_replicas(settings: Settings) -> None:
+    """The embedded stack cannot give a stream more replicas than it has servers."""
+    size, replicas = settings.nats.embedded_cluster_size, settings.streams.replicas
+    if replicas > size:
+        raise ConfigError(
+            f"streams.replicas ({env_name('streams', 'replicas')}={replicas}) exceeds "
+            f"nats.embedded_cluster_size ({env_name('nats', 'embedded_cluster_size')}={size}): a stream cannot "
+            f"have more replicas than there are servers; set {env_name('nats', 'embedded_cluster_size')}="
+            f"{replicas if replicas % 2 else replicas + 1} or lower the replicas"
+        )
+
+
 def _check_relations(settings: Settings) -> None:
     """Constraints between keys, each message naming both; files a key names must be usable."""
     _check_nkey_file(settings.nats)
+    _check_nats(settings.nats)
     if settings.sandbox.max_ttl_seconds > settings.sandbox.max_lifetime_seconds:
         raise ConfigError(
             f"sandbox.max_ttl_seconds ({env_name('sandbox', 'max_ttl_seconds')}={settings.sandbox.max_ttl_seconds}) "

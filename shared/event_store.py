@@ -19,7 +19,7 @@ from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRe
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
-from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from shared.contracts import AnyEvent, SessionRecord, decode_event, encode
 from shared.errors import AppendConflict, NatsUnavailable
@@ -40,6 +40,9 @@ CONFLICT_CODES = frozenset({10071, 10164})
 _UNAVAILABLE = (
     NatsTimeoutError,
     NoRespondersError,
+    # A JetStream publish that found no responder: the stream's leader is being elected
+    # (a clustered server went) or its server is down.
+    NoStreamResponseError,
     ServiceUnavailableError,
     ConnectionClosedError,
     ConnectionReconnectingError,

@@ -18,11 +18,18 @@ from shared.service import StartupError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URL = "nats://127.0.0.1:4222"
+
+def nats_servers(settings: NatsSettings) -> list[str]:
+    """The server URLs a process connects to: `nats.url`'s comma-separated list, or the
+    embedded server(s) `sandboxctl up` starts on loopback."""
+    if settings.url is not None:
+        return [url.strip() for url in settings.url.split(",") if url.strip()]
+    return [f"nats://127.0.0.1:{settings.embedded_port + i}" for i in range(settings.embedded_cluster_size)]
 
 
 def nats_url(settings: NatsSettings) -> str:
-    return settings.url or f"nats://127.0.0.1:{settings.embedded_port}"
+    """The servers as one string (`nats.url`'s form), for messages and child processes."""
+    return ",".join(nats_servers(settings))
 
 
 def _seed(settings: NatsSettings) -> str | None:
@@ -101,7 +108,8 @@ async def connect(
     role: Role | None = None,
     on_reconnected: Callable[[], None] | None = None,
 ) -> Client:
-    """A client that reconnects forever once connected. The first connection fails fast:
+    """A client of every server `nats.url` names (a cluster's: it moves to another when its
+    server goes), that reconnects forever once connected. The first connection fails fast:
     NatsRefused when the server rejects the credentials or does not answer within
     `nats.connect_timeout_seconds` (nats-py alone would retry both forever).
 
@@ -112,7 +120,8 @@ async def connect(
     subscriptions; JetStream consumers that lived in the server's memory are gone by then.
     Requests that were waiting for a reply when the connection dropped fail then (_LostRequests)."""
     seed = _seed(settings)
-    url = nats_url(settings)
+    servers = nats_servers(settings)
+    url = ",".join(servers)
     loop = asyncio.get_running_loop()
     refused: asyncio.Future[Exception] = loop.create_future()
     connected = abandoned = False
@@ -146,7 +155,7 @@ async def connect(
         "nkeys_seed_str": seed,
         "inbox_prefix": inbox_prefix(role) if role is not None else OUTSIDE_INBOX,
     }
-    connecting: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(url, **options))
+    connecting: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(servers, **options))
     waiting: set[asyncio.Future[Any]] = {connecting, refused}
     done, _ = await asyncio.wait(waiting, timeout=settings.connect_timeout_seconds, return_when=asyncio.FIRST_COMPLETED)
     if connecting in done:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.nats_server_config import ACCOUNTS_FILE, USERS_FILE, ClusterNode, render_accounts, render_server
+from shared.nats_server_config import ACCOUNTS_FILE, USERS_FILE, cluster_nodes, render_accounts, render_server
 
 INFRA_DIR = Path(__file__).resolve().parents[1] / "infra" / "nats"
-CLUSTER = tuple(ClusterNode(f"sandboxd-n{i}", 4221 + i, 6221 + i) for i in (1, 2, 3))
+CLUSTER = cluster_nodes(3, client_port=4222, cluster_port=6222)
 
 
 def generate() -> dict[str, str]:

@@ -53,6 +53,15 @@ class ClusterNode:
     cluster_port: int
 
 
+CLUSTER_NAME = "sandboxd"
+
+
+def cluster_nodes(size: int, client_port: int, cluster_port: int) -> tuple[ClusterNode, ...]:
+    """The nodes of a loopback cluster: `sandboxd-n1`.. with consecutive client ports from
+    `client_port` and route ports from `cluster_port` (infra/nats/ and `sandboxctl up`)."""
+    return tuple(ClusterNode(f"sandboxd-n{i + 1}", client_port + i, cluster_port + i) for i in range(size))
+
+
 def key_variable(role: Role) -> str:
     return f"SANDBOXD_NKEY_{role.value.upper()}"
 
@@ -180,7 +189,7 @@ def render_server(
             _assign(
                 "cluster",
                 {
-                    "name": "sandboxd",
+                    "name": CLUSTER_NAME,
                     "listen": f"{host}:{node.cluster_port}",
                     "routes": [f"nats-route://{host}:{n.cluster_port}" for n in nodes if n != node],
                 },

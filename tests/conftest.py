@@ -7,6 +7,7 @@ tests/integration carries the `integration` marker (`just unit` deselects them).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +20,7 @@ from docker.errors import DockerException
 from services.runtime.image import ensure_sandbox_image
 from services.runtime.service import RuntimeHandle, running_runtime
 from shared.config import Settings, load_settings
+from tests.support.nats_cluster import NatsCluster, nats_cluster
 from tests.support.nats_server import NatsServer, nats_server
 from tests.support.processes import make_sandbox_dirs
 
@@ -62,6 +64,19 @@ def nats(tmp_path: Path) -> Iterator[NatsServer]:
             yield server
     except (OSError, RuntimeError) as exc:
         missing(f"cannot run nats-server: {exc}")
+
+
+@pytest.fixture
+def open_nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A 3-node JetStream cluster without authentication (tests/support/nats_cluster.py);
+    await `ready` before using JetStream."""
+    with contextlib.ExitStack() as stack:
+        try:
+            cluster = stack.enter_context(nats_cluster(tmp_path / "nats-cluster"))
+        except (OSError, RuntimeError) as exc:
+            missing(f"cannot run a nats-server cluster: {exc}")
+            raise
+        yield cluster
 
 
 @pytest.fixture

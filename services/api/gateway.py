@@ -44,6 +44,11 @@ _OUTCOME_NAMES = frozenset(t.__struct_config__.tag for t in OUTCOME_TYPES)
 # is back (stream recovery, leader election); retry quickly, then every second.
 _RESUBSCRIBE_FIRST_DELAY = 0.05
 _RESUBSCRIBE_MAX_DELAY = 1.0
+# The consumer's idle heartbeat. In a cluster it may live on another server than the
+# connection: when that server dies no reconnect says so, and nats-py re-creates the
+# consumer only after two missed heartbeats (with its default of 5 s, creates waited up to
+# 20 s after a server's kill -9; tests/bench/cluster.py).
+_HEARTBEAT_SECONDS = 1.0
 # Requests whose chat is re-read at once after a reconnect (each read is one direct get).
 _RECHECKS_AT_ONCE = 32
 
@@ -150,6 +155,7 @@ class OutcomeWaiter:
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             config=ConsumerConfig(opt_start_seq=start),
+            idle_heartbeat=_HEARTBEAT_SECONDS,
             pending_msgs_limit=1_000_000,
         )
         # nats-py re-creates an ordered consumer on its own after missed heartbeats, from

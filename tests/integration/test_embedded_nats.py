@@ -9,7 +9,7 @@ import nats
 import pytest
 
 from services.ctl.stack import NATS_DIR, write_embedded_config
-from shared.config import StreamSettings
+from shared.config import NatsSettings, StreamSettings
 from shared.nats_credentials import read_user_seed
 from shared.nats_roles import Role
 from shared.topology import ensure_topology
@@ -20,9 +20,9 @@ from tests.support.nats_server import NatsServer, free_port
 
 def test_a_restart_reuses_the_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    first = write_embedded_config(free_port())
+    first = write_embedded_config(NatsSettings(embedded_port=free_port()))
     seeds = {role: read_user_seed(first.seed_file(role)) for role in Role}
-    again = write_embedded_config(free_port())
+    again = write_embedded_config(NatsSettings(embedded_port=free_port()))
     assert {role: read_user_seed(again.seed_file(role)) for role in Role} == seeds
     assert stat.S_IMODE(NATS_DIR.stat().st_mode) == 0o700
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in NATS_DIR.iterdir() if p.is_file())
@@ -49,7 +49,7 @@ async def test_data_of_the_unauthenticated_server_is_kept(tmp_path: Path, monkey
         old.stop()
 
     port = free_port()
-    credentials = write_embedded_config(port)
+    credentials = write_embedded_config(NatsSettings(embedded_port=port))
     new = NatsServer(port, NATS_DIR.resolve(), config=(NATS_DIR / "server.conf").resolve(), credentials=credentials)
     new.start()
     try:

@@ -45,7 +45,8 @@ class Stack:
 @contextlib.contextmanager
 def running_stack(tmp_path: Path, node_id: str, **extra_env: str) -> Iterator[Stack]:
     """`sandboxctl up` in `tmp_path`, ready; stopped (SIGTERM) on the way out."""
-    http_port, nats_port, runtime_metrics, reaper_metrics = free_port(), free_port(), free_port(), free_port()
+    http_port, runtime_metrics, reaper_metrics = free_port(), free_port(), free_port()
+    nats_port = int(extra_env.get("SANDBOXD_NATS_EMBEDDED_PORT") or free_port())
     token = uuid.uuid4().hex
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("SANDBOXD_")},

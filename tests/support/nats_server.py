@@ -34,6 +34,8 @@ class NatsServer:
     # Secured mode: the server config and the credentials it was generated with.
     config: Path | None = None
     credentials: Credentials | None = None
+    # Open mode: more nats-server flags (a cluster node's name, cluster and routes).
+    args: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -51,7 +53,7 @@ class NatsServer:
         if self.config is not None:
             args = ["-c", str(self.config)]
         else:
-            args = ["-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir)]
+            args = ["-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir), *self.args]
         self.process = subprocess.Popen(
             [str(nats_server_path()), *args],
             stdout=subprocess.DEVNULL,

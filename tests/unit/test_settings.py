@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import ConfigError, load_settings
+from shared.config import ConfigError, check_embedded_replicas, load_settings
+from shared.nats_connection import nats_servers
 
 
 def test_defaults() -> None:
@@ -111,3 +112,74 @@ def test_limits_are_checked_and_named(environ: dict[str, str], needles: list[str
         load_settings(environ=environ)
     for needle in needles:
         assert needle in str(caught.value)
+
+
+# --------------------------------------------------------------------------- NATS cluster
+
+
+def test_the_embedded_cluster_gives_streams_a_replica_per_server(tmp_path: Path) -> None:
+    three = {"SANDBOXD_NATS_EMBEDDED_CLUSTER_SIZE": "3"}
+    assert load_settings(environ=three).streams.replicas == 3
+    assert load_settings(environ={}).streams.replicas == 1
+    # The operator's choice wins, from a variable or a file.
+    assert load_settings(environ={**three, "SANDBOXD_STREAMS_REPLICAS": "1"}).streams.replicas == 1
+    file = tmp_path / "sandboxd.toml"
+    file.write_text("[streams]\nreplicas = 2\n")
+    assert load_settings(environ={**three, "SANDBOXD_CONFIG": str(file)}).streams.replicas == 2
+    # Another server's replicas are the operator's business (`sandboxctl up` sets them for its children).
+    assert load_settings(environ={**three, "SANDBOXD_NATS_URL": "nats://10.0.0.1:4222"}).streams.replicas == 1
+
+
+def test_nats_url_names_one_server_or_several() -> None:
+    def servers(**environ: str) -> list[str]:
+        return nats_servers(load_settings(environ=environ).nats)
+
+    assert servers() == ["nats://127.0.0.1:4222"]
+    assert servers(SANDBOXD_NATS_URL="nats://n1:4222, nats://n2:4222,nats://n3:4222") == [
+        "nats://n1:4222",
+        "nats://n2:4222",
+        "nats://n3:4222",
+    ]
+    assert servers(SANDBOXD_NATS_EMBEDDED_CLUSTER_SIZE="3", SANDBOXD_NATS_EMBEDDED_PORT="5000") == [
+        "nats://127.0.0.1:5000",
+        "nats://127.0.0.1:5001",
+        "nats://127.0.0.1:5002",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("environ", "needles"),
+    [
+        ({"SANDBOXD_NATS_EMBEDDED_CLUSTER_SIZE": "2"}, ["SANDBOXD_NATS_EMBEDDED_CLUSTER_SIZE=2", "odd"]),
+        ({"SANDBOXD_NATS_EMBEDDED_CLUSTER_SIZE": "7"}, ["nats.embedded_cluster_size", "<= 5"]),
+        ({"SANDBOXD_NATS_EMBEDDED_CLUSTER_SIZE": "0"}, ["nats.embedded_cluster_size", ">= 1"]),
+        ({"SANDBOXD_NATS_URL": "nats://a:4222,,nats://b:4222"}, ["nats.url (SANDBOXD_NATS_URL)", "empty"]),
+        ({"SANDBOXD_NATS_URL": "nats://a:4222 nats://b:4222"}, ["nats.url (SANDBOXD_NATS_URL)", "commas"]),
+        (
+            {"SANDBOXD_NATS_EMBEDDED_CLUSTER_SIZE": "3", "SANDBOXD_NATS_EMBEDDED_CLUSTER_PORT": "4223"},
+            ["SANDBOXD_NATS_EMBEDDED_PORT=4222", "SANDBOXD_NATS_EMBEDDED_CLUSTER_PORT=4223", "overlap"],
+        ),
+        (
+            {"SANDBOXD_NATS_EMBEDDED_CLUSTER_SIZE": "3", "SANDBOXD_NATS_EMBEDDED_PORT": "65534"},
+            ["SANDBOXD_NATS_EMBEDDED_PORT=65534", "3 servers"],
+        ),
+    ],
+)
+def test_nats_cluster_errors_name_the_key(environ: dict[str, str], needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ=environ)
+    for needle in needles:
+        assert needle in str(caught.value)
+
+
+@pytest.mark.parametrize(("size", "replicas"), [("1", "3"), ("3", "5")])
+def test_the_embedded_stack_has_no_more_replicas_than_servers(size: str, replicas: str) -> None:
+    settings = load_settings(
+        environ={"SANDBOXD_NATS_EMBEDDED_CLUSTER_SIZE": size, "SANDBOXD_STREAMS_REPLICAS": replicas}
+    )
+    with pytest.raises(ConfigError) as caught:
+        check_embedded_replicas(settings)
+    message = str(caught.value)
+    assert f"SANDBOXD_STREAMS_REPLICAS={replicas}" in message
+    assert f"SANDBOXD_NATS_EMBEDDED_CLUSTER_SIZE={size}" in message
+    check_embedded_replicas(load_settings(environ={"SANDBOXD_NATS_EMBEDDED_CLUSTER_SIZE": size}))
