@@ -47,6 +47,7 @@ from services.runtime.replay import replay
 from shared.config import StreamSettings
 from shared.contracts import OUTCOME_TYPES, SandboxRunning, SandboxStopped, SessionRecord, SessionStatus, encode
 from shared.event_store import EventStore
+from shared.nodes import NODE_KEY_PREFIX
 from shared.registry import Registry
 from shared.subjects import INSTANCES_BUCKET, command_subject
 from shared.topology import ensure_topology
@@ -373,6 +374,8 @@ async def runtimes_alive(nc: Client, node_id: str, count: int, timeout: float = 
         with contextlib.suppress(NoKeysError, NotFoundError):  # none yet, or one gone meanwhile
             kv = await js.key_value(INSTANCES_BUCKET)
             for key in await kv.keys():
+                if key.startswith(NODE_KEY_PREFIX):  # a node's beat, not an instance
+                    continue
                 entry = await kv.get(key)
                 if entry.value and json.loads(entry.value).get("node_id") == node_id:
                     alive += 1
