@@ -309,7 +309,8 @@ ROLES: dict[Role, RoleSpec] = {
                 stream_info(STATUS_STREAM),
                 stream_info(HANDLED_STREAM),
                 *direct_get(HANDLED_STREAM),
-                *_ordered_reads(INSTANCES_STREAM, direct=True),
+                stream_info(INSTANCES_STREAM),
+                *direct_get(INSTANCES_STREAM),  # heartbeats, and every node's beat in one batch
                 *_durable(COMMANDS_STREAM, ConsumerName.RUNTIME),
                 # Each node's queue (`sandboxd-node-<node>`: its own node's, and a dead node's
                 # until it returns). Consumer names cannot be matched by a prefix, so: any

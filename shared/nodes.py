@@ -12,6 +12,11 @@ once per heartbeat interval into a `NodeDirectory` and judges each node (`judge_
   and when this runtime began watching (a whole cluster restarting does not declare every
   node dead at once) — its sessions are recorded lost.
 
+Reading every beat is one batched direct get (last message per subject under `node.>`),
+answered by any replica: no consumer is made, so a clustered server that is down does not
+slow it. A runtime that could not read the beats for a heartbeat interval judges no node
+dead (its own knowledge is stale, not the nodes).
+
 Placement (`choose_node`) is pure: the alive node with the most free places, counting the
 placements this runtime made since that node's last beat (so a burst spreads before the next
 beats arrive); ties are broken at random.
@@ -20,6 +25,7 @@ beats arrive); ties are broken at random.
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -27,13 +33,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from nats.aio.client import Client
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import Header
 from nats.js.kv import KeyValue
 
 from shared.clock import Clock
 from shared.contracts import NodeBeat, Placement, decode_node_beat, encode
+from shared.errors import NatsUnavailable
 from shared.event_store import with_nats_retry
 from shared.poison import DECODE_ERRORS, PoisonSource, Quarantine
-from shared.subjects import node_token
+from shared.subjects import INSTANCES_BUCKET, node_token
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +55,40 @@ _PLACEMENT_SETTLES = timedelta(seconds=1)
 _PLACEMENT_FORGOTTEN = timedelta(seconds=30)
 
 
+_KV_PREFIX = f"$KV.{INSTANCES_BUCKET}."
+_BATCH = 10_000
+_END_OF_BATCH = ("204", "404")  # EOB; no message matched
+
+
 def node_key(node_id: str) -> str:
     return NODE_KEY_PREFIX + node_token(node_id)
+
+
+async def read_node_beats(nc: Client, timeout: float) -> list[tuple[str, int, bytes]]:
+    """(key, revision, value) of every `node.*` key: one batched direct get of the last
+    message per subject (nats-server 2.11+), NatsUnavailable when it is not answered."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    found: list[tuple[str, int, bytes]] = []
+    request = {"multi_last": [f"{_KV_PREFIX}{NODE_KEY_PREFIX}>"], "batch": _BATCH}
+    try:
+        await nc.publish(f"$JS.API.DIRECT.GET.KV_{INSTANCES_BUCKET}", json.dumps(request).encode(), reply=inbox)
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=timeout)
+            except NatsTimeoutError as exc:
+                raise NatsUnavailable("node beats: the direct get was not answered") from exc
+            headers = msg.headers or {}
+            status = headers.get(Header.STATUS.value)
+            if status in _END_OF_BATCH:
+                return found
+            if status is not None:
+                raise NatsUnavailable(f"node beats: direct get answered {status} {headers.get('Description', '')}")
+            subject = headers.get("Nats-Subject", "")
+            if subject.startswith(_KV_PREFIX) and msg.data and headers.get("KV-Operation") is None:
+                found.append((subject[len(_KV_PREFIX) :], int(headers.get("Nats-Sequence", "0")), msg.data))
+    finally:
+        await sub.unsubscribe()
 
 
 class NodeState(enum.StrEnum):
@@ -131,6 +173,7 @@ class NodeDirectory:
     """This runtime's view of the nodes: its own node's beat written, every node's read."""
 
     kv: KeyValue
+    nc: Client
     clock: Clock
     here: str
     instance_id: str
@@ -141,6 +184,7 @@ class NodeDirectory:
     _seen: dict[str, _Seen] = field(default_factory=dict)
     _placed: list[tuple[str, datetime]] = field(default_factory=list)
     _watching_since: datetime | None = None
+    _read_at: datetime | None = None  # when every beat was last read
 
     @property
     def node_id(self) -> str:
@@ -159,24 +203,13 @@ class NodeDirectory:
         return beat
 
     async def refresh(self) -> None:
-        """Read every node's beat (one watch of `node.>`); nodes seen before keep their entry."""
-
-        async def read_all() -> list[tuple[str, int, bytes]]:
-            found: list[tuple[str, int, bytes]] = []
-            watcher = await self.kv.watch(NODE_KEY_PREFIX + ">", ignore_deletes=True)
-            try:
-                async for entry in watcher:
-                    if entry is None:
-                        break
-                    if entry.value:
-                        found.append((entry.key, entry.revision or 0, entry.value))
-            finally:
-                await watcher.stop()  # type: ignore[no-untyped-call]
-            return found
-
+        """Read every node's beat; nodes seen before keep their entry."""
         if self._watching_since is None:
             self._watching_since = self.clock.now()
-        for key, revision, value in await with_nats_retry(read_all, what="node beats"):
+        timeout = self.fresh_for.total_seconds() / 2
+        beats = await with_nats_retry(lambda: read_node_beats(self.nc, timeout), what="node beats")
+        self._read_at = self.clock.now()
+        for key, revision, value in beats:
             try:
                 beat = decode_node_beat(value)
             except DECODE_ERRORS as exc:
@@ -194,8 +227,12 @@ class NodeDirectory:
     def state(self, node_id: str) -> NodeState:
         seen = self._seen.get(node_id)
         beat_at = seen.beat.beat_at if seen is not None and seen.beat is not None else None
-        since = self._watching_since or self.clock.now()
-        return judge_node(beat_at, self.clock.now(), since, fresh_for=self.fresh_for, dead_after=self.dead_after)
+        now = self.clock.now()
+        since = self._watching_since or now
+        state = judge_node(beat_at, now, since, fresh_for=self.fresh_for, dead_after=self.dead_after)
+        if state == NodeState.DEAD and (self._read_at is None or now - self._read_at >= self.fresh_for):
+            return NodeState.SILENT  # what this runtime knows is stale: it judges nobody dead
+        return state
 
     def last_beat(self, node_id: str) -> NodeBeat | None:
         seen = self._seen.get(node_id)

@@ -117,6 +117,7 @@ async def running_runtime(
         instances = Instances(instances_bucket, clock, node_id=settings.runtime.node_id, dead_after=dead_after)
         directory = NodeDirectory(
             instances_bucket,
+            nc,
             clock,
             here=settings.runtime.node_id,
             instance_id=instances.instance_id,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 from shared.contracts import NodeBeat
-from shared.nodes import NodeState, choose_node, judge_node
+from shared.nodes import NodeDirectory, NodeState, choose_node, judge_node
 from shared.subjects import node_command_subject, node_consumer, node_token, public_command_subject
+from tests.unit.fakes_runtime import FakeClock
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 FRESH = timedelta(seconds=5)
@@ -81,3 +83,31 @@ def test_node_subjects_and_consumers_survive_dots_in_node_ids() -> None:
     assert public_command_subject(subject) == "sandbox.cmd.stop.6f1c2a9e-4b7d-4e8a-9c3f-2d5e8b1a7c40"
     assert public_command_subject("sandbox.cmd.create.x") == "sandbox.cmd.create.x"
     assert "." not in node_consumer("host.example.com")
+
+
+class Unread:
+    """Stands where the directory's bucket and connection are never used."""
+
+
+def directory(clock: FakeClock) -> NodeDirectory:
+    return NodeDirectory(
+        cast("Any", Unread()),
+        cast("Any", Unread()),
+        clock,
+        here="a",
+        instance_id=INSTANCE,
+        fresh_for=FRESH,
+        dead_after=DEAD,
+    )
+
+
+def test_a_runtime_that_cannot_read_the_beats_judges_no_node_dead() -> None:
+    clock = FakeClock(T0)
+    nodes = directory(clock)
+    nodes._watching_since = T0
+    nodes._read_at = T0
+    nodes.know_of("b")
+    clock.advance(DEAD.total_seconds())
+    assert nodes.state("b") == NodeState.SILENT, "its last read is older than a beat: stale, not dead"
+    nodes._read_at = clock.now()
+    assert nodes.state("b") == NodeState.DEAD
