@@ -9,16 +9,20 @@ state is the last one sandboxd can trust, and appends still name the true sequen
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
+from nats.js.api import Header
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from shared.contracts import AnyEvent, SessionRecord, decode_event, encode
@@ -51,6 +55,9 @@ _UNAVAILABLE = (
 )
 T = TypeVar("T")
 _FALLBACKS_KEPT = 1024
+# Messages per batched direct get of a chat's history (more are read in further batches).
+HISTORY_BATCH = 1000
+_END_OF_BATCH = ("204", "404")  # EOB; nothing matched
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +98,40 @@ async def with_nats_retry(call: Callable[[], Awaitable[T]], *, attempts: int = 4
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def connection_of(js: JetStreamContext) -> Client:
+    """The connection under a JetStream context (nats-py keeps it private)."""
+    nc: Client = js._nc  # noqa: SLF001 - no public accessor; raw requests (batched direct gets) need it
+    return nc
+
+
+async def direct_batch(nc: Client, stream: str, request: dict[str, object], timeout: float) -> list[Msg]:
+    """The messages a batched direct get answers (nats-server 2.11+: `batch` with `seq` and
+    `next_by_subj`, or `multi_last`). Any replica answers and no consumer is made, so a
+    clustered server that is down costs nothing. NatsTimeoutError when it is not answered,
+    NatsUnavailable on an error status."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    found: list[Msg] = []
+    try:
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
+        while True:
+            msg = await sub.next_msg(timeout=timeout)
+            headers = msg.headers or {}
+            status = headers.get(Header.STATUS.value)
+            if status in _END_OF_BATCH:
+                return found
+            if status is not None:
+                raise NatsUnavailable(f"direct get on {stream} answered {status} {headers.get('Description', '')}")
+            found.append(msg)
+    finally:
+        await sub.unsubscribe()
+
+
+def stream_seq(msg: Msg) -> int:
+    """A direct get's message's stream sequence."""
+    return int((msg.headers or {}).get("Nats-Sequence", "0"))
+
+
 class EventLog(Protocol):
     """What the command handlers need of the event log (EventStore; fakes in unit tests)."""
 
@@ -117,8 +158,16 @@ def check_event(chat_id: str, data: bytes) -> AnyEvent | str:
 
 
 class EventStore:
-    def __init__(self, js: JetStreamContext, stream: str = EVENTS_STREAM, quarantine: Quarantine | None = None) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        stream: str = EVENTS_STREAM,
+        quarantine: Quarantine | None = None,
+        *,
+        timeout: float = 5.0,
+    ) -> None:
         self._js = js
+        self._timeout = timeout  # of one batch of a history read
         self._stream = stream
         self._quarantine = quarantine or Quarantine()
         # chat -> (sequence of its poisoned last message, the last valid event before it)
@@ -185,30 +234,29 @@ class EventStore:
 
     async def history(self, chat_id: str, *, limit: int | None = None) -> list[StoredEvent]:
         """The chat's valid events in order (the last `limit` of them when given); poison is
-        quarantined and skipped."""
+        quarantined and skipped. Batched direct gets: no consumer, any replica answers."""
         subject = event_subject(chat_id)
-        last = await self._last(subject)
-        if last is None:
-            return []
-        end = last[0]
+        nc = connection_of(self._js)
         out: list[StoredEvent] = []
-        try:
-            sub = await self._js.subscribe(
-                subject, stream=self._stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        start = 1
+        while True:
+            msgs = await with_nats_retry(
+                functools.partial(
+                    direct_batch,
+                    nc,
+                    self._stream,
+                    {"seq": start, "next_by_subj": subject, "batch": HISTORY_BATCH},
+                    self._timeout,
+                ),
+                what=f"history of {subject}",
             )
-            try:
-                while True:
-                    msg = await sub.next_msg(timeout=5.0)
-                    seq = msg.metadata.sequence.stream
-                    checked = check_event(chat_id, msg.data)
-                    if isinstance(checked, str):
-                        self._quarantine.report(PoisonSource.EVENT, subject, seq, checked)
-                    else:
-                        out.append(StoredEvent(seq, checked))
-                    if seq >= end or msg.metadata.num_pending == 0:
-                        break
-            finally:
-                await sub.unsubscribe()
-        except _UNAVAILABLE as exc:
-            raise NatsUnavailable(f"history of {subject}: NATS did not answer ({type(exc).__name__})") from exc
-        return out[-limit:] if limit else out
+            for msg in msgs:
+                seq = stream_seq(msg)
+                checked = check_event(chat_id, msg.data)
+                if isinstance(checked, str):
+                    self._quarantine.report(PoisonSource.EVENT, subject, seq, checked)
+                else:
+                    out.append(StoredEvent(seq, checked))
+                start = seq + 1
+            if not msgs or int((msgs[-1].headers or {}).get("Nats-Num-Pending", "0")) == 0:
+                return out[-limit:] if limit else out

@@ -25,7 +25,6 @@ beats arrive); ties are broken at random.
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -35,13 +34,12 @@ from typing import Protocol
 
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import Header
 from nats.js.kv import KeyValue
 
 from shared.clock import Clock
 from shared.contracts import NodeBeat, Placement, decode_node_beat, encode
 from shared.errors import NatsUnavailable
-from shared.event_store import with_nats_retry
+from shared.event_store import direct_batch, stream_seq, with_nats_retry
 from shared.poison import DECODE_ERRORS, PoisonSource, Quarantine
 from shared.subjects import INSTANCES_BUCKET, node_token
 
@@ -57,7 +55,6 @@ _PLACEMENT_FORGOTTEN = timedelta(seconds=30)
 
 _KV_PREFIX = f"$KV.{INSTANCES_BUCKET}."
 _BATCH = 10_000
-_END_OF_BATCH = ("204", "404")  # EOB; no message matched
 
 
 def node_key(node_id: str) -> str:
@@ -66,29 +63,19 @@ def node_key(node_id: str) -> str:
 
 async def read_node_beats(nc: Client, timeout: float) -> list[tuple[str, int, bytes]]:
     """(key, revision, value) of every `node.*` key: one batched direct get of the last
-    message per subject (nats-server 2.11+), NatsUnavailable when it is not answered."""
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    found: list[tuple[str, int, bytes]] = []
-    request = {"multi_last": [f"{_KV_PREFIX}{NODE_KEY_PREFIX}>"], "batch": _BATCH}
+    message per subject, NatsUnavailable when it is not answered."""
+    request: dict[str, object] = {"multi_last": [f"{_KV_PREFIX}{NODE_KEY_PREFIX}>"], "batch": _BATCH}
     try:
-        await nc.publish(f"$JS.API.DIRECT.GET.KV_{INSTANCES_BUCKET}", json.dumps(request).encode(), reply=inbox)
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=timeout)
-            except NatsTimeoutError as exc:
-                raise NatsUnavailable("node beats: the direct get was not answered") from exc
-            headers = msg.headers or {}
-            status = headers.get(Header.STATUS.value)
-            if status in _END_OF_BATCH:
-                return found
-            if status is not None:
-                raise NatsUnavailable(f"node beats: direct get answered {status} {headers.get('Description', '')}")
-            subject = headers.get("Nats-Subject", "")
-            if subject.startswith(_KV_PREFIX) and msg.data and headers.get("KV-Operation") is None:
-                found.append((subject[len(_KV_PREFIX) :], int(headers.get("Nats-Sequence", "0")), msg.data))
-    finally:
-        await sub.unsubscribe()
+        msgs = await direct_batch(nc, f"KV_{INSTANCES_BUCKET}", request, timeout)
+    except NatsTimeoutError as exc:
+        raise NatsUnavailable("node beats: the direct get was not answered") from exc
+    found: list[tuple[str, int, bytes]] = []
+    for msg in msgs:
+        headers = msg.headers or {}
+        subject = headers.get("Nats-Subject", "")
+        if subject.startswith(_KV_PREFIX) and msg.data and headers.get("KV-Operation") is None:
+            found.append((subject[len(_KV_PREFIX) :], stream_seq(msg), msg.data))
+    return found
 
 
 class NodeState(enum.StrEnum):

@@ -16,6 +16,7 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 
+from shared import event_store
 from shared.contracts import SandboxRunning
 from shared.errors import AppendConflict
 from shared.event_store import EventLog, EventStore
@@ -151,3 +152,23 @@ async def test_de_duplication_ends_with_the_window(log: Log) -> None:
     again = await log.store.append(running(a), expected_seq=stored.seq, msg_id="outcome-1")
     assert (again.seq > stored.seq, again.duplicate) == (True, False)
     assert len(await log.store.history(a)) == 2
+
+
+async def test_history_is_every_event_of_the_chat_in_order_in_batches(
+    log: Log, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real log reads a history in batched direct gets of HISTORY_BATCH events (three here,
+    so eight events take three batches); other chats' events in between are not in it."""
+    monkeypatch.setattr(event_store, "HISTORY_BATCH", 3)
+    mine, other = chat(), chat()
+    appended = []
+    for i in range(8):
+        event = running(mine)
+        appended.append((await log.store.append(event, expected_seq=None, msg_id=event.event_id)).seq)
+        if i % 2:
+            noise = running(other)
+            await log.store.append(noise, expected_seq=None, msg_id=noise.event_id)
+    history = await log.store.history(mine)
+    assert [s.seq for s in history] == appended
+    assert {s.event.chat_id for s in history} == {mine}
+    assert [s.seq for s in await log.store.history(mine, limit=2)] == appended[-2:]
