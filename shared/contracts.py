@@ -413,6 +413,9 @@ class NodeBeat(msgspec.Struct, frozen=True, kw_only=True):
     beat_at: AwareDatetime
     live_sessions: Annotated[int, msgspec.Meta(ge=0)]
     max_sessions: Annotated[int, msgspec.Meta(ge=1)] | None = None  # None: unlimited
+    # Written by a runtime that stops cleanly: no new sessions are placed here until another
+    # runtime of the node beats.
+    draining: bool = False
 
 
 _node_beat_decoder = msgspec.json.Decoder(NodeBeat)

@@ -177,13 +177,14 @@ class NodeDirectory:
     def node_id(self) -> str:
         return self.here
 
-    async def beat(self, live_sessions: int, max_sessions: int | None) -> NodeBeat:
+    async def beat(self, live_sessions: int, max_sessions: int | None, *, draining: bool = False) -> NodeBeat:
         beat = NodeBeat(
             node_id=self.here,
             instance_id=self.instance_id,
             beat_at=self.clock.now(),
             live_sessions=live_sessions,
             max_sessions=max_sessions,
+            draining=draining,
         )
         await with_nats_retry(lambda: self.kv.put(node_key(self.here), encode(beat)), what="node beat")
         self._seen[self.here] = _Seen(beat)
@@ -231,7 +232,11 @@ class NodeDirectory:
     def place(self) -> Placement:
         now = self.clock.now()
         self._placed = [(n, at) for n, at in self._placed if now - at < _PLACEMENT_FORGOTTEN]
-        alive = [s.beat for n, s in self._seen.items() if s.beat is not None and self.state(n) == NodeState.ALIVE]
+        alive = [
+            s.beat
+            for n, s in self._seen.items()
+            if s.beat is not None and not s.beat.draining and self.state(n) == NodeState.ALIVE
+        ]
         pending: dict[str, int] = {}
         for node, at in self._placed:
             beat = self.last_beat(node)

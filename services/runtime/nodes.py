@@ -9,7 +9,8 @@ Every heartbeat interval each runtime
    subject's last sequence, so of several runtimes one records it), records every live
    session of that node `lost {reason: node_lost}` (from a scan of the registry; a command
    that meets such a session before the sweep reaches it records the loss itself), and
-   consumes the dead node's queue so that no command forwarded to it waits for its return;
+   consumes the dead node's queue (from the moment the node is silent, in fact) so that no
+   command forwarded to it waits for its return;
 3. for its own node: when the node's last node event is `node_dead` (it was declared dead
    while its runtimes were down or cut off), records `node_returned` and runs a fencing
    reconciliation pass: every container of a session this node no longer owns is removed at
@@ -138,9 +139,17 @@ class NodeWatch:
         self._swept: dict[str, datetime | None] = {}  # dead node -> the last beat its sweep was for
         self._adopted: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = {}
 
-    async def beat(self) -> None:
+    async def beat(self, *, draining: bool = False) -> None:
         live, limit = await self._capacity.snapshot()
-        await self._directory.beat(live, None if limit == UNLIMITED else limit)
+        await self._directory.beat(live, None if limit == UNLIMITED else limit, draining=draining)
+
+    async def leave(self) -> None:
+        """A clean stop: the node's beat says it takes no new sessions (another runtime of
+        the node, if any, says otherwise with its next beat)."""
+        try:
+            await self.beat(draining=True)
+        except Exception as exc:  # noqa: BLE001 - placements then go here until the beat ages
+            log.warning("node beat not marked draining: %s", exc)
 
     async def start(self) -> None:
         """Beat, read the nodes, and learn the nodes that live sessions name (a node that
@@ -162,13 +171,15 @@ class NodeWatch:
         for node, state in states.items():
             if node == self._here:
                 continue
-            if state == NodeState.DEAD:
-                self._adopt(node)
-                await self._declare_dead(node)
-            else:
+            if state == NodeState.ALIVE:
                 await self._release(node)
-                if state == NodeState.ALIVE:
-                    self._swept.pop(node, None)
+                self._swept.pop(node, None)
+                continue
+            # Silent or dead: its queue is consumed here until it beats again (a create placed
+            # on it just before it went is placed again; a stop for its session waits).
+            self._adopt(node)
+            if state == NodeState.DEAD:
+                await self._declare_dead(node)
 
     async def run(self, stopping: asyncio.Event, interval: float) -> None:
         try:

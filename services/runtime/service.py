@@ -145,6 +145,7 @@ async def running_runtime(
         # Entered before the loops start, so the heartbeat outlives their drain.
         await stack.enter_async_context(instances.heartbeating())
         await runtime.nodes.start()  # this node's beat, before any placement reads it
+        stack.push_async_callback(runtime.nodes.leave)  # after the loops below have stopped
         tasks = _start_tasks(stack, settings, runtime, _status_writer(settings, js, status_bucket, telemetry), clock)
         log.info("runtime %s started", settings.runtime.node_id)
         yield RuntimeHandle(runtime.handlers, runtime.reconciler, tasks, runtime.deaths, runtime.nodes)

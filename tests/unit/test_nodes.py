@@ -6,8 +6,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+import msgspec
+
 from shared.contracts import NodeBeat
-from shared.nodes import NodeDirectory, NodeState, choose_node, judge_node
+from shared.nodes import NodeDirectory, NodeState, _Seen, choose_node, judge_node
 from shared.subjects import node_command_subject, node_consumer, node_token, public_command_subject
 from tests.unit.fakes_runtime import FakeClock
 
@@ -111,3 +113,14 @@ def test_a_runtime_that_cannot_read_the_beats_judges_no_node_dead() -> None:
     assert nodes.state("b") == NodeState.SILENT, "its last read is older than a beat: stale, not dead"
     nodes._read_at = clock.now()
     assert nodes.state("b") == NodeState.DEAD
+
+
+def test_a_node_whose_runtime_stopped_cleanly_gets_no_new_sessions() -> None:
+    clock = FakeClock(T0)
+    nodes = directory(clock)
+    nodes._read_at = nodes._watching_since = T0
+    nodes._seen["a"] = _Seen(beat("a", 9))
+    nodes._seen["b"] = _Seen(msgspec.structs.replace(beat("b", 0), draining=True))
+    assert nodes.place().node_id == "a", "b has more room, but its last runtime left"
+    nodes._seen["b"] = _Seen(beat("b", 0))
+    assert nodes.place().node_id == "b"
