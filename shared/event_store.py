@@ -58,6 +58,7 @@ _FALLBACKS_KEPT = 1024
 # Messages per batched direct get of a chat's history (more are read in further batches).
 HISTORY_BATCH = 1000
 _END_OF_BATCH = ("204", "404")  # EOB; nothing matched
+_HISTORY_CATCH_UP_TRIES = 7  # 10 ms doubling: about 1.3 s in all
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +142,9 @@ class EventLog(Protocol):
 
     async def append_to(self, subject: str, event: AnyEvent, *, expected_seq: int | None, msg_id: str) -> Appended: ...
 
-    async def history(self, chat_id: str, *, limit: int | None = None) -> list[StoredEvent]: ...
+    async def history(
+        self, chat_id: str, *, limit: int | None = None, through: int | None = None
+    ) -> list[StoredEvent]: ...
 
 
 def check_event(chat_id: str, data: bytes) -> AnyEvent | str:
@@ -232,13 +235,26 @@ class EventStore:
 
         return await with_nats_retry(publish, what=f"append to {subject}")
 
-    async def history(self, chat_id: str, *, limit: int | None = None) -> list[StoredEvent]:
+    async def history(self, chat_id: str, *, limit: int | None = None, through: int | None = None) -> list[StoredEvent]:
         """The chat's valid events in order (the last `limit` of them when given); poison is
-        quarantined and skipped. Batched direct gets: no consumer, any replica answers."""
+        quarantined and skipped. Batched direct gets: no consumer, any replica answers. A
+        replica may lag a little: `through` (a sequence already read from the chat, say its
+        state's) is waited for, so a history is never older than what it is read beside;
+        NatsUnavailable if no replica has it within a second."""
+        for attempt in range(_HISTORY_CATCH_UP_TRIES):
+            history, last = await self._history(chat_id)
+            if through is None or last >= through:
+                return history[-limit:] if limit else history
+            await asyncio.sleep(0.01 * 2**attempt)
+        raise NatsUnavailable(f"history of chat {chat_id}: no replica has reached sequence {through}")
+
+    async def _history(self, chat_id: str) -> tuple[list[StoredEvent], int]:
+        """The valid events, and the last sequence read (poison included; 0: none)."""
         subject = event_subject(chat_id)
         nc = connection_of(self._js)
         out: list[StoredEvent] = []
         start = 1
+        last = 0
         while True:
             msgs = await with_nats_retry(
                 functools.partial(
@@ -257,6 +273,6 @@ class EventStore:
                     self._quarantine.report(PoisonSource.EVENT, subject, seq, checked)
                 else:
                     out.append(StoredEvent(seq, checked))
-                start = seq + 1
+                last, start = seq, seq + 1
             if not msgs or int((msgs[-1].headers or {}).get("Nats-Num-Pending", "0")) == 0:
-                return out[-limit:] if limit else out
+                return out, last

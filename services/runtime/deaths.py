@@ -471,5 +471,5 @@ class DeathAwareLog:
     async def append_to(self, subject: str, event: AnyEvent, *, expected_seq: int | None, msg_id: str) -> Appended:
         return await self._inner.append_to(subject, event, expected_seq=expected_seq, msg_id=msg_id)
 
-    async def history(self, chat_id: str, *, limit: int | None = None) -> list[StoredEvent]:
-        return await self._inner.history(chat_id, limit=limit)
+    async def history(self, chat_id: str, *, limit: int | None = None, through: int | None = None) -> list[StoredEvent]:
+        return await self._inner.history(chat_id, limit=limit, through=through)

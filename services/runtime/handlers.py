@@ -270,7 +270,7 @@ class CommandHandlers:
         claim = state.last
         if not isinstance(claim, SandboxProvisioning | SandboxStopping):
             # Buried under other commands' answers: found in the chat's history (rare).
-            history = await self._d.store.history(str(command.chat_id))
+            history = await self._d.store.history(str(command.chat_id), through=state.seq)
             claim = find_open_claim([s.event for s in history if s.seq <= state.seq])
         if claim is None:
             return None
@@ -297,7 +297,7 @@ class CommandHandlers:
         if state.seq == 0:
             return _LookBack()
         command_id = str(command.command_id)
-        history = await self._d.store.history(str(command.chat_id))
+        history = await self._d.store.history(str(command.chat_id), through=state.seq)
         mine = [s for s in history if s.event.causation_id == command_id]
         found = next((s for s in mine if is_outcome(s.event)), None)
         if found is not None:

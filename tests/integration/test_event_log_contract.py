@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import nats
+import nats as nats_client
 import pytest
 from nats.js.api import StreamConfig
 
 from shared import event_store
 from shared.contracts import SandboxRunning
-from shared.errors import AppendConflict
+from shared.errors import AppendConflict, NatsUnavailable
 from shared.event_store import EventLog, EventStore
 from shared.subjects import EVENT_SUBJECTS
 from tests.support.nats_server import NatsServer
@@ -172,3 +173,19 @@ async def test_history_is_every_event_of_the_chat_in_order_in_batches(
     assert [s.seq for s in history] == appended
     assert {s.event.chat_id for s in history} == {mine}
     assert [s.seq for s in await log.store.history(mine, limit=2)] == appended[-2:]
+
+
+async def test_a_history_is_never_older_than_the_sequence_it_is_read_beside(nats: NatsServer) -> None:
+    """Direct gets may be answered by a replica that lags: a history read `through` a
+    sequence waits for it, and is refused (NatsUnavailable, retried later) if none has it."""
+    nc = await nats_client.connect(nats.url)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="LAG_EVENTS", subjects=[EVENT_SUBJECTS], allow_direct=True))
+    store = EventStore(js, stream="LAG_EVENTS")
+    mine = chat()
+    event = running(mine)
+    seq = (await store.append(event, expected_seq=None, msg_id=event.event_id)).seq
+    assert [s.seq for s in await store.history(mine, through=seq)] == [seq]
+    with pytest.raises(NatsUnavailable, match=f"sequence {seq + 1}"):
+        await store.history(mine, through=seq + 1)
+    await nc.close()

@@ -70,7 +70,13 @@ class FakeStore:
         events.append(StoredEvent(self.seq, event))
         return Appended(self.seq, duplicate=False)
 
-    async def history(self, chat_id: str, *, limit: int | None = None) -> list[StoredEvent]:
+    async def history(
+        self,
+        chat_id: str,
+        *,
+        limit: int | None = None,
+        through: int | None = None,  # noqa: ARG002 - the fake never lags
+    ) -> list[StoredEvent]:
         events = list(self.subjects[event_subject(chat_id)])
         return events[-limit:] if limit else events
 
