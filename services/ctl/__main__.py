@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
 from shared.config import ConfigError, NatsSettings, Settings, load_settings
+from shared.contracts import SessionRecord
 from shared.nats_connection import connect, nats_url
 from shared.nats_credentials import EMBEDDED_DIR, role_seed_path
 from shared.nats_roles import Role
@@ -175,6 +177,47 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return _with_admin(settings, "sandboxctl-replay", run)
 
 
+async def node_status(nc: Client, settings: Settings, live: list[SessionRecord]) -> dict[str, object]:
+    """Every node that beats or that a live session names: its state as a runtime would judge
+    it now (silence counted from its last beat), its beat, its sessions in the registry."""
+    from datetime import UTC, datetime, timedelta  # noqa: PLC0415
+
+    from shared.contracts import NodeBeat, decode_node_beat  # noqa: PLC0415
+    from shared.nodes import judge_node, read_node_beats  # noqa: PLC0415
+
+    now = datetime.now(UTC)
+    runtime = settings.runtime
+    beats: dict[str, NodeBeat] = {}
+    for _key, _rev, value in await read_node_beats(nc, settings.nats.request_timeout_seconds):
+        with contextlib.suppress(*DECODE_ERRORS):
+            decoded = decode_node_beat(value)
+            beats[decoded.node_id] = decoded
+    sessions: dict[str, int] = {}
+    for record in live:
+        sessions[record.node_id] = sessions.get(record.node_id, 0) + 1
+    out: dict[str, object] = {}
+    for node in sorted(set(beats) | set(sessions)):
+        beat = beats.get(node)
+        beat_at = beat.beat_at if beat is not None else None
+        # A node no beat names (it never beat, or its beat expired): silent since now.
+        state = judge_node(
+            beat_at,
+            now,
+            beat_at if beat_at is not None else now,
+            fresh_for=timedelta(seconds=runtime.instance_dead_after_seconds),
+            dead_after=timedelta(seconds=runtime.node_dead_after_seconds),
+        )
+        out[node] = {
+            "state": str(state),
+            "last_beat_at": beat_at.isoformat() if beat_at is not None else None,
+            "draining": beat.draining if beat is not None else None,
+            "live_sessions": beat.live_sessions if beat is not None else None,
+            "max_sessions": beat.max_sessions if beat is not None else None,
+            "sessions_in_registry": sessions.get(node, 0),
+        }
+    return out
+
+
 def cmd_status(_: argparse.Namespace) -> int:
     from shared.registry import Registry  # noqa: PLC0415
     from shared.subjects import SESSIONS_BUCKET, STATUS_BUCKET  # noqa: PLC0415
@@ -188,7 +231,7 @@ def cmd_status(_: argparse.Namespace) -> int:
         sessions = await js.key_value(SESSIONS_BUCKET)
         status = await js.key_value(STATUS_BUCKET)
         live = await Registry(js, sessions).list()
-        out: dict[str, object] = {"registry": {"sessions": len(live)}}
+        out: dict[str, object] = {"registry": {"sessions": len(live)}, "nodes": await node_status(nc, settings, live)}
         watcher = await status.watchall()
         async for entry in watcher:
             if entry is None:
@@ -225,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     replay_cmd = sub.add_parser("replay", help="rebuild sandbox_sessions from the event stream, report drift")
     replay_cmd.add_argument("--dry-run", action="store_true", help="only report drift (exit 1 if there is any)")
     replay_cmd.set_defaults(fn=cmd_replay)
-    sub.add_parser("status", help="registry size and the reapers' status blocks").set_defaults(fn=cmd_status)
+    sub.add_parser(
+        "status", help="registry size, the nodes (state, beat, sessions) and the status blocks"
+    ).set_defaults(fn=cmd_status)
     args = parser.parse_args(argv)
     result: int = args.fn(args)
     return result

@@ -6,13 +6,17 @@ import asyncio
 import json
 import subprocess
 import sys
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import nats
 import pytest
 
 from shared.config import StreamSettings
-from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, SESSIONS_BUCKET, STATUS_BUCKET
+from shared.contracts import NodeBeat, encode
+from shared.nodes import node_key
+from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, INSTANCES_BUCKET, SESSIONS_BUCKET, STATUS_BUCKET
 from shared.topology import STATUS, ensure_bucket, ensure_topology
 from tests.support.nats_server import NatsServer
 
@@ -50,6 +54,17 @@ async def _declare(server: NatsServer, *, status_bucket: bool) -> None:
         await nc.close()
 
 
+async def _beat(server: NatsServer, node: str, *, at: datetime) -> None:
+    """A node's beat, as its runtimes write it."""
+    nc = await nats.connect(server.url)
+    try:
+        kv = await nc.jetstream().key_value(INSTANCES_BUCKET)
+        beat = NodeBeat(node_id=node, instance_id=str(uuid.uuid4()), beat_at=at, live_sessions=3, max_sessions=10)
+        await kv.put(node_key(node), encode(beat))
+    finally:
+        await nc.close()
+
+
 @pytest.mark.parametrize("args", READ_ONLY, ids=" ".join)
 def test_a_read_only_command_on_a_bare_server_creates_nothing_and_says_why(
     nats: NatsServer, tmp_path: Path, args: list[str]
@@ -75,7 +90,15 @@ def test_status_needs_the_status_bucket_too_and_reads_once_declared(nats: NatsSe
     asyncio.run(_declare(nats, status_bucket=True))
     status = sandboxctl(nats, tmp_path, "status")
     assert status.returncode == 0, status.stderr
-    assert json.loads(status.stdout) == {"registry": {"sessions": 0}}
+    assert json.loads(status.stdout) == {"registry": {"sessions": 0}, "nodes": {}}
+    asyncio.run(_beat(nats, "node-x", at=datetime.now(UTC)))
+    asyncio.run(_beat(nats, "node-y", at=datetime.now(UTC) - timedelta(hours=1)))
+    nodes = json.loads(sandboxctl(nats, tmp_path, "status").stdout)["nodes"]
+    assert {n: (v["state"], v["live_sessions"], v["max_sessions"]) for n, v in nodes.items()} == {
+        "node-x": ("alive", 3, 10),
+        "node-y": ("dead", 3, 10),
+    }
+
     dry = sandboxctl(nats, tmp_path, "replay", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert json.loads(dry.stdout)["chats"] == 0
