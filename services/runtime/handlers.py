@@ -242,9 +242,15 @@ class CommandHandlers:
         when the command is another node's to carry out."""
         attributes = {"chat.id": str(command.chat_id), "command.id": str(command.command_id)}
         with self._d.telemetry.tracer.span(f"usecase.{command.kind}_sandbox", attributes) as span:
-            outcome = await self._run(command, progress, delivery or Delivery())
-            observe_outcome(command, outcome, span, self._metrics, self._d.active)
-            return outcome
+            try:
+                outcome = await self._run(command, progress, delivery or Delivery())
+            except Forward as forward:  # not an error: raised outside the span
+                span.set_attribute("sandbox.forwarded_to", forward.node_id)
+                forwarded = forward
+            else:
+                observe_outcome(command, outcome, span, self._metrics, self._d.active)
+                return outcome
+        raise forwarded
 
     async def _run(self, command: AnyCommand, progress: Progress, delivery: Delivery) -> AnyEvent | None:
         async with self._chat_turn(str(command.chat_id), progress) as turn:
