@@ -122,6 +122,7 @@ class NodeWatch:
         clock: Clock,
         fence: Callable[[], Awaitable[object]],
         consume_queue: QueueConsumer | None = None,
+        queue_pending: Callable[[str], Awaitable[int]] | None = None,
         telemetry: Telemetry | None = None,
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
     ) -> None:
@@ -133,6 +134,7 @@ class NodeWatch:
         self._clock = clock
         self._fence = fence
         self._consume_queue = consume_queue
+        self._queue_pending = queue_pending
         self._metrics = (telemetry or telemetry_disabled()).metrics
         self._new_id = new_id
         self._here = directory.here
@@ -175,11 +177,17 @@ class NodeWatch:
                 await self._release(node)
                 self._swept.pop(node, None)
                 continue
+            if state == NodeState.DEAD and self._settled(node):
+                continue
             # Silent or dead: its queue is consumed here until it beats again (a create placed
-            # on it just before it went is placed again; a stop for its session waits).
+            # on it just before it went is placed again; a stop for its session waits), or
+            # until, dead and swept, its queue is empty (nothing is forwarded to a node that
+            # is not alive, so nothing more comes).
             self._adopt(node)
             if state == NodeState.DEAD:
                 await self._declare_dead(node)
+                if self._queue_pending is not None and await self._queue_pending(node) == 0:
+                    await self._release(node)
 
     async def run(self, stopping: asyncio.Event, interval: float) -> None:
         try:
@@ -220,6 +228,12 @@ class NodeWatch:
         await self._fence()
 
     # ------------------------------------------------------------------ other nodes
+
+    def _settled(self, node: str) -> bool:
+        """Dead, swept for its current silence, and its queue no longer consumed here."""
+        beat = self._directory.last_beat(node)
+        beat_at = beat.beat_at if beat is not None else None
+        return node in self._swept and self._swept[node] == beat_at and node not in self._adopted
 
     async def _declare_dead(self, node: str) -> None:
         beat = self._directory.last_beat(node)

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from services.runtime.capacity import UNLIMITED, NodeCapacity, auto_limit, is_live_state
@@ -257,6 +258,7 @@ def _wire(
         clock=clock,
         fence=reconciler.fence,
         consume_queue=lambda node, stop: node_queue(node).run(stop),
+        queue_pending=lambda node: queue_pending(js, node),
         telemetry=telemetry,
     )
     return _Runtime(
@@ -349,6 +351,15 @@ async def node_capacity(settings: Settings, driver: ContainerDriver, engine: Doc
         return {c.session_id for c in await driver.list_managed(node) if is_live_state(c.state)}
 
     return NodeCapacity(limit, live_sessions)
+
+
+async def queue_pending(js: JetStreamContext, node_id: str) -> int:
+    """Commands in a node's queue not yet acknowledged (0 when it has no queue)."""
+    try:
+        info = await js.consumer_info(NODE_COMMANDS_STREAM, node_consumer(node_id))
+    except NotFoundError:
+        return 0
+    return (info.num_pending or 0) + (info.num_ack_pending or 0)
 
 
 async def observe_consumer_lag(js: JetStreamContext, telemetry: Telemetry, node_id: str) -> None:

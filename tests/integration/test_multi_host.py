@@ -259,6 +259,16 @@ async def test_a_dead_node_loses_its_sessions_and_fences_them_when_it_returns(ho
         # Both dead (the engine keeps running): the node is declared dead, its sessions lost.
         a2.send_signal(signal.SIGKILL)
         assert await asyncio.to_thread(a2.wait, 30) == -signal.SIGKILL
+        # A create forwarded to node-a just as it went is stranded in its queue: the live node
+        # carries it out (placing it again) without waiting for node-a's return.
+        stranded_chat = str(uuid.uuid4())
+        stranded = str(uuid.uuid4())
+        placement = Placement(node_id="node-a", placed_by="node-b")
+        await js.publish(
+            node_command_subject("node-a", "create", stranded_chat),
+            json.dumps({"command_id": stranded, "chat_id": stranded_chat}).encode(),
+            headers={"Nats-Msg-Id": stranded, PLACEMENT_HEADER: msgspec.json.encode(placement).decode()},
+        )
         await eventually(lambda: node_events(js, "node-a"), lambda found: found == ["node_dead"], timeout=60)
         lost = await eventually(
             lambda: _last_events(js, list(on_a)),
@@ -271,15 +281,6 @@ async def test_a_dead_node_loses_its_sessions_and_fences_them_when_it_returns(ho
         # Its containers still run on its engine (nobody can reach them): fenced on return.
         assert set(hosts.containers("node-a")) == set(on_a.values())
 
-        # A command stranded in the dead node's queue is carried out by the live node.
-        stranded_chat = str(uuid.uuid4())
-        stranded = str(uuid.uuid4())
-        placement = Placement(node_id="node-a", placed_by="node-a")
-        await js.publish(
-            node_command_subject("node-a", "create", stranded_chat),
-            json.dumps({"command_id": stranded, "chat_id": stranded_chat}).encode(),
-            headers={"Nats-Msg-Id": stranded, PLACEMENT_HEADER: msgspec.json.encode(placement).decode()},
-        )
         # New creates for node-a's chats go to node-b.
         again = {chat: await publish(js, "create", chat) for chat in on_a}
         recreated = await all_answered(js, {**again, stranded_chat: stranded})
