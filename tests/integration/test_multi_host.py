@@ -169,6 +169,14 @@ async def nodes_beating(js: JetStreamContext, *nodes: str) -> None:
     await eventually(beating, lambda found: found == set(nodes), timeout=60, what=f"beats of {nodes}")
 
 
+async def all_nodes_seen(js: JetStreamContext, runtimes: list[Child]) -> None:
+    """Every node beats, and every runtime has read every node's beat: a burst can spread."""
+    await nodes_beating(js, *NODES)
+    for child in runtimes:
+        alive = functools.partial(metric_total, child, "sandbox_nodes", state="alive")
+        await eventually(alive, lambda n: n == len(NODES), what="both nodes alive to each runtime")
+
+
 async def node_events(js: JetStreamContext, node: str) -> list[str]:
     """The types of the node's events (last first is enough: the last one)."""
     try:
@@ -189,10 +197,7 @@ async def test_placement_spreads_and_commands_reach_their_node_once(hosts: Hosts
     nc = await nats_client.connect(hosts.nats.url)
     js = nc.jetstream()
     try:
-        await nodes_beating(js, *NODES)
-        for child in runtimes:  # each runtime has read both nodes' beats: a burst can spread
-            alive = functools.partial(metric_total, child, "sandbox_nodes", state="alive")
-            await eventually(alive, lambda n: n == len(NODES), what="both nodes alive to each runtime")
+        await all_nodes_seen(js, runtimes)
         chats = [str(uuid.uuid4()) for _ in range(10)]
         creates = {chat: await publish(js, "create", chat) for chat in chats}
         created = await all_answered(js, creates)
@@ -236,11 +241,11 @@ async def test_placement_spreads_and_commands_reach_their_node_once(hosts: Hosts
 async def test_a_dead_node_loses_its_sessions_and_fences_them_when_it_returns(hosts: Hosts) -> None:
     a1 = hosts.runtime("node-a", "runtime-a1")
     a2 = hosts.runtime("node-a", "runtime-a2")
-    hosts.runtime("node-b", "runtime-b")
+    b = hosts.runtime("node-b", "runtime-b")
     nc = await nats_client.connect(hosts.nats.url)
     js = nc.jetstream()
     try:
-        await nodes_beating(js, *NODES)
+        await all_nodes_seen(js, [a1, a2, b])
         chats = [str(uuid.uuid4()) for _ in range(8)]
         created = await all_answered(js, {chat: await publish(js, "create", chat) for chat in chats})
         on_a = {c: o["session_id"] for c, o in created.items() if o["session"]["node_id"] == "node-a"}
