@@ -63,10 +63,12 @@ _HISTORY_CATCH_UP_TRIES = 7  # 10 ms doubling: about 1.3 s in all
 
 @dataclass(frozen=True, slots=True)
 class ChatState:
-    """The chat's last event and its stream sequence (0 and None when it has none)."""
+    """The chat's last event and its stream sequence (0 and None when it has none).
+    `poisoned`: the subject's last message is poison, `last` is the last valid event before it."""
 
     seq: int
     last: AnyEvent | None
+    poisoned: bool = False
 
     @property
     def session(self) -> SessionRecord | None:
@@ -200,7 +202,7 @@ class EventStore:
         if not isinstance(checked, str):
             return ChatState(seq, checked)
         self._quarantine.report(PoisonSource.EVENT, subject, seq, checked)
-        return ChatState(seq, await self._last_valid(chat_id, seq))
+        return ChatState(seq, await self._last_valid(chat_id, seq), poisoned=True)
 
     async def _last_valid(self, chat_id: str, poisoned_seq: int) -> AnyEvent | None:
         cached = self._fallbacks.get(chat_id)

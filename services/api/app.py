@@ -42,6 +42,7 @@ from services.api.middleware import (
     json_errors_middleware,
     tracing_middleware,
 )
+from services.api.reuse import ReuseShortcut
 from services.api.status import StatusEnvelope, build_status
 from services.api.views import (
     RETRY_AFTER_SECONDS,
@@ -63,12 +64,14 @@ from shared.config import ApiSettings, Settings
 from shared.contracts import (
     AnyCommand,
     AnyEvent,
+    CreateResult,
     CreateSandbox,
     KeepaliveSandbox,
     SandboxExtended,
     SandboxReused,
     SandboxRunning,
     SandboxStopped,
+    SessionRecord,
     SessionStatus,
     StopReason,
     StopSandbox,
@@ -100,6 +103,7 @@ class ApiServices:
     idempotent: IdempotentRequests
     registry: Registry
     events: EventStore
+    reuse: ReuseShortcut
 
 
 def _uuid(raw: str, name: str) -> str:
@@ -163,9 +167,15 @@ async def _answer(
     fields: dict[str, object],
     gateway: CommandGateway,
     idempotent: IdempotentRequests,
+    shortcut: Callable[[], Awaitable[Answer | None]] | None = None,
 ) -> Response[Any]:
-    """Send the command and answer from its outcome, through its idempotency key if any."""
+    """Send the command and answer from its outcome, through its idempotency key if any.
+    `shortcut` may answer without the command (see services/api/reuse.py)."""
     if key is None:
+        gateway.require_connection()
+        shortcut_answer = await shortcut() if shortcut is not None else None
+        if shortcut_answer is not None:
+            return shortcut_answer.response()
         return respond(await gateway.send(command)).response()
     try:
         checked = check_key(key)
@@ -173,7 +183,7 @@ async def _answer(
         raise HTTPException(status_code=400, detail=str(exc)) from None
     keyed = KeyedRequest(key=checked, request=request, chat_id=str(command.chat_id), fields=fields)
     gateway.require_connection()  # before the key is claimed
-    return await idempotent.answer(keyed, command, respond)
+    return await idempotent.answer(keyed, command, respond, shortcut)
 
 
 def strict_body(
@@ -230,6 +240,10 @@ def _provide_events(services: NamedDependency[ApiServices]) -> EventStore:
     return services.events
 
 
+def _provide_reuse(services: NamedDependency[ApiServices]) -> ReuseShortcut:
+    return services.reuse
+
+
 def _provide_chat(chat_id: FromPath[str]) -> uuid.UUID:
     """The `{chat_id}` path parameter as a UUID: any spelling `uuid.UUID` reads (upper case,
     no hyphens, braces), normalised; anything else is a 400 that says so."""
@@ -248,6 +262,7 @@ def _dependencies(clock: Clock) -> dict[str, Provide]:
         "idempotent": Provide(_provide_idempotent, sync_to_thread=False),
         "registry": Provide(_provide_registry, sync_to_thread=False),
         "events": Provide(_provide_events, sync_to_thread=False),
+        "reuse": Provide(_provide_reuse, sync_to_thread=False),
         "chat": Provide(_provide_chat, sync_to_thread=False),
     }
 
@@ -298,14 +313,17 @@ async def ready(nc: NamedDependency[Client]) -> Response[dict[str, Any]]:
     status_code=201,
     before_request=strict_body(CreateSandboxRequest),
 )
-async def create_sandbox(
+async def create_sandbox(  # keyword-only: Litestar passes everything by name
+    *,
     data: JSONBody[CreateSandboxRequest],
     gateway: NamedDependency[CommandGateway],
     idempotent: NamedDependency[IdempotentRequests],
+    reuse: NamedDependency[ReuseShortcut],
     clock: NamedDependency[Clock],
     idempotency_key: IdempotencyKey = None,
 ) -> Response[Any]:
-    """Create the chat's sandbox, or reuse its live one: 201 created/replaced, 200 reused."""
+    """Create the chat's sandbox, or reuse its live one: 201 created/replaced, 200 reused.
+    A running, unexpired session is reused from the chat's last event, without a command."""
     chat = uuid.UUID(_chat(data.chat_id))
     command = CreateSandbox(chat_id=chat, ttl_seconds=data.ttl_seconds, labels=data.labels, **_stamp(clock))
     return await _answer(
@@ -316,6 +334,7 @@ async def create_sandbox(
         fields={"ttl_seconds": data.ttl_seconds, "labels": data.labels},
         gateway=gateway,
         idempotent=idempotent,
+        shortcut=lambda: _reused_answer(reuse, chat, data.ttl_seconds, seed=False),
     )
 
 
@@ -326,15 +345,18 @@ async def create_sandbox(
     status_code=201,
     before_request=strict_body(SeedCreateRequest),
 )
-async def create_seed(
+async def create_seed(  # keyword-only: Litestar passes everything by name
+    *,
     data: JSONBody[SeedCreateRequest],
     gateway: NamedDependency[CommandGateway],
     idempotent: NamedDependency[IdempotentRequests],
+    reuse: NamedDependency[ReuseShortcut],
     clock: NamedDependency[Clock],
     idempotency_key: IdempotencyKey = None,
 ) -> Response[Any]:
     """The seed service's create endpoint: same semantics, the seed's response fields."""
-    command = CreateSandbox(chat_id=uuid.UUID(_chat(data.chat_id)), **_stamp(clock))
+    chat = uuid.UUID(_chat(data.chat_id))
+    command = CreateSandbox(chat_id=chat, **_stamp(clock))
     return await _answer(
         command,
         lambda outcome: _create_answer(outcome, seed=True),
@@ -343,21 +365,34 @@ async def create_seed(
         fields={},
         gateway=gateway,
         idempotent=idempotent,
+        shortcut=lambda: _reused_answer(reuse, chat, None, seed=True),
     )
+
+
+async def _reused_answer(
+    reuse: ReuseShortcut, chat: uuid.UUID, ttl_seconds: int | None, *, seed: bool
+) -> Answer | None:
+    """`200 reused` from the chat's last event when it shows a running, unexpired session;
+    None: the command path answers."""
+    session = await reuse.live_session(chat, ttl_seconds)
+    if session is None:
+        return None
+    return _session_answer(session, CreateResult.REUSED, 200, seed=seed)
 
 
 def _create_answer(outcome: AnyEvent, *, seed: bool) -> Answer:
     status = outcome_status(outcome)
     if isinstance(outcome, SandboxRunning | SandboxReused) and outcome.session is not None:
-        s = outcome.session
-        if seed:
-            body: object = SeedCreateResponse(
-                s.session_id, s.chat_id, s.container_id, s.status, s.created_at, s.expires_at
-            )
-        else:
-            body = session_view(s, outcome.result)
-        return _json_answer(body, status)
+        return _session_answer(outcome.session, outcome.result, status, seed=seed)
     return _error_answer(status, failure_detail(outcome), outcome)
+
+
+def _session_answer(s: SessionRecord, result: CreateResult | None, status: int, *, seed: bool) -> Answer:
+    if seed:
+        body: object = SeedCreateResponse(s.session_id, s.chat_id, s.container_id, s.status, s.created_at, s.expires_at)
+    else:
+        body = session_view(s, result)
+    return _json_answer(body, status)
 
 
 @get("/sandboxes/{chat_id:str}", operation_id="getSandbox", tags=["sandboxes"])
@@ -526,12 +561,14 @@ async def _connect(
     stack.push_async_callback(waiter.stop)
     gateway = CommandGateway(nc, js, waiter, events, telemetry, wait_seconds=settings.api.wait_seconds)
     records = IdempotencyRecords(js, idempotency_kv, quarantine=quarantine)
+    reuse = ReuseShortcut(events, clock, telemetry.metrics, settings.sandbox.max_ttl_seconds)
     return ApiServices(
         nc=nc,
         gateway=gateway,
         idempotent=IdempotentRequests(records, gateway, clock),
         registry=Registry(js, kv, quarantine=quarantine),
         events=events,
+        reuse=reuse,
     )
 
 

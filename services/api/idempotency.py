@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -104,11 +104,18 @@ class IdempotentRequests:
         self._clock = clock
 
     async def answer(
-        self, keyed: KeyedRequest, command: AnyCommand, respond: Callable[[AnyEvent], Answer]
+        self,
+        keyed: KeyedRequest,
+        command: AnyCommand,
+        respond: Callable[[AnyEvent], Answer],
+        shortcut: Callable[[], Awaitable[Answer | None]] | None = None,
     ) -> Response[Any]:
         """The answer to `keyed`: stored, or `respond(outcome)` of its command (whose id is
         replaced by the key's). OutcomePending (202) and NatsUnavailable (503) pass through
-        and leave the key without an answer: a retry gets the outcome."""
+        and leave the key without an answer: a retry gets the outcome. `shortcut` may answer
+        a key's first request without its command (reuse read from the log); that answer is
+        stored like any other. A key already claimed but not answered never takes it: its
+        command may be out, and its outcome is the answer."""
         now = self._clock.now()
         mine = IdempotentRequest(
             request=keyed.request,
@@ -119,14 +126,15 @@ class IdempotentRequests:
         )
         first = await self._records.claim(keyed.key, mine)
         if first is None:
-            outcome = await self._gateway.send(_with_id(command, mine.command_id))
+            answer = await shortcut() if shortcut is not None else None
+            if answer is None:
+                answer = respond(await self._gateway.send(_with_id(command, mine.command_id)))
         elif first.fingerprint != mine.fingerprint:
             raise IdempotencyKeyReused(first, keyed)
         elif first.answer is not None:
             return Answer.of(first.answer).response({REPLAYED_HEADER: "true"})
         else:
-            outcome = await self._gateway.send_again(_with_id(command, first.command_id))
-        answer = respond(outcome)
+            answer = respond(await self._gateway.send_again(_with_id(command, first.command_id)))
         settled = msgspec.structs.replace(first or mine, answer=answer.stored())
         try:
             await self._records.settle(keyed.key, settled)

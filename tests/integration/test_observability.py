@@ -82,7 +82,7 @@ async def test_one_create_is_one_trace_and_the_seed_metrics_follow_their_paths(
     settings: Settings, docker_client: Any, node_containers: None, tmp_path: Path
 ) -> None:
     spans = InMemorySpanExporter()
-    api_telemetry, _ = telemetry("sandboxd-api", spans)
+    api_telemetry, api_metrics = telemetry("sandboxd-api", spans)
     runtime_telemetry, runtime_metrics = telemetry("sandboxd-runtime", spans)
     reaper_telemetry, reaper_metrics = telemetry("sandboxd-reaper", spans)
     driver = StopFailsOnce(DockerDriver.from_env(30, telemetry=runtime_telemetry))
@@ -149,7 +149,11 @@ async def test_one_create_is_one_trace_and_the_seed_metrics_follow_their_paths(
         r: total(runtime_metrics, "sandbox.create.total", result=r) for r in ("created", "reused", "replaced", "error")
     }
     assert result_counts["created"] >= 3
-    assert result_counts["reused"] == 1
+    # The HTTP reuse was answered by the API from the chat's last event; the expired session
+    # was not, it went to the runtime and was replaced.
+    assert result_counts["reused"] == 0
+    assert total(api_metrics, "sandbox.api.reuse_fast_path.total", result="reused") == 1
+    assert total(api_metrics, "sandbox.api.reuse_fast_path.total", result="expired") == 1
     assert result_counts["error"] == 1
     replaced_json = replaced.json()
     assert replaced_json["result"] == "replaced"
