@@ -1,0 +1,156 @@
+"""Reuse over HTTP, measured with wrk: `uv run python -m tests.bench.reuse_http [BEFORE_TREE]`.
+
+A real nats-server, one runtime and the API as OS processes; 32 chats created first. Then, with
+Debian's `wrk` (a Python client saturates first), for BENCH_REUSE_SECONDS (default 5) each:
+`POST /api/v1/sandboxes` on a running chat at concurrency 1 (one chat) and 32 (over the 32
+chats), beside `GET /api/v1/health` at the same concurrency. Prints p50 and requests/s, and
+the ratios to /health.
+
+BEFORE_TREE: a source tree of another commit (e.g. `git archive <commit> services shared |
+tar -x -C DIR`): its API is run beside this one, against the same stack, and measured the same
+way (a before/after of the reuse fast path). Nothing is asserted: this reports figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import httpx
+
+from services.runtime.image import ensure_sandbox_image
+from shared.config import StreamSettings
+from tests.support.nats_server import free_port, nats_server
+from tests.support.processes import (
+    HTTP_PORT_ENV,
+    Child,
+    api_base,
+    make_sandbox_dirs,
+    sandboxd_env,
+    spawn,
+    stop,
+    until_ready,
+)
+
+TOKEN = "bench-reuse-token"
+NODE = "bench-reuse"
+CHATS = 32
+SECONDS = int(os.environ.get("BENCH_REUSE_SECONDS", "5"))
+WRK = shutil.which("wrk") or "/usr/bin/wrk"
+
+LUA = """
+local chats = {%s}
+local n = 0
+wrk.method = "%s"
+wrk.headers["X-API-Token"] = "%s"
+wrk.headers["Content-Type"] = "application/json"
+local kind = "%s"
+request = function()
+  n = n + 1
+  local chat = chats[(n %% #chats) + 1]
+  if kind == "reuse" then return wrk.format(nil, nil, nil, '{"chat_id": "' .. chat .. '"}') end
+  if kind == "get" then return wrk.format(nil, "/api/v1/sandboxes/" .. chat) end
+  return wrk.format()
+end
+"""
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk(url: str, script: Path, connections: int) -> tuple[float, float]:
+    """(p50 in ms, requests/s) of a wrk run."""
+    threads = min(connections, 2)
+    out = subprocess.run(
+        [WRK, f"-t{threads}", f"-c{connections}", f"-d{SECONDS}s", "--latency", "-s", str(script), url],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    p50 = re.search(r"^\s*50%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.MULTILINE)
+    if p50 is None or rate is None or "Non-2xx" in out:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    return float(p50.group(1)) * _UNITS[p50.group(2)], float(rate.group(1))
+
+
+def script(root: Path, kind: str, chats: list[str]) -> Path:
+    path = root / f"{kind}-{len(chats)}.lua"
+    method = "POST" if kind == "reuse" else "GET"
+    path.write_text(LUA % (", ".join(f'"{c}"' for c in chats), method, TOKEN, kind))
+    return path
+
+
+async def measure(name: str, base: str, root: Path, chats: list[str]) -> None:
+    for connections, over in ((1, chats[:1]), (CHATS, chats)):
+        health_p50, health_rate = wrk(f"{base}/api/v1/health", script(root, "health", over), connections)
+        get_p50, get_rate = wrk(f"{base}/api/v1/sandboxes", script(root, "get", over), connections)
+        reuse_p50, reuse_rate = wrk(f"{base}/api/v1/sandboxes", script(root, "reuse", over), connections)
+        print(
+            f"{name} c={connections:<2} chats={len(over):<2} reuse p50 {reuse_p50:6.2f} ms {reuse_rate:6.0f}/s | "
+            f"GET chat p50 {get_p50:6.2f} ms {get_rate:6.0f}/s | "
+            f"/health p50 {health_p50:6.2f} ms {health_rate:6.0f}/s | "
+            f"reuse/health: p50 {reuse_p50 / health_p50:4.2f}x, rate {reuse_rate / health_rate:4.2f}x",
+            flush=True,
+        )
+
+
+def spawn_before(tree: Path, env: dict[str, str], log: Path, port: int) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.api"],
+            cwd=tree,
+            env={**env, HTTP_PORT_ENV: str(port), "PYTHONPATH": str(tree)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def main(before_tree: Path | None) -> None:
+    import docker  # noqa: PLC0415 - only the bench needs it at once
+    import nats  # noqa: PLC0415
+
+    from shared.topology import ensure_topology  # noqa: PLC0415
+
+    ensure_sandbox_image(docker.from_env(), "sandboxd-sandbox:latest")
+    with tempfile.TemporaryDirectory(prefix="bench-reuse-") as tmp, nats_server(Path(tmp) / "nats") as server:
+        root = make_sandbox_dirs(Path(tmp))
+        nc = await nats.connect(server.url)
+        await ensure_topology(nc.jetstream(), StreamSettings())
+        await nc.close()
+        env = sandboxd_env(server.url, root, NODE, TOKEN)
+        children: list[subprocess.Popen[bytes]] = []
+        try:
+            runtime = spawn("services.runtime", env, root / "runtime.log")
+            api: Child = spawn("services.api", env, root / "api.log")
+            children += [runtime, api]
+            base = api_base(api)
+            await until_ready(base)
+            chats = [str(uuid.uuid4()) for _ in range(CHATS)]
+            async with httpx.AsyncClient(base_url=base, headers={"X-API-Token": TOKEN}, timeout=120) as http:
+                for chat in chats:
+                    created = await http.post("/api/v1/sandboxes", json={"chat_id": chat})
+                    created.raise_for_status()
+            print(f"{CHATS} chats running; wrk for {SECONDS}s per figure", flush=True)
+            await measure("after ", base, root, chats)
+            if before_tree is not None:
+                port = free_port()
+                before = spawn_before(before_tree, env, root / "api-before.log", port)
+                children.append(before)
+                await until_ready(f"http://127.0.0.1:{port}")
+                await measure("before", f"http://127.0.0.1:{port}", root, chats)
+            async with httpx.AsyncClient(base_url=base, headers={"X-API-Token": TOKEN}, timeout=120) as http:
+                for chat in chats:
+                    await http.delete(f"/api/v1/sandboxes/{chat}")
+        finally:
+            for child in reversed(children):
+                stop(child)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else None))
