@@ -103,6 +103,9 @@ class ExtendReason(enum.StrEnum):
     """The `reason` of an `extended` event (none when the keepalive got what it asked)."""
 
     LIFETIME_CAP = "lifetime_cap"  # the expiry was held at created_at + sandbox.max_lifetime_seconds
+    # The session already expired later than the keepalive asked: a keepalive never moves
+    # the expiry earlier, so it was kept.
+    ALREADY_LATER = "already_later"
 
 
 class RunningReason(enum.StrEnum):

@@ -119,6 +119,7 @@ class Reuse:
 class Extend:
     session: SessionRecord
     capped: bool = False  # the expiry was held at the lifetime cap
+    kept: bool = False  # the session already expired later than asked: its expiry was kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +336,13 @@ def decide_keepalive(
     ttl = _ttl(command.ttl_seconds, policy)
     if isinstance(ttl, Reject):
         return ttl
+    # Only ever later, never past the lifetime cap (unless it already is: never earlier wins).
     cap = session.created_at + policy.max_lifetime
-    expires_at = min(now + ttl, cap)
-    return Extend(msgspec.structs.replace(session, expires_at=expires_at, updated_at=now), capped=now + ttl > cap)
+    asked = min(now + ttl, cap)
+    kept = asked <= session.expires_at
+    expires_at = session.expires_at if kept else asked
+    return Extend(
+        msgspec.structs.replace(session, expires_at=expires_at, updated_at=now),
+        capped=not kept and now + ttl > cap,
+        kept=kept,
+    )

@@ -689,8 +689,8 @@ class CommandHandlers:
                     continue
                 case Reject():
                     finished = await self._reject(command, state, decision)
-                case Extend(session, capped):
-                    reason = ExtendReason.LIFETIME_CAP if capped else None
+                case Extend(session, capped, kept):
+                    reason = ExtendReason.LIFETIME_CAP if capped else ExtendReason.ALREADY_LATER if kept else None
                     finished = await self._outcome(SandboxExtended, command, session, state.seq, reason=reason)
                 case _:
                     assert_never(decision)

@@ -225,6 +225,12 @@ async def test_keepalive_moves_expiry(agent: tuple[Client, EventLog]) -> None:
     extended = await log.outcome(keep)
     assert extended["type"] == "extended"
     assert extended["session"]["expires_at"] > first["expires_at"]
+    # A shorter keepalive never moves the expiry earlier.
+    short = str(uuid.uuid4())
+    await publish(nc, "keepalive", chat, {"command_id": short, "chat_id": chat, "ttl_seconds": 30})
+    kept = await log.outcome(short)
+    assert (kept["type"], kept["reason"]) == ("extended", "already_later")
+    assert kept["session"]["expires_at"] == extended["session"]["expires_at"]
     stale = str(uuid.uuid4())
     await publish(nc, "keepalive", chat, {"command_id": stale, "chat_id": chat, "session_id": str(uuid.uuid4())})
     assert (await log.outcome(stale))["reason"] == "stale_session"

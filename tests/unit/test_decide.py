@@ -367,7 +367,19 @@ def test_keepalive_never_passes_the_lifetime_cap() -> None:
     assert isinstance(decision, Extend)
     assert decision.capped
     assert decision.session.expires_at == alive.created_at + timedelta(minutes=10)
-    within = decide_keepalive(last(SandboxRunning, alive), keepalive(ttl_seconds=60), NOW, capped)
+    within = decide_keepalive(last(SandboxRunning, alive), keepalive(ttl_seconds=300), NOW, capped)
     assert isinstance(within, Extend)
     assert not within.capped
-    assert within.session.expires_at == NOW + timedelta(seconds=60)
+    assert within.session.expires_at == NOW + timedelta(seconds=300)
+
+
+def test_keepalive_never_moves_the_expiry_earlier() -> None:
+    """A shorter keepalive than the session has left keeps its expiry (`already_later`)."""
+    alive = session(expires_at=NOW + timedelta(minutes=30))
+    shorter = decide_keepalive(last(SandboxRunning, alive), keepalive(ttl_seconds=60), NOW, POLICY)
+    assert isinstance(shorter, Extend)
+    assert (shorter.session.expires_at, shorter.kept, shorter.capped) == (alive.expires_at, True, False)
+    assert shorter.session.updated_at == NOW
+    longer = decide_keepalive(last(SandboxRunning, alive), keepalive(ttl_seconds=3600), NOW, POLICY)
+    assert isinstance(longer, Extend)
+    assert (longer.session.expires_at, longer.kept) == (NOW + timedelta(hours=1), False)
