@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -38,7 +37,7 @@ from nats.js import JetStreamContext
 from shared.config import StreamSettings
 from shared.subjects import COMMANDS_STREAM, EVENTS_STREAM, SESSIONS_BUCKET
 from shared.topology import STATUS, ensure_bucket, ensure_topology
-from tests.bench.harness import TOKEN, Report, control_plane, dist, raw_publish
+from tests.bench.harness import TOKEN, Report, control_plane, dist, new_report, raw_publish
 from tests.support.nats_cluster import NatsCluster, is_current, nats_cluster, stream_leader
 from tests.support.processes import api_base, make_sandbox_dirs, sandboxd_env, spawn, stop, until_ready
 
@@ -223,13 +222,7 @@ async def cluster_section(report: Report, root: Path) -> None:
 
 
 async def main() -> None:
-    report = Report()
-    report.figures["machine"] = {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "at": datetime.now(UTC).isoformat(),
-    }
-    print(f"  {'figure':<52} {'sandboxd':>22} {'floor':>22} {'ratio':>8}  target", flush=True)
+    report = new_report()
     with tempfile.TemporaryDirectory(prefix="sandboxd-bench-cluster-") as tmp:
         await cluster_section(report, Path(tmp))
     out = Path(os.environ.get("BENCH_OUT", "bench-results")) / f"cluster-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"

@@ -91,6 +91,18 @@ class Report:
 # --------------------------------------------------------------------------- helpers
 
 
+def new_report() -> Report:
+    """A report that knows the machine, its table's header printed."""
+    report = Report()
+    report.figures["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "at": datetime.now(UTC).isoformat(),
+    }
+    print(f"  {'figure':<52} {'sandboxd':>22} {'floor':>22} {'ratio':>8}  target", flush=True)
+    return report
+
+
 class Outcomes:
     """Outcome events by causation id, from an ordered stream consumer (stored events only)."""
 
@@ -525,13 +537,7 @@ async def replay_bench(report: Report, chats: int, per_chat: int) -> None:
 
 
 async def main() -> None:
-    report = Report()
-    report.figures["machine"] = {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "at": datetime.now(UTC).isoformat(),
-    }
-    print(f"  {'figure':<52} {'sandboxd':>22} {'floor':>22} {'ratio':>8}  target", flush=True)
+    report = new_report()
     client = docker.from_env()
     ensure_sandbox_image(client, IMAGE)
     with tempfile.TemporaryDirectory(prefix="sandboxd-bench-") as tmp, nats_server(Path(tmp) / "nats") as server:
