@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import logging
 import random
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -50,7 +51,6 @@ NODE_KEY_PREFIX = "node."
 _UNLIMITED_FREE = 1_000_000_000
 # A placement counts against its node until a beat written this long after it.
 _PLACEMENT_SETTLES = timedelta(seconds=1)
-_PLACEMENT_FORGOTTEN = timedelta(seconds=30)
 
 
 _KV_PREFIX = f"$KV.{INSTANCES_BUCKET}."
@@ -169,7 +169,8 @@ class NodeDirectory:
     quarantine: Quarantine = field(default_factory=Quarantine)
     pick: Callable[[Sequence[str]], str] = random.choice
     _seen: dict[str, _Seen] = field(default_factory=dict)
-    _placed: list[tuple[str, datetime]] = field(default_factory=list)
+    # Per node, when this runtime placed sessions there (oldest first), until a beat covers them.
+    _placed: dict[str, deque[datetime]] = field(default_factory=dict)
     _watching_since: datetime | None = None
     _read_at: datetime | None = None  # when every beat was last read
 
@@ -230,18 +231,18 @@ class NodeDirectory:
         return {node: self.state(node) for node in self._seen}
 
     def place(self) -> Placement:
-        now = self.clock.now()
-        self._placed = [(n, at) for n, at in self._placed if now - at < _PLACEMENT_FORGOTTEN]
+        """Amortised O(nodes): each placement is counted until a beat of its node covers it."""
         alive = [
             s.beat
             for n, s in self._seen.items()
             if s.beat is not None and not s.beat.draining and self.state(n) == NodeState.ALIVE
         ]
         pending: dict[str, int] = {}
-        for node, at in self._placed:
-            beat = self.last_beat(node)
-            if beat is None or at > beat.beat_at - _PLACEMENT_SETTLES:
-                pending[node] = pending.get(node, 0) + 1
+        for beat in alive:
+            placed = self._placed.get(beat.node_id)
+            while placed and placed[0] <= beat.beat_at - _PLACEMENT_SETTLES:
+                placed.popleft()
+            pending[beat.node_id] = len(placed) if placed else 0
         placement = choose_node(alive, pending, self.here, self.pick)
-        self._placed.append((placement.node_id, now))
+        self._placed.setdefault(placement.node_id, deque()).append(self.clock.now())
         return placement

@@ -124,3 +124,15 @@ def test_a_node_whose_runtime_stopped_cleanly_gets_no_new_sessions() -> None:
     assert nodes.place().node_id == "a", "b has more room, but its last runtime left"
     nodes._seen["b"] = _Seen(beat("b", 0))
     assert nodes.place().node_id == "b"
+
+
+def test_placements_count_against_a_node_until_its_beat_covers_them() -> None:
+    clock = FakeClock(T0)
+    nodes = directory(clock)
+    nodes._read_at = nodes._watching_since = T0
+    nodes._seen["a"] = _Seen(beat("a", 0))
+    assert [nodes.place().node_id for _ in range(3)] == ["a", "a", "a"]
+    clock.advance(3)  # a's later beat counts the three placed there
+    nodes._seen["a"] = _Seen(beat("a", 3, at=clock.now()))
+    nodes._seen["b"] = _Seen(beat("b", 5, at=clock.now()))
+    assert nodes.place().node_id == "a", "a: 7 free, b: 5; its placements are not counted twice"
