@@ -84,8 +84,9 @@ class Hosts:
         self.children: list[Child] = []
 
     def runtime(self, node: str, name: str) -> Child:
-        home = make_sandbox_dirs(self.root / node) if not (self.root / node).exists() else self.root / node
-        env = sandboxd_env(self.nats.url, home, node, TOKEN, DOCKER_HOST=self.engines[node].base_url, **FAST_LIVENESS)
+        env = sandboxd_env(
+            self.nats.url, self.root / node, node, TOKEN, DOCKER_HOST=self.engines[node].base_url, **FAST_LIVENESS
+        )
         child = spawn("services.runtime", env, self.root / f"{name}.log")
         self.children.append(child)
         return child
@@ -106,9 +107,8 @@ class Hosts:
 
 @pytest.fixture
 async def hosts(nats: NatsServer, tmp_path: Path, engines: dict[str, PrivateDockerd]) -> Any:
-    (tmp_path / "node-a").mkdir()
-    (tmp_path / "node-b").mkdir()
-    for node in NODES:
+    for node in NODES:  # each host's own sandbox directories
+        (tmp_path / node).mkdir()
         make_sandbox_dirs(tmp_path / node)
     nc = await nats_client.connect(nats.url)
     await ensure_topology(nc.jetstream(), StreamSettings())
@@ -167,6 +167,11 @@ async def nodes_beating(js: JetStreamContext, *nodes: str) -> None:
         return found
 
     await eventually(beating, lambda found: found == set(nodes), timeout=60, what=f"beats of {nodes}")
+
+
+def assert_alive(*children: Child) -> None:
+    for child in children:
+        assert child.poll() is None, child.log.read_text()[-3000:]
 
 
 async def all_nodes_seen(js: JetStreamContext, runtimes: list[Child]) -> None:
@@ -234,6 +239,7 @@ async def test_placement_spreads_and_commands_reach_their_node_once(hosts: Hosts
         assert forwarded > 0, "two nodes and twenty commands: some were another node's"
         for stream in (COMMANDS_STREAM, NODE_COMMANDS_STREAM):
             assert (await js.stream_info(stream)).state.messages == 0, stream
+        assert_alive(*runtimes)  # each also did work: sessions ran on both nodes' engines
     finally:
         await nc.close()
 
@@ -293,7 +299,7 @@ async def test_a_dead_node_loses_its_sessions_and_fences_them_when_it_returns(ho
         moved = {chat: o["session_id"] for chat, o in recreated.items()}
 
         # node-a returns: it records so, and removes the containers of the sessions it lost.
-        hosts.runtime("node-a", "runtime-a3")
+        a3 = hosts.runtime("node-a", "runtime-a3")
         await eventually(lambda: node_events(js, "node-a"), lambda found: found == ["node_returned"], timeout=60)
         await eventually(lambda: asyncio.to_thread(hosts.containers, "node-a"), lambda c: c == {}, timeout=30)
         # Nothing was resurrected: the chats keep their sessions on node-b.
@@ -301,6 +307,7 @@ async def test_a_dead_node_loses_its_sessions_and_fences_them_when_it_returns(ho
         assert {chat: e["session"]["session_id"] for chat, e in last.items()} == moved
         assert {e["session"]["status"] for e in last.values()} == {"running"}
         assert set(hosts.containers("node-b")) >= set(moved.values())
+        assert_alive(b, a3)  # b ran the moved chats; a3 recorded the return and fenced
     finally:
         await nc.close()
 

@@ -275,6 +275,8 @@ async def test_a_server_killed_under_load_loses_no_acknowledged_command(
         assert {c: outcomes[c] for c in load.acknowledged if outcomes[c] != 1} == {}
         for chat in itertools.chain(load.chats, after):
             await assert_consistent(js, docker_client, chat)
+        for child in (runtime, api):  # both rode through the kill (and both did the work above)
+            assert child.poll() is None, child.log.read_text()[-3000:]
     finally:
         load.stopping = True
         if running is not None and not running.done():
