@@ -59,7 +59,10 @@ FAST_LIVENESS = {
     "SANDBOXD_RUNTIME_INSTANCE_DEAD_AFTER_SECONDS": "1.5",
     "SANDBOXD_RUNTIME_NODE_DEAD_AFTER_SECONDS": str(DEAD_AFTER),
     "SANDBOXD_RUNTIME_MAX_SESSIONS": "20",
-    "SANDBOXD_RUNTIME_RECONCILE_INTERVAL_SECONDS": "300",  # fencing must not wait for it
+    # Fencing must not wait for reconciliation: its start-up pass alone (and the next one,
+    # minutes away) could not remove an orphan that needs three observations.
+    "SANDBOXD_RUNTIME_RECONCILE_INTERVAL_SECONDS": "300",
+    "SANDBOXD_RUNTIME_RECONCILE_CONFIRMATIONS": "3",
 }
 Events = list[dict[str, Any]]
 
