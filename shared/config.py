@@ -120,6 +120,14 @@ class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     cpus: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     oci_runtime: str | None = None
     stop_timeout_seconds: Annotated[int, msgspec.Meta(ge=0)] = 2
+    # Warm containers each runtime keeps started ahead of any chat: a create takes one and
+    # gets its chat's directory attached (a host bind mount into the slot the container
+    # binds with rslave propagation) instead of waiting for docker create + start. Each costs
+    # an idle container (memory: what `sleep` uses). 0: every create is cold. Needs root
+    # (mounts); without it the runtime logs why and creates cold.
+    warm_pool_size: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 4
+    # Where warm containers' slot directories live (made a shared mount point of its own).
+    slots_root: str = ".sandboxd/slots"
 
 
 class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

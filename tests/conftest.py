@@ -19,6 +19,7 @@ from docker.errors import DockerException
 
 from services.runtime.image import ensure_sandbox_image
 from services.runtime.service import RuntimeHandle, running_runtime
+from services.runtime.slots import unmount_all
 from shared.config import Settings, load_settings
 from tests.support.nats_cluster import NatsCluster, nats_cluster
 from tests.support.nats_server import NatsServer, nats_server
@@ -103,6 +104,9 @@ def settings_for(url: str, root: Path, node_id: str, **extra: str) -> Settings:
         "SANDBOXD_SANDBOX_CHATS_ROOT": str(root / "chats"),
         "SANDBOXD_SANDBOX_DEPENDENCIES_HOST_PATH": str(root / "deps"),
         "SANDBOXD_SANDBOX_LAMBDA_TOOLS_HOST_PATH": str(root / "tools"),
+        "SANDBOXD_SANDBOX_SLOTS_ROOT": str(root / "slots"),
+        # Cold creates unless a test asks for the warm pool (tests/integration/test_warm_pool.py).
+        "SANDBOXD_SANDBOX_WARM_POOL_SIZE": "0",
         "SANDBOXD_SANDBOX_STOP_TIMEOUT_SECONDS": "1",
         # Tests drive reconciliation passes themselves (RuntimeHandle.reconciler.run_once).
         "SANDBOXD_RUNTIME_RECONCILE_ENABLED": "false",
@@ -113,11 +117,12 @@ def settings_for(url: str, root: Path, node_id: str, **extra: str) -> Settings:
 
 
 @pytest.fixture
-def node_containers(docker_client: docker.DockerClient, node_id: str) -> Iterator[None]:
-    """Remove whatever containers this test's node left behind."""
+def node_containers(docker_client: docker.DockerClient, node_id: str, tmp_path: Path) -> Iterator[None]:
+    """Remove whatever containers this test's node left behind, and the warm slots' mounts."""
     yield
     for c in docker_client.containers.list(all=True, filters={"label": f"sandboxd.node_id={node_id}"}):
         c.remove(force=True)
+    unmount_all(tmp_path / "slots")
 
 
 @pytest.fixture

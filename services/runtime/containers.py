@@ -23,6 +23,10 @@ LABEL_CHAT = "sandboxd.chat_id"
 LABEL_SESSION = "sandboxd.session_id"
 LABEL_EXPIRES = "sandboxd.expires_at"
 USER_LABEL_PREFIX = "sandboxd.label."
+# A warm container: made ahead of any chat (so without chat, expiry or request labels; the
+# session record holds those), owned by the runtime instance that keeps it warm.
+LABEL_POOL = "sandboxd.pool"
+LABEL_POOL_OWNER = "sandboxd.pool_owner"
 
 
 def container_name(session_id: str) -> str:
@@ -42,9 +46,12 @@ class ContainerIdentity:
         return container_name(self.session_id)
 
     def matches(self, labels: Mapping[str, str]) -> bool:
+        """A warm container carries no chat label (it was made before its chat was known):
+        its session id, a fresh uuid handed to exactly one claim, identifies it."""
+        chat = labels.get(LABEL_CHAT)
         return (
             labels.get(LABEL_MANAGED) == "true"
-            and labels.get(LABEL_CHAT) == self.chat_id
+            and (chat == self.chat_id or (chat is None and labels.get(LABEL_POOL) == "true"))
             and labels.get(LABEL_SESSION) == self.session_id
             and labels.get(LABEL_NODE) == self.node_id
         )
@@ -58,6 +65,7 @@ class Mount:
     setting: str  # the config key naming the source, for error messages
     create: bool = False
     owner: tuple[int, int] | None = None  # uid, gid a created source is handed to
+    propagation: str | None = None  # a bind's propagation (a warm slot's: rslave)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +91,11 @@ class ContainerSpec:
     user: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def chat_mount(self) -> Mount | None:
+        """The chat's own (writable, created) directory, if the spec has one."""
+        return next((m for m in self.mounts if m.create), None)
+
 
 def sandbox_user(settings: SandboxSettings) -> tuple[int, int]:
     """(uid, gid) of `sandbox.user` (validated as `uid:gid` by the settings)."""
@@ -102,16 +115,26 @@ def container_spec(identity: ContainerIdentity, session: SessionRecord, settings
         LABEL_EXPIRES: session.expires_at.isoformat(),
     }
     labels.update({f"{USER_LABEL_PREFIX}{k}": v for k, v in session.labels.items()})
-    uid, gid = sandbox_user(settings)
-    mounts = [
-        Mount(
-            Path(settings.chats_root).resolve() / identity.chat_id,
-            settings.chat_mount_path,
-            read_only=False,
-            setting="sandbox.chats_root",
-            create=True,
-            owner=(uid, gid),
-        ),
+    env = {"SANDBOXD_CHAT_ID": identity.chat_id, "SANDBOXD_SESSION_ID": identity.session_id}
+    return _spec(identity, labels, [chat_mount(identity, settings), *_shared_mounts(settings)], env, settings)
+
+
+def chat_mount(identity: ContainerIdentity, settings: SandboxSettings) -> Mount:
+    """The chat's own directory: created, handed to the sandbox's user, writable."""
+    if canonical_chat_id(identity.chat_id) != identity.chat_id:
+        raise ValueError(f"not a canonical chat id: {identity.chat_id!r}")  # a host path is built from it
+    return Mount(
+        Path(settings.chats_root).resolve() / identity.chat_id,
+        settings.chat_mount_path,
+        read_only=False,
+        setting="sandbox.chats_root",
+        create=True,
+        owner=sandbox_user(settings),
+    )
+
+
+def _shared_mounts(settings: SandboxSettings) -> list[Mount]:
+    return [
         Mount(
             Path(settings.dependencies_host_path).resolve(),
             settings.dependencies_mount_path,
@@ -125,6 +148,16 @@ def container_spec(identity: ContainerIdentity, session: SessionRecord, settings
             setting="sandbox.lambda_tools_host_path",
         ),
     ]
+
+
+def _spec(
+    identity: ContainerIdentity,
+    labels: dict[str, str],
+    mounts: list[Mount],
+    env: dict[str, str],
+    settings: SandboxSettings,
+) -> ContainerSpec:
+    uid, gid = sandbox_user(settings)
     return ContainerSpec(
         name=identity.name,
         image=settings.image,
@@ -145,5 +178,24 @@ def container_spec(identity: ContainerIdentity, session: SessionRecord, settings
         stop_timeout_seconds=settings.stop_timeout_seconds,
         identity=identity,
         user=f"{uid}:{gid}",
-        extra_env={"SANDBOXD_CHAT_ID": identity.chat_id, "SANDBOXD_SESSION_ID": identity.session_id},
+        extra_env=env,
     )
+
+
+def warm_spec(session_id: str, node_id: str, owner: str, slot: Path, settings: SandboxSettings) -> ContainerSpec:
+    """A warm container for a session to come: every option of a session's container, its
+    slot directory where the chat's will be (see slots.py), no chat yet. Its name and session
+    label are those of the session that will claim it; the chat's id is not in its
+    environment (it was not known when the container started)."""
+    labels = {
+        LABEL_MANAGED: "true",
+        LABEL_NODE: node_id,
+        LABEL_SESSION: session_id,
+        LABEL_POOL: "true",
+        LABEL_POOL_OWNER: owner,
+    }
+    slot_mount = Mount(
+        slot, settings.chat_mount_path, read_only=False, setting="sandbox.slots_root", propagation="rslave"
+    )
+    identity = ContainerIdentity("", session_id, node_id)
+    return _spec(identity, labels, [slot_mount, *_shared_mounts(settings)], {}, settings)

@@ -18,7 +18,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,11 +31,14 @@ from services.runtime.containers import (
     LABEL_CHAT,
     LABEL_MANAGED,
     LABEL_NODE,
+    LABEL_POOL,
+    LABEL_POOL_OWNER,
     LABEL_SESSION,
     ContainerIdentity,
     ContainerSpec,
     Mount,
 )
+from services.runtime.slots import SlotMounts
 from shared.errors import DockerUnavailable, SandboxStartFailed, SandboxStopFailed
 from shared.telemetry import Telemetry, elapsed_ms
 from shared.telemetry import disabled as telemetry_disabled
@@ -58,6 +61,13 @@ class ObservedContainer:
     state: str  # created, running, exited, dead, ...
     status: str  # Docker's human-readable status, e.g. "Exited (137) 3 seconds ago"
     node_id: str = ""
+    pool: bool = False  # a warm container (its chat, once claimed, comes from its slot)
+    pool_owner: str = ""  # the runtime instance keeping it warm
+
+    @property
+    def unclaimed_warm(self) -> bool:
+        """A warm container no session has claimed yet: the pool's, nobody else's."""
+        return self.pool and not self.chat_id
 
     @property
     def identity(self) -> ContainerIdentity:
@@ -146,8 +156,10 @@ class DockerDriver:
         max_workers: int = 16,
         telemetry: Telemetry | None = None,
         events_client: Callable[[], docker.DockerClient] | None = None,
+        slots: SlotMounts | None = None,
     ) -> None:
         self._client = client
+        self.slots = slots  # where warm containers get their chat's directory; None: no pool
         # The event stream holds a connection for as long as it runs: one of its own when we
         # know how to make one, else one of the client's pool.
         self._events_client = events_client
@@ -158,7 +170,11 @@ class DockerDriver:
 
     @classmethod
     def from_env(
-        cls, timeout_seconds: float, max_workers: int = 16, telemetry: Telemetry | None = None
+        cls,
+        timeout_seconds: float,
+        max_workers: int = 16,
+        telemetry: Telemetry | None = None,
+        slots: SlotMounts | None = None,
     ) -> DockerDriver:
         try:
             client = docker.DockerClient.from_env(timeout=int(timeout_seconds), max_pool_size=max_workers)
@@ -169,6 +185,7 @@ class DockerDriver:
             max_workers=max_workers,
             telemetry=telemetry,
             events_client=lambda: docker.DockerClient.from_env(max_pool_size=1),
+            slots=slots,
         )
 
     async def _instrumented(
@@ -232,7 +249,15 @@ class DockerDriver:
                 prepare_owned_dir(m, self._host_id_offset())
             elif not m.source.is_dir():
                 raise SandboxStartFailed(f"read-only mount source {m.source} ({m.setting}) does not exist")
-            mounts.append(DockerMount(target=m.target, source=str(m.source), type="bind", read_only=m.read_only))
+            mounts.append(
+                DockerMount(
+                    target=m.target,
+                    source=str(m.source),
+                    type="bind",
+                    read_only=m.read_only,
+                    propagation=m.propagation,
+                )
+            )
         return mounts
 
     def _host_id_offset(self) -> tuple[int, int]:
@@ -282,11 +307,15 @@ class DockerDriver:
                     raise SandboxStartFailed(f"docker create failed: {exc.explanation or exc}") from exc
                 # A retry of the same session finds its container by name, if it is the session's.
                 found = self._inspect_for_retry(spec.name)
-                if not spec.identity.matches(found.get("Config", {}).get("Labels") or {}):
+                labels = found.get("Config", {}).get("Labels") or {}
+                if not spec.identity.matches(labels):
                     raise SandboxStartFailed(
                         f"a container named {spec.name} exists that is not this session's; it is left alone"
                     ) from exc
                 container_id = found["Id"]
+                if labels.get(LABEL_POOL) == "true" and spec.chat_mount is not None:
+                    # A warm container claimed before a crash: its chat is attached again.
+                    self._attach(spec)
             try:
                 self._api.start(container_id)
             except APIError as exc:
@@ -295,6 +324,27 @@ class DockerDriver:
             return container_id
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
             raise _unavailable(exc) from exc
+
+    async def attach_warm(self, spec: ContainerSpec) -> None:
+        """Give a running warm container the chat directory of `spec` (a session's spec)."""
+        attributes = {"chat.id": spec.identity.chat_id, "session.id": spec.identity.session_id}
+        with self._telemetry.tracer.span("adapter.docker.attach_warm", attributes):
+            await self._run(self._attach, spec)
+
+    def _attach(self, spec: ContainerSpec) -> None:
+        chat = spec.chat_mount
+        if self.slots is None or chat is None:
+            raise SandboxStartFailed("a warm container needs sandbox.slots_root and a chat directory")
+        prepare_owned_dir(chat, self._host_id_offset())
+        self.slots.attach(spec.identity.session_id, chat.source, spec.identity.chat_id)
+
+    def _release_slot(self, session_id: str) -> None:
+        if self.slots is None:
+            return
+        try:
+            self.slots.release(session_id)
+        except (OSError, ValueError):
+            log.warning("could not release the warm slot of session %s", session_id, exc_info=True)
 
     def _inspect_for_retry(self, name: str) -> dict[str, Any]:
         try:
@@ -322,6 +372,7 @@ class DockerDriver:
             try:
                 found = self._api.inspect_container(ref or identity.name)
             except NotFound:
+                self._release_slot(identity.session_id)
                 return
             if not identity.matches(found.get("Config", {}).get("Labels") or {}):
                 log.warning(
@@ -332,11 +383,14 @@ class DockerDriver:
             try:
                 self._api.stop(ref, timeout=stop_timeout_seconds)
             except NotFound:
+                self._release_slot(identity.session_id)
                 return
             except APIError as exc:
                 log.info("stop of %s failed (%s); removing by force", ref, exc.explanation)
             self._api.remove_container(ref, force=True)
+            self._release_slot(identity.session_id)
         except NotFound:
+            self._release_slot(identity.session_id)
             return
         except APIError as exc:
             if exc.status_code == _HTTP_CONFLICT and "already in progress" in str(exc.explanation):
@@ -366,14 +420,26 @@ class DockerDriver:
             ObservedContainer(
                 container_id=row["Id"],
                 name=(row.get("Names") or ["?"])[0].lstrip("/"),
-                chat_id=row["Labels"].get(LABEL_CHAT, ""),
+                chat_id=self._chat_of(row["Labels"]),
                 session_id=row["Labels"].get(LABEL_SESSION, ""),
                 state=row.get("State", ""),
                 status=row.get("Status", ""),
                 node_id=row["Labels"].get(LABEL_NODE, ""),
+                pool=row["Labels"].get(LABEL_POOL) == "true",
+                pool_owner=row["Labels"].get(LABEL_POOL_OWNER, ""),
             )
             for row in rows
         ]
+
+    def _chat_of(self, labels: dict[str, str]) -> str:
+        """A container's chat: its label, or for a claimed warm container its slot's marker."""
+        chat = labels.get(LABEL_CHAT)
+        if chat is not None or labels.get(LABEL_POOL) != "true" or self.slots is None:
+            return chat or ""
+        try:
+            return self.slots.chat_of(labels.get(LABEL_SESSION, "")) or ""
+        except ValueError:
+            return ""
 
     async def exit_state(self, container_id: str) -> ExitState | None:
         return await self._run(self._exit_state, container_id)  # type: ignore[no-any-return]
@@ -417,7 +483,7 @@ class DockerDriver:
             if client is not None:
                 client.close()
             raise _unavailable(exc) from exc
-        return _DockerEventStream(client, raw)
+        return _DockerEventStream(client, raw, self._chat_of)
 
     async def memory_bytes(self) -> int:
         """The engine's total memory (what `docker info` calls MemTotal)."""
@@ -435,14 +501,18 @@ FOLLOWED_ACTIONS = ("die", "oom", "destroy")
 
 
 class _DockerEventStream:
-    def __init__(self, client: docker.DockerClient | None, raw: Any) -> None:
+    def __init__(self, client: docker.DockerClient | None, raw: Any, chat_of: Callable[[dict[str, str]], str]) -> None:
         self._client = client
         self._raw = raw
+        self._chat_of = chat_of
 
     def __iter__(self) -> Iterator[ContainerEvent]:
         try:
             for raw in self._raw:
                 event = container_event(raw)
+                if event is not None and not event.chat_id:
+                    attributes = (raw.get("Actor") or {}).get("Attributes") or {}
+                    event = replace(event, chat_id=self._chat_of(attributes))
                 if event is not None:
                     yield event
         except (requests.exceptions.RequestException, DockerException, OSError, ValueError) as exc:

@@ -52,6 +52,7 @@ from services.runtime.decisions import (
 from services.runtime.docker_driver import ContainerDriver
 from services.runtime.losses import mark_node_lost
 from services.runtime.observe import ActiveSandboxes, observe_outcome
+from services.runtime.pool import WarmPool
 from shared.clock import Clock
 from shared.commands import MalformedCommand
 from shared.config import SandboxSettings
@@ -143,6 +144,8 @@ class HandlerDeps:
     # The nodes: where new sessions go, and whether another node's session may be reached.
     # None: this node only (SingleNode).
     nodes: Nodes | None = field(default=None, kw_only=True)
+    # Warm containers a new session takes before a cold create; None: always cold.
+    pool: WarmPool | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,13 +522,28 @@ class CommandHandlers:
         delivery: Delivery,
     ) -> Step:
         placement = self._placement(delivery)
+        session = self._warm(session)
         async with self._d.capacity.admit(session.session_id) as refused:
             if refused is not None:
+                self._unwarm(session)
                 return await self._reject(command, state, Reject(RejectReason.CAPACITY_EXCEEDED, refused.detail))
             seq = await self._claim(
                 SandboxProvisioning, command, session, state.seq, previous=previous, placement=placement
             )
-            return None if seq is None else await self._start(command, session, seq, previous, progress)
+            if seq is None:
+                self._unwarm(session)
+                return None
+            return await self._start(command, session, seq, previous, progress)
+
+    def _warm(self, session: SessionRecord) -> SessionRecord:
+        """The new session with a warm container's session id, when the pool has one."""
+        warm = self._d.pool.take() if self._d.pool is not None else None
+        return session if warm is None else msgspec.structs.replace(session, session_id=warm)
+
+    def _unwarm(self, session: SessionRecord) -> None:
+        """A claim that did not land hands its warm container back."""
+        if self._d.pool is not None:
+            self._d.pool.give_back(session.session_id)
 
     async def _claim_replace(
         self, command: CreateSandbox, old: SessionRecord, state: ChatState, progress: Progress
@@ -543,17 +561,18 @@ class CommandHandlers:
         decision = provision_after_replace(command, old, self._new_id(), self._d.clock.now(), self._d.policy)
         if isinstance(decision, Reject):
             return await self._refuse_after_replace(command, claim_seq, decision)
-        async with self._d.capacity.admit(decision.session.session_id) as refused:
+        session = self._warm(decision.session)
+        async with self._d.capacity.admit(session.session_id) as refused:
             if refused is not None:  # the old container is gone, and its place was taken meanwhile
+                self._unwarm(session)
                 refusal = Reject(RejectReason.CAPACITY_EXCEEDED, refused.detail)
                 return await self._refuse_after_replace(command, claim_seq, refusal)
-            seq = await self._claim(
-                SandboxProvisioning, command, decision.session, claim_seq, previous=decision.previous
-            )
+            seq = await self._claim(SandboxProvisioning, command, session, claim_seq, previous=decision.previous)
             if seq is None:
+                self._unwarm(session)
                 return None
             await progress()
-            return await self._start(command, decision.session, seq, decision.previous, progress)
+            return await self._start(command, session, seq, decision.previous, progress)
 
     async def _refuse_after_replace(self, command: CreateSandbox, claim_seq: int, refusal: Reject) -> Step:
         """The old session's container is removed and no new one may start: the chat is left
@@ -571,8 +590,12 @@ class CommandHandlers:
     ) -> Step:
         identity = self._identity(command, claim)
         spec = container_spec(identity, claim, self._d.sandbox)
+        pool = self._d.pool
         try:
-            container_id = await self._d.driver.ensure_running(spec)
+            if pool is not None and pool.holds(identity.session_id):
+                container_id = await pool.claim(spec)  # a warm container: the chat is attached
+            else:
+                container_id = await self._d.driver.ensure_running(spec)
         except (InfrastructureError, DockerUnavailable) as exc:
             log.warning("create for chat %s failed: %s", identity.chat_id, exc)
             await self._remove_quietly(identity)

@@ -216,6 +216,7 @@ class NodeReconciler:
     async def _pass(self, *, fencing: bool) -> ReconcileReport:
         report = ReconcileReport()
         containers = await self._driver.list_managed(self._node_id)
+        containers = [c for c in containers if not c.unclaimed_warm]  # the warm pool's
         self._active.set(sum(1 for c in containers if c.state == "running"))
         report.containers = len(containers)
         by_chat: dict[str, list[ObservedContainer]] = {}

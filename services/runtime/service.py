@@ -26,9 +26,11 @@ from services.runtime.docker_driver import ContainerDriver, DockerDriver, prepar
 from services.runtime.handlers import CommandHandlers, HandlerDeps, policy_from
 from services.runtime.nodes import NodeLog, NodeWatch
 from services.runtime.observe import ActiveSandboxes
+from services.runtime.pool import WarmPool
 from services.runtime.projector import Projector
 from services.runtime.reconcile import NodeReconciler
 from services.runtime.replay import replay
+from services.runtime.slots import SlotMounts
 from shared.clock import Clock, SystemClock
 from shared.config import Settings
 from shared.errors import DockerUnavailable
@@ -67,6 +69,7 @@ class RuntimeStatus(msgspec.Struct):
     in_flight: int
     active_sandboxes: int
     last_reconcile: str | None
+    warm_ready: int = 0  # warm containers ready to be claimed (sandbox.warm_pool_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +95,7 @@ class _Runtime:
     deaths: DeathWatch | None
     nodes: NodeWatch
     node_queue: CommandConsumer  # this node's queue: commands other runtimes forwarded here
+    pool: WarmPool | None  # None: no engine with slots (then every create is cold)
 
 
 @contextlib.asynccontextmanager
@@ -154,8 +158,14 @@ async def running_runtime(
 
 async def _docker(stack: contextlib.AsyncExitStack, settings: Settings, telemetry: Telemetry) -> DockerDriver:
     """The local Docker engine, answering, closed with the stack; the chats root prepared."""
+    slots = SlotMounts(settings.sandbox.slots_root)
+    why = await asyncio.to_thread(slots.prepare)
+    if why is not None and settings.sandbox.warm_pool_size:
+        log.warning("warm pool off, every create is cold: %s", why)
     try:
-        engine = DockerDriver.from_env(settings.runtime.docker_timeout_seconds, telemetry=telemetry)
+        engine = DockerDriver.from_env(
+            settings.runtime.docker_timeout_seconds, telemetry=telemetry, slots=slots if why is None else None
+        )
         stack.callback(engine.close)
         await engine.ping()
     except DockerUnavailable as exc:
@@ -199,6 +209,17 @@ def _wire(
         )
     # The handlers never decide on a container the engine said is dead.
     handler_log = DeathAwareLog(store, deaths) if deaths is not None else store
+    pool = None
+    if isinstance(driver, DockerDriver) and driver.slots is not None:
+        pool = WarmPool(
+            driver,
+            driver.slots,
+            settings.sandbox,
+            node_id=runtime.node_id,
+            instances=instances,
+            size=settings.sandbox.warm_pool_size,
+            telemetry=telemetry,
+        )
     handlers = CommandHandlers(
         HandlerDeps(
             handler_log,
@@ -212,6 +233,7 @@ def _wire(
             handled=handled,
             instances=instances,
             nodes=directory,
+            pool=pool if pool is not None and pool.size else None,
         )
     )
 
@@ -272,6 +294,7 @@ def _wire(
         deaths,
         nodes,
         node_queue(runtime.node_id),
+        pool,
     )
 
 
@@ -308,6 +331,7 @@ def _start_tasks(
             in_flight=runtime.consumer.in_flight,
             active_sandboxes=runtime.active.value,
             last_reconcile=None if last is None else f"{last.containers} containers, {len(last.actions)} actions",
+            warm_ready=0 if runtime.pool is None else runtime.pool.ready,
         )
 
     stopping = asyncio.Event()
@@ -322,6 +346,8 @@ def _start_tasks(
         loops["reconciliation"] = runtime.reconciler.run(stopping, settings.runtime.reconcile_interval_seconds)
     if runtime.deaths is not None:
         loops["deaths"] = runtime.deaths.run(stopping)
+    if runtime.pool is not None:  # with size 0 it only removes warm containers left behind
+        loops["warm pool"] = runtime.pool.run(stopping)
     tasks = [asyncio.create_task(loop, name=name) for name, loop in loops.items()]
 
     async def stop() -> None:
@@ -348,7 +374,9 @@ async def node_capacity(settings: Settings, driver: ContainerDriver, engine: Doc
             )
 
     async def live_sessions() -> set[str]:
-        return {c.session_id for c in await driver.list_managed(node) if is_live_state(c.state)}
+        return {
+            c.session_id for c in await driver.list_managed(node) if is_live_state(c.state) and not c.unclaimed_warm
+        }
 
     return NodeCapacity(limit, live_sessions)
 

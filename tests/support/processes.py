@@ -55,6 +55,8 @@ def sandboxd_env(url: str, root: Path, node_id: str, token: str, **extra: str) -
         "SANDBOXD_SANDBOX_DEPENDENCIES_HOST_PATH": str(root / "deps"),
         "SANDBOXD_SANDBOX_LAMBDA_TOOLS_HOST_PATH": str(root / "tools"),
         "SANDBOXD_SANDBOX_STOP_TIMEOUT_SECONDS": "1",
+        "SANDBOXD_SANDBOX_SLOTS_ROOT": str(root / "slots"),
+        "SANDBOXD_SANDBOX_WARM_POOL_SIZE": "0",  # cold unless the caller asks for the pool
         **extra,
     }
 
