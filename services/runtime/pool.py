@@ -27,10 +27,11 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 from services.runtime.containers import ContainerIdentity, ContainerSpec, warm_spec
-from services.runtime.docker_driver import DockerDriver, ObservedContainer
-from services.runtime.slots import SlotMounts
+from services.runtime.docker_driver import ObservedContainer
 from shared.config import SandboxSettings
 from shared.errors import DockerUnavailable, InfrastructureError
 from shared.instances import InstanceLiveness, Liveness
@@ -46,6 +47,28 @@ _RETRY_SECONDS = 2.0
 _SLOT_GRACE_SECONDS = 120.0
 
 
+class WarmEngine(Protocol):
+    """What the pool needs of the container engine (DockerDriver)."""
+
+    async def ensure_running(self, spec: ContainerSpec) -> str: ...
+
+    async def attach_warm(self, spec: ContainerSpec) -> None: ...
+
+    async def remove(self, identity: ContainerIdentity, stop_timeout_seconds: int, ref: str | None = None) -> None: ...
+
+    async def list_managed(self, node_id: str) -> list[ObservedContainer]: ...
+
+
+class Slots(Protocol):
+    """What the pool needs of the host's slot directories (SlotMounts)."""
+
+    def make(self, session_id: str) -> Path: ...
+
+    def stale(self, present: set[str], older_than: float) -> set[str]: ...
+
+    def release(self, session_id: str) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Warm:
     session_id: str
@@ -55,8 +78,8 @@ class Warm:
 class WarmPool:
     def __init__(
         self,
-        driver: DockerDriver,
-        slots: SlotMounts,
+        driver: WarmEngine,
+        slots: Slots,
         settings: SandboxSettings,
         *,
         node_id: str,

@@ -79,6 +79,7 @@ class RuntimeHandle:
     tasks: list[asyncio.Task[None]]
     deaths: DeathWatch | None = None  # None: no engine events to follow (or switched off)
     nodes: NodeWatch | None = None
+    pool: WarmPool | None = None  # None: no engine with slots
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +154,7 @@ async def running_runtime(
         stack.push_async_callback(runtime.nodes.leave)  # after the loops below have stopped
         tasks = _start_tasks(stack, settings, runtime, _status_writer(settings, js, status_bucket, telemetry), clock)
         log.info("runtime %s started", settings.runtime.node_id)
-        yield RuntimeHandle(runtime.handlers, runtime.reconciler, tasks, runtime.deaths, runtime.nodes)
+        yield RuntimeHandle(runtime.handlers, runtime.reconciler, tasks, runtime.deaths, runtime.nodes, runtime.pool)
 
 
 async def _docker(stack: contextlib.AsyncExitStack, settings: Settings, telemetry: Telemetry) -> DockerDriver:

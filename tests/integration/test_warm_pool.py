@@ -10,17 +10,22 @@ import asyncio
 import signal
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import docker
 import httpx
 import nats
 import pytest
+from msgspec.structs import replace
 
-from services.runtime.containers import LABEL_POOL, LABEL_POOL_OWNER
+from services.runtime.containers import LABEL_POOL, LABEL_POOL_OWNER, ContainerIdentity, container_spec, warm_spec
+from services.runtime.docker_driver import DockerDriver
 from services.runtime.service import RuntimeHandle, running_runtime
-from services.runtime.slots import unmount_all
+from services.runtime.slots import SlotMounts, unmount_all
 from shared.config import Settings
+from shared.contracts import SessionRecord, SessionStatus
+from shared.errors import SandboxStartFailed
 from shared.event_store import EventStore
 from tests.conftest import TEST_TOKEN, settings_for
 from tests.integration.test_container_deaths import lost_event
@@ -213,3 +218,50 @@ async def test_a_killed_runtimes_warm_containers_are_removed_and_its_sessions_ke
     # A clean stop removes the runtime's own warm containers, and only those.
     assert not unclaimed(docker_client, node, tmp_path) & mine
     assert docker_client.containers.get(f"sandboxd-{claimed}").status == "running"
+
+
+async def test_a_claim_resumed_after_a_crash_finds_its_warm_container_and_attaches_the_chat(
+    settings: Settings, docker_client: docker.DockerClient, node_containers: None, tmp_path: Path
+) -> None:
+    """A claim that landed before its runtime died is resumed by another instance, which does
+    not know the warm container: the start finds it by name, checks it is the session's, and
+    attaches the chat; another chat's claim of the same container is refused."""
+    slots = SlotMounts(tmp_path / "slots")
+    assert slots.prepare() is None
+    driver = DockerDriver.from_env(30.0, slots=slots)
+    try:
+        session_id, node = str(uuid.uuid4()), settings.runtime.node_id
+        spec = warm_spec(session_id, node, "gone-instance", slots.make(session_id), settings.sandbox)
+        warm_id = await driver.ensure_running(spec)
+        chat, other = str(uuid.uuid4()), str(uuid.uuid4())
+        now = datetime.now(UTC)
+        record = SessionRecord(
+            session_id=session_id,
+            chat_id=chat,
+            node_id=node,
+            container_id=None,
+            image=settings.sandbox.image,
+            status=SessionStatus.PROVISIONING,
+            created_at=now,
+            expires_at=now + timedelta(hours=1),
+            updated_at=now,
+        )
+        session_spec = container_spec(ContainerIdentity(chat, session_id, node), record, settings.sandbox)
+        assert await driver.ensure_running(session_spec) == warm_id
+        assert await driver.ensure_running(session_spec) == warm_id, "again: the same, still attached"
+        path = settings.sandbox.chat_mount_path
+        assert run_in(docker_client, warm_id, f"echo resumed > {path}/f")[0] == 0
+        assert (tmp_path / "chats" / chat / "f").read_text() == "resumed\n"
+
+        other_spec = container_spec(
+            ContainerIdentity(other, session_id, node), replace(record, chat_id=other), settings.sandbox
+        )
+        with pytest.raises(SandboxStartFailed, match="serves chat"):
+            await driver.ensure_running(other_spec)
+        assert run_in(docker_client, warm_id, f"cat {path}/f") == (0, "resumed")
+
+        await driver.remove(ContainerIdentity(chat, session_id, node), 0)
+        assert not (tmp_path / "slots" / session_id).exists()
+        assert (tmp_path / "chats" / chat / "f").exists()
+    finally:
+        driver.close()
