@@ -43,6 +43,18 @@ from services.api.middleware import (
     tracing_middleware,
 )
 from services.api.reuse import ReuseShortcut
+from services.api.session_index import (
+    LIST_DEFAULT_LIMIT,
+    LIST_MAX_LABEL_FILTERS,
+    LIST_MAX_LIMIT,
+    IndexNotReady,
+    InvalidListQuery,
+    RegistryFollower,
+    SessionIndex,
+    SessionQuery,
+    decode_cursor,
+    parse_label_filter,
+)
 from services.api.status import StatusEnvelope, build_status
 from services.api.views import (
     RETRY_AFTER_SECONDS,
@@ -92,6 +104,9 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
 VERSION = "0.1.0"
 REQUEST_MAX_BODY_BYTES = 1024 * 1024
+# How long start-up waits for the session index's first load (100k records take ~2 s);
+# past it the API serves, and lists answer 503 until the load is complete.
+INDEX_LOAD_WAIT_SECONDS = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +119,7 @@ class ApiServices:
     registry: Registry
     events: EventStore
     reuse: ReuseShortcut
+    sessions: RegistryFollower
 
 
 def _uuid(raw: str, name: str) -> str:
@@ -244,6 +260,10 @@ def _provide_reuse(services: NamedDependency[ApiServices]) -> ReuseShortcut:
     return services.reuse
 
 
+def _provide_sessions(services: NamedDependency[ApiServices]) -> RegistryFollower:
+    return services.sessions
+
+
 def _provide_chat(chat_id: FromPath[str]) -> uuid.UUID:
     """The `{chat_id}` path parameter as a UUID: any spelling `uuid.UUID` reads (upper case,
     no hyphens, braces), normalised; anything else is a 400 that says so."""
@@ -263,6 +283,7 @@ def _dependencies(clock: Clock) -> dict[str, Provide]:
         "registry": Provide(_provide_registry, sync_to_thread=False),
         "events": Provide(_provide_events, sync_to_thread=False),
         "reuse": Provide(_provide_reuse, sync_to_thread=False),
+        "sessions": Provide(_provide_sessions, sync_to_thread=False),
         "chat": Provide(_provide_chat, sync_to_thread=False),
     }
 
@@ -291,9 +312,13 @@ async def health() -> dict[str, str]:
 
 
 @get("/ready", operation_id="ready", tags=["meta"])
-async def ready(nc: NamedDependency[Client]) -> Response[dict[str, Any]]:
+async def ready(nc: NamedDependency[Client], sessions: NamedDependency[RegistryFollower]) -> Response[dict[str, Any]]:
     if not nc.is_connected:
         return Response({"status": "unavailable", "detail": "NATS is not connected"}, status_code=503)
+    try:
+        sessions.require_fresh()
+    except IndexNotReady as exc:
+        return Response({"status": "unavailable", "detail": str(exc)}, status_code=503)
     try:
         missing = await topology_missing(nc.jetstream(timeout=2.0))
     except Exception as exc:  # noqa: BLE001 - any failure means not ready, and says why
@@ -407,12 +432,39 @@ async def get_sandbox(chat: NamedDependency[uuid.UUID], events: NamedDependency[
 
 @get("/sandboxes", operation_id="listSandboxes", tags=["sandboxes"])
 async def list_sandboxes(
-    registry: NamedDependency[Registry],
-    status: Annotated[SessionStatus | None, QueryParameter(required=False)] = None,
+    sessions: NamedDependency[RegistryFollower],
+    status: Annotated[SessionStatus | None, QueryParameter(required=False, description="only this status")] = None,
+    label: Annotated[
+        list[str] | None,
+        QueryParameter(
+            required=False,
+            description=f"key:value; may repeat (up to {LIST_MAX_LABEL_FILTERS}), every one must match",
+        ),
+    ] = None,
+    limit: Annotated[
+        str | None,
+        QueryParameter(required=False, description=f"1 to {LIST_MAX_LIMIT}, default {LIST_DEFAULT_LIMIT}"),
+    ] = None,
+    cursor: Annotated[
+        str | None, QueryParameter(required=False, description="the next_cursor of the previous page")
+    ] = None,
 ) -> SessionList:
-    records = await registry.list()
-    views = [session_view(r) for r in records if status is None or r.status == status]
-    return SessionList(sessions=views, count=len(views))
+    """Live sessions in chat id order, a page at a time, from the API's index of the
+    registry (as fresh as its KV watch). `count` is the number in this page; `next_cursor`
+    is null exactly when no more sessions match."""
+    labels = label or []
+    if len(labels) > LIST_MAX_LABEL_FILTERS:
+        raise HTTPException(status_code=400, detail=f"at most {LIST_MAX_LABEL_FILTERS} label filters")
+    page_size = _bounded_int("limit", limit, 1, LIST_MAX_LIMIT) or LIST_DEFAULT_LIMIT
+    try:
+        query = SessionQuery(status=status, labels=tuple(parse_label_filter(raw) for raw in labels))
+        after = decode_cursor(cursor) if cursor is not None else None
+    except InvalidListQuery as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
+    sessions.require_fresh()
+    page = sessions.index.page(query, limit=page_size, after=after)
+    views = [session_view(r) for r in page.records]
+    return SessionList(sessions=views, count=len(views), next_cursor=page.next_cursor)
 
 
 @delete("/sandboxes/{chat_id:str}", operation_id="stopSandbox", tags=["sandboxes"], status_code=200)
@@ -516,13 +568,17 @@ def _key_reused(_: Request[Any, Any, Any], exc: IdempotencyKeyReused) -> Respons
     return _error(422, str(exc))
 
 
+def _index_not_ready(_: Request[Any, Any, Any], exc: IndexNotReady) -> Response[Any]:
+    return Response(ErrorBody(status_code=503, detail=str(exc)), status_code=503, headers={"Retry-After": "1"})
+
+
 def _log_exception(exc: Exception, scope: Scope) -> None:
     """The API's error lines (Litestar's own logging is off: it would re-configure the root
     logger away from JSON). A refusal of the client's request is not an error of ours."""
     if isinstance(exc, OutcomePending | IdempotencyKeyReused):
         return
     where = f"{scope.get('method', '')} {scope.get('path', '')}"
-    if isinstance(exc, NatsUnavailable):
+    if isinstance(exc, NatsUnavailable | IndexNotReady):
         log.warning("%s answered 503: %s", where, exc)
     elif not isinstance(exc, HTTPException) or exc.status_code >= 500:  # noqa: PLR2004 - server errors
         log.error("%s failed: %r", where, exc, exc_info=exc)
@@ -549,16 +605,24 @@ async def _connect(
     """Connect, attach and start waiting for outcomes; each undone when the stack unwinds.
     The outcome waiter re-creates its consumer as soon as the connection is back."""
     waiter = OutcomeWaiter()
+    quarantine = Quarantine(telemetry.metrics)
+    sessions = RegistryFollower(SessionIndex(), quarantine)
+
+    def reconnected() -> None:
+        waiter.reconnected()
+        sessions.reconnected()
+
     nc = await stack.enter_async_context(
-        service_connection(settings.nats, "sandboxd-api", role=Role.API, on_reconnected=waiter.reconnected)
+        service_connection(settings.nats, "sandboxd-api", role=Role.API, on_reconnected=reconnected)
     )
     js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
     kv = await attach_topology(js, settings.streams)
     idempotency_kv = await attach_bucket(js, IDEMPOTENCY, settings.streams)
-    quarantine = Quarantine(telemetry.metrics)
     events = EventStore(js, quarantine=quarantine)
     await waiter.start(js, events)
     stack.push_async_callback(waiter.stop)
+    stack.push_async_callback(sessions.stop)
+    await sessions.start(nc, js, wait_seconds=INDEX_LOAD_WAIT_SECONDS)
     gateway = CommandGateway(nc, js, waiter, events, telemetry, wait_seconds=settings.api.wait_seconds)
     records = IdempotencyRecords(js, idempotency_kv, quarantine=quarantine)
     reuse = ReuseShortcut(events, clock, telemetry.metrics, settings.sandbox.max_ttl_seconds)
@@ -569,6 +633,7 @@ async def _connect(
         registry=Registry(js, kv, quarantine=quarantine),
         events=events,
         reuse=reuse,
+        sessions=sessions,
     )
 
 
@@ -616,6 +681,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Tel
             NatsUnavailable: _nats_unavailable,
             OutcomePending: _outcome_pending,
             IdempotencyKeyReused: _key_reused,
+            IndexNotReady: _index_not_ready,
         },
         openapi_config=OpenAPIConfig(title="sandboxd", version=VERSION, path=f"{API_PREFIX}/schema"),
         # No valid body comes near this (a command is at most 64 KiB on NATS); a larger one is

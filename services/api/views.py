@@ -68,8 +68,12 @@ class SeedCreateResponse(msgspec.Struct):
 
 
 class SessionList(msgspec.Struct):
+    """One page of `GET /sandboxes`: `count` is the number of sessions in this page;
+    `next_cursor` (null when no more match) asks for the next one."""
+
     sessions: list[SessionView]
     count: int
+    next_cursor: str | None
 
 
 class Accepted(msgspec.Struct):
