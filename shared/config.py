@@ -15,7 +15,7 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -128,6 +128,18 @@ class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     warm_pool_size: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 4
     # Where warm containers' slot directories live (made a shared mount point of its own).
     slots_root: str = ".sandboxd/slots"
+    # Idle timeout of a session whose create names none (0: none). Activity: a create that
+    # reuses or resumes it, a keepalive, a resume.
+    idle_ttl_seconds: Annotated[int, msgspec.Meta(ge=0, le=30 * 24 * 3600)] = 0
+    # What idleness does: stop the session, or pause it (then stopped after paused_ttl_seconds).
+    on_idle: Literal["stop", "pause"] = "stop"
+    paused_ttl_seconds: PositiveInt = 24 * 3600
+    # An `expiring` event this long before a session's deadline (lifetime, idle, paused); 0: none.
+    expiry_warning_seconds: Annotated[int, msgspec.Meta(ge=0)] = 60
+    # Activity is recorded at most once per chat per this (a reuse over HTTP within it is
+    # answered without writing anything), so an idle stop comes at least idle_ttl_seconds
+    # after the last recorded activity and at most this much less after the very last.
+    activity_interval_seconds: PositiveSeconds = 5.0
 
 
 class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, ClassVar, Literal
 
 import msgspec
@@ -19,6 +19,8 @@ LabelKey = Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[
 LabelValue = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
 Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=32)]
 TtlSeconds = Annotated[int, msgspec.Meta(ge=1, le=30 * 24 * 3600)]
+# An idle timeout: 0 turns it off for the session.
+IdleTtlSeconds = Annotated[int, msgspec.Meta(ge=0, le=30 * 24 * 3600)]
 Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 # Identifiers inside events and records are checked when they are read back: an id that
 # names a container or a host directory must be exactly what sandboxd writes.
@@ -37,6 +39,7 @@ class SessionStatus(enum.StrEnum):
     STOPPED = "stopped"
     FAILED = "failed"
     LOST = "lost"
+    PAUSED = "paused"  # its processes frozen (Docker pause), memory and files kept
 
     @property
     def is_terminal(self) -> bool:
@@ -50,6 +53,7 @@ class CreateResult(enum.StrEnum):
     CREATED = "created"
     REUSED = "reused"
     REPLACED = "replaced"
+    RESUMED = "resumed"  # a create found the session paused and resumed it
 
 
 class RejectReason(enum.StrEnum):
@@ -67,6 +71,8 @@ class RejectReason(enum.StrEnum):
     NOT_RUNNING = "not_running"
     EXPIRED = "expired"
     NOT_EXPIRED = "not_expired"
+    NOT_IDLE = "not_idle"  # an idle stop or pause found the session active again
+    NOT_PAUSED = "not_paused"  # a resume found the session running (or in a claim)
     TTL_TOO_LONG = "ttl_too_long"
     CAPACITY_EXCEEDED = "capacity_exceeded"
 
@@ -84,6 +90,23 @@ class StopReason(enum.StrEnum):
     STUCK_STOPPING = "stuck_stopping"
     REPLACED = "replaced"  # the `stopping` claim of a create replacing an expired session
     ORPHAN_REMOVED = "orphan_removed"  # reconciliation removed a container no live session owns
+    IDLE = "idle"  # the reaper's: stops only a running session past its idle deadline
+    PAUSED_TTL = "paused_ttl"  # the reaper's: stops only a session paused for sandbox.paused_ttl_seconds
+
+
+class PauseReason(enum.StrEnum):
+    """The `reason` of a `pause` command and of its `paused` event."""
+
+    API = "api"  # asked for (HTTP or NATS)
+    IDLE = "idle"  # the reaper's, with sandbox.on_idle = pause: pauses only an idle session
+
+
+class ExpiringReason(enum.StrEnum):
+    """Which deadline an `expiring` event warns of."""
+
+    EXPIRED = "expired"  # the lifetime: expires_at
+    IDLE = "idle"  # the idle timeout: last_active_at + idle_ttl_seconds
+    PAUSED_TTL = "paused_ttl"  # paused_at + sandbox.paused_ttl_seconds
 
 
 class LostReason(enum.StrEnum):
@@ -122,6 +145,7 @@ class ErrorType(enum.StrEnum):
     NODE_UNAVAILABLE = "node_unavailable"  # the session's container is on another node
     SANDBOX_START_FAILED = "sandbox_start_failed"  # Docker refused to create or start it
     SANDBOX_STOP_FAILED = "sandbox_stop_failed"  # Docker refused to stop or remove it
+    SANDBOX_PAUSE_FAILED = "sandbox_pause_failed"  # Docker refused to pause or unpause it
     CONTAINER_STATE = "container_state"  # a lost session: what Docker says of its container
     GAVE_UP = "gave_up"  # still not carried out after runtime.max_deliveries deliveries
     INTERNAL_ERROR = "internal_error"  # a bug: the command still gets its outcome
@@ -148,6 +172,9 @@ class CreateSandbox(Command, frozen=True, kw_only=True):
 
     kind: ClassVar[str] = "create"
     ttl_seconds: TtlSeconds | None = None
+    # Stop (or pause, per sandbox.on_idle) the session after this long without activity;
+    # default sandbox.idle_ttl_seconds, 0: never.
+    idle_ttl_seconds: IdleTtlSeconds | None = None
     labels: Labels = msgspec.field(default_factory=dict)
 
 
@@ -160,18 +187,35 @@ class StopSandbox(Command, frozen=True, kw_only=True):
 
 
 class KeepaliveSandbox(Command, frozen=True, kw_only=True):
-    """Move the live session's `expires_at` to now + ttl."""
+    """Move the live session's `expires_at` to now + ttl (never earlier); also activity."""
 
     kind: ClassVar[str] = "keepalive"
     session_id: uuid.UUID | None = None
     ttl_seconds: TtlSeconds | None = None
 
 
-AnyCommand = CreateSandbox | StopSandbox | KeepaliveSandbox
+class PauseSandbox(Command, frozen=True, kw_only=True):
+    """Freeze the running session's processes (Docker pause); memory and files are kept."""
+
+    kind: ClassVar[str] = "pause"
+    session_id: uuid.UUID | None = None
+    reason: Reason = PauseReason.API
+
+
+class ResumeSandbox(Command, frozen=True, kw_only=True):
+    """Unfreeze the paused session; also activity."""
+
+    kind: ClassVar[str] = "resume"
+    session_id: uuid.UUID | None = None
+
+
+AnyCommand = CreateSandbox | StopSandbox | KeepaliveSandbox | PauseSandbox | ResumeSandbox
 COMMAND_TYPES: dict[str, type[AnyCommand]] = {
     CreateSandbox.kind: CreateSandbox,
     StopSandbox.kind: StopSandbox,
     KeepaliveSandbox.kind: KeepaliveSandbox,
+    PauseSandbox.kind: PauseSandbox,
+    ResumeSandbox.kind: ResumeSandbox,
 }
 
 
@@ -198,6 +242,13 @@ class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: AwareDatetime
     labels: Labels = msgspec.field(default_factory=dict)
     version: int = 0
+    # Idle timeout (0: none) and the last recorded activity (a create that reused or resumed
+    # it, a keepalive, a resume; null: none since created_at).
+    idle_ttl_seconds: IdleTtlSeconds = 0
+    last_active_at: AwareDatetime | None = None
+    paused_at: AwareDatetime | None = None  # when it was paused (status paused only)
+    # The deadline the last `expiring` event warned of (each deadline is warned of once).
+    warned_deadline: AwareDatetime | None = None
 
     @property
     def is_live(self) -> bool:
@@ -205,6 +256,21 @@ class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
 
     def is_expired(self, now: datetime) -> bool:
         return self.expires_at <= now
+
+    @property
+    def active_at(self) -> datetime:
+        return self.last_active_at or self.created_at
+
+    @property
+    def idle_deadline(self) -> datetime | None:
+        """When a running session becomes idle; None without an idle timeout."""
+        if not self.idle_ttl_seconds:
+            return None
+        return self.active_at + timedelta(seconds=self.idle_ttl_seconds)
+
+    def is_idle(self, now: datetime) -> bool:
+        deadline = self.idle_deadline
+        return deadline is not None and deadline <= now
 
 
 # --------------------------------------------------------------------------- events
@@ -278,6 +344,23 @@ class SandboxExtended(Event, frozen=True, kw_only=True, tag="extended"):
     """Outcome of a keepalive: `expires_at` moved."""
 
 
+class SandboxPaused(Event, frozen=True, kw_only=True, tag="paused"):
+    """Outcome of a pause: the container's processes are frozen (`reason` api or idle)."""
+
+
+class SandboxResumed(Event, frozen=True, kw_only=True, tag="resumed"):
+    """Outcome of a resume, or of a create that found the session paused (`result`
+    resumed): the container runs again, same session."""
+
+
+class SandboxExpiring(Event, frozen=True, kw_only=True, tag="expiring"):
+    """A warning, not an outcome: the session reaches `deadline` (`reason`: expired, idle or
+    paused_ttl) in sandbox.expiry_warning_seconds or less; a keepalive (or any activity, for
+    idle) moves it. Written by the reaper, once per deadline; the session is unchanged."""
+
+    deadline: AwareDatetime | None = None
+
+
 class SandboxStopping(Event, frozen=True, kw_only=True, tag="stopping"):
     """The claim of a stop (or of a create replacing the session), before the container is
     removed; `instance_id` as in `provisioning`."""
@@ -311,6 +394,9 @@ AnyEvent = (
     | SandboxFailed
     | SandboxLost
     | CommandRejected
+    | SandboxPaused
+    | SandboxResumed
+    | SandboxExpiring
 )
 EVENT_TYPES: tuple[type[Event], ...] = (
     SandboxProvisioning,
@@ -322,6 +408,9 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     SandboxFailed,
     SandboxLost,
     CommandRejected,
+    SandboxPaused,
+    SandboxResumed,
+    SandboxExpiring,
 )
 OUTCOME_TYPES: tuple[type[Event], ...] = (
     SandboxRunning,
@@ -330,10 +419,23 @@ OUTCOME_TYPES: tuple[type[Event], ...] = (
     SandboxStopped,
     SandboxFailed,
     CommandRejected,
+    SandboxPaused,
+    SandboxResumed,
 )
 
 EventTypeName = Literal[
-    "provisioning", "running", "reused", "extended", "stopping", "stopped", "failed", "lost", "rejected"
+    "provisioning",
+    "running",
+    "reused",
+    "extended",
+    "stopping",
+    "stopped",
+    "failed",
+    "lost",
+    "rejected",
+    "paused",
+    "resumed",
+    "expiring",
 ]
 
 _event_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)

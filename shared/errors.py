@@ -64,3 +64,10 @@ class SandboxStartFailed(InfrastructureError):
 class SandboxStopFailed(InfrastructureError):
     def __init__(self, message: str) -> None:
         super().__init__(ErrorType.SANDBOX_STOP_FAILED, message)
+
+
+class SandboxPauseFailed(InfrastructureError):
+    """The container could not be paused or unpaused (gone, or Docker refused)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorType.SANDBOX_PAUSE_FAILED, message)

@@ -19,6 +19,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Annotated, Any
 
 import msgspec
@@ -63,6 +64,8 @@ from services.api.views import (
     ErrorBody,
     EventHistory,
     KeepaliveRequest,
+    PauseRequest,
+    ResumeRequest,
     SeedCreateRequest,
     SeedCreateResponse,
     SessionList,
@@ -79,7 +82,12 @@ from shared.contracts import (
     CreateResult,
     CreateSandbox,
     KeepaliveSandbox,
+    PauseReason,
+    PauseSandbox,
+    ResumeSandbox,
     SandboxExtended,
+    SandboxPaused,
+    SandboxResumed,
     SandboxReused,
     SandboxRunning,
     SandboxStopped,
@@ -347,16 +355,26 @@ async def create_sandbox(  # keyword-only: Litestar passes everything by name
     clock: NamedDependency[Clock],
     idempotency_key: IdempotencyKey = None,
 ) -> Response[Any]:
-    """Create the chat's sandbox, or reuse its live one: 201 created/replaced, 200 reused.
-    A running, unexpired session is reused from the chat's last event, without a command."""
+    """Create the chat's sandbox, or reuse its live one: 201 created/replaced, 200 reused
+    (or resumed: a paused session runs again). A running, unexpired session is reused from the
+    chat's last event, without a command (see the README: activity of an idle timeout)."""
     chat = uuid.UUID(_chat(data.chat_id))
-    command = CreateSandbox(chat_id=chat, ttl_seconds=data.ttl_seconds, labels=data.labels, **_stamp(clock))
+    command = CreateSandbox(
+        chat_id=chat,
+        ttl_seconds=data.ttl_seconds,
+        idle_ttl_seconds=data.idle_ttl_seconds,
+        labels=data.labels,
+        **_stamp(clock),
+    )
+    fields: dict[str, object] = {"ttl_seconds": data.ttl_seconds, "labels": data.labels}
+    if data.idle_ttl_seconds is not None:  # keys made before idle timeouts existed still match
+        fields["idle_ttl_seconds"] = data.idle_ttl_seconds
     return await _answer(
         command,
         lambda outcome: _create_answer(outcome, seed=False),
         key=idempotency_key,
         request=f"POST {API_PREFIX}/sandboxes",
-        fields={"ttl_seconds": data.ttl_seconds, "labels": data.labels},
+        fields=fields,
         gateway=gateway,
         idempotent=idempotent,
         shortcut=lambda: _reused_answer(reuse, chat, data.ttl_seconds, seed=False),
@@ -407,7 +425,7 @@ async def _reused_answer(
 
 def _create_answer(outcome: AnyEvent, *, seed: bool) -> Answer:
     status = outcome_status(outcome)
-    if isinstance(outcome, SandboxRunning | SandboxReused) and outcome.session is not None:
+    if isinstance(outcome, SandboxRunning | SandboxReused | SandboxResumed) and outcome.session is not None:
         return _session_answer(outcome.session, outcome.result, status, seed=seed)
     return _error_answer(status, failure_detail(outcome), outcome)
 
@@ -530,6 +548,73 @@ def _keepalive_answer(outcome: AnyEvent) -> Answer:
     return _error_answer(outcome_status(outcome), failure_detail(outcome), outcome)
 
 
+@post(
+    "/sandboxes/{chat_id:str}/pause",
+    operation_id="pauseSandbox",
+    tags=["sandboxes"],
+    status_code=200,
+    before_request=strict_body(PauseRequest, optional=True),
+)
+async def pause_sandbox(  # keyword-only: Litestar passes everything by name
+    *,
+    chat: NamedDependency[uuid.UUID],
+    gateway: NamedDependency[CommandGateway],
+    idempotent: NamedDependency[IdempotentRequests],
+    clock: NamedDependency[Clock],
+    data: JSONBody[PauseRequest | None] = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response[Any]:
+    """Freeze the running session's processes (memory and files kept): 200 paused; 409 when
+    it is not running."""
+    body = data or PauseRequest()
+    session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id else None
+    return await _answer(
+        PauseSandbox(chat_id=chat, session_id=session_id, reason=PauseReason.API, **_stamp(clock)),
+        lambda outcome: _changed_answer(outcome, SandboxPaused),
+        key=idempotency_key,
+        request=f"POST {API_PREFIX}/sandboxes/{{chat_id}}/pause",
+        fields={"session_id": str(session_id) if session_id else None},
+        gateway=gateway,
+        idempotent=idempotent,
+    )
+
+
+@post(
+    "/sandboxes/{chat_id:str}/resume",
+    operation_id="resumeSandbox",
+    tags=["sandboxes"],
+    status_code=200,
+    before_request=strict_body(ResumeRequest, optional=True),
+)
+async def resume_sandbox(  # keyword-only: Litestar passes everything by name
+    *,
+    chat: NamedDependency[uuid.UUID],
+    gateway: NamedDependency[CommandGateway],
+    idempotent: NamedDependency[IdempotentRequests],
+    clock: NamedDependency[Clock],
+    data: JSONBody[ResumeRequest | None] = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response[Any]:
+    """Unfreeze the paused session: 200 running; 409 when it is not paused."""
+    body = data or ResumeRequest()
+    session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id else None
+    return await _answer(
+        ResumeSandbox(chat_id=chat, session_id=session_id, **_stamp(clock)),
+        lambda outcome: _changed_answer(outcome, SandboxResumed),
+        key=idempotency_key,
+        request=f"POST {API_PREFIX}/sandboxes/{{chat_id}}/resume",
+        fields={"session_id": str(session_id) if session_id else None},
+        gateway=gateway,
+        idempotent=idempotent,
+    )
+
+
+def _changed_answer(outcome: AnyEvent, wanted: type[AnyEvent]) -> Answer:
+    if isinstance(outcome, wanted) and outcome.session is not None:
+        return _json_answer(session_view(outcome.session), 200)
+    return _error_answer(outcome_status(outcome), failure_detail(outcome), outcome)
+
+
 @get("/sandboxes/{chat_id:str}/events", operation_id="sandboxEvents", tags=["sandboxes"])
 async def sandbox_events(
     chat: NamedDependency[uuid.UUID],
@@ -625,7 +710,13 @@ async def _connect(
     await sessions.start(nc, js, wait_seconds=INDEX_LOAD_WAIT_SECONDS)
     gateway = CommandGateway(nc, js, waiter, events, telemetry, wait_seconds=settings.api.wait_seconds)
     records = IdempotencyRecords(js, idempotency_kv, quarantine=quarantine)
-    reuse = ReuseShortcut(events, clock, telemetry.metrics, settings.sandbox.max_ttl_seconds)
+    reuse = ReuseShortcut(
+        events,
+        clock,
+        telemetry.metrics,
+        settings.sandbox.max_ttl_seconds,
+        timedelta(seconds=settings.sandbox.activity_interval_seconds),
+    )
     return ApiServices(
         nc=nc,
         gateway=gateway,
@@ -658,6 +749,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Tel
             list_sandboxes,
             stop_sandbox,
             keepalive_sandbox,
+            pause_sandbox,
+            resume_sandbox,
             sandbox_events,
             status,
         ],

@@ -9,6 +9,11 @@ command path as before: no session, a claim (provisioning, stopping), a stopped,
 lost session, an expired one, a poisoned last event, a failed read, and a `ttl_seconds` over
 this process's `sandbox.max_ttl_seconds` (the runtime refuses it, live session or not).
 Commands published straight to NATS are not affected: they keep their one outcome event.
+
+A session with an idle timeout needs its activity recorded: when its last recorded activity
+is `sandbox.activity_interval_seconds` old or more, the create takes the command path (whose
+`reused` event records it). So activity costs at most one event per chat per interval, and
+every other reuse stays a direct get.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
 from shared.clock import Clock
 from shared.contracts import SessionRecord, SessionStatus
@@ -33,6 +39,7 @@ class ReuseShortcut:
     clock: Clock
     metrics: Metrics
     max_ttl_seconds: int
+    activity_interval: timedelta = timedelta(seconds=5)
 
     async def live_session(self, chat: uuid.UUID, ttl_seconds: int | None) -> SessionRecord | None:
         """The session to answer `reused` with at once, or None: take the command path.
@@ -56,6 +63,9 @@ class ReuseShortcut:
             return None, "no_session"
         if session.status != SessionStatus.RUNNING:
             return None, "not_running"
-        if session.is_expired(self.clock.now()):
+        now = self.clock.now()
+        if session.is_expired(now):
             return None, "expired"
+        if session.idle_ttl_seconds and now - session.active_at >= self.activity_interval:
+            return None, "record_activity"
         return session, "reused"

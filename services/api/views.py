@@ -13,10 +13,13 @@ from shared.contracts import (
     ErrorInfo,
     ErrorType,
     Event,
+    IdleTtlSeconds,
     Labels,
     RejectReason,
     SandboxExtended,
     SandboxFailed,
+    SandboxPaused,
+    SandboxResumed,
     SandboxReused,
     SandboxRunning,
     SandboxStopped,
@@ -30,6 +33,15 @@ class CreateSandboxRequest(msgspec.Struct, forbid_unknown_fields=True):
     chat_id: str
     ttl_seconds: TtlSeconds | None = None
     labels: Labels = msgspec.field(default_factory=dict)
+    idle_ttl_seconds: IdleTtlSeconds | None = None
+
+
+class PauseRequest(msgspec.Struct, forbid_unknown_fields=True):
+    session_id: str | None = None
+
+
+class ResumeRequest(msgspec.Struct, forbid_unknown_fields=True):
+    session_id: str | None = None
 
 
 class SeedCreateRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -54,6 +66,10 @@ class SessionView(msgspec.Struct):
     result: CreateResult | None = None
     updated_at: datetime | None = None
     labels: dict[str, str] = msgspec.field(default_factory=dict)
+    idle_ttl_seconds: int = 0  # 0: no idle timeout
+    last_active_at: datetime | None = None
+    idle_deadline: datetime | None = None  # when it stops (or pauses) unless used again
+    paused_at: datetime | None = None
 
 
 class SeedCreateResponse(msgspec.Struct):
@@ -113,6 +129,10 @@ def session_view(record: SessionRecord, result: CreateResult | None = None) -> S
         result=result,
         updated_at=record.updated_at,
         labels=record.labels,
+        idle_ttl_seconds=record.idle_ttl_seconds,
+        last_active_at=record.last_active_at,
+        idle_deadline=record.idle_deadline if record.status == SessionStatus.RUNNING else None,
+        paused_at=record.paused_at,
     )
 
 
@@ -133,7 +153,14 @@ def rejection_status(reason: RejectReason) -> int:
             return 400
         case RejectReason.NO_LIVE_SESSION:
             return 404
-        case RejectReason.STALE_SESSION | RejectReason.NOT_RUNNING | RejectReason.EXPIRED | RejectReason.NOT_EXPIRED:
+        case (
+            RejectReason.STALE_SESSION
+            | RejectReason.NOT_RUNNING
+            | RejectReason.EXPIRED
+            | RejectReason.NOT_EXPIRED
+            | RejectReason.NOT_IDLE
+            | RejectReason.NOT_PAUSED
+        ):
             return 409
         case RejectReason.TTL_TOO_LONG:
             return 422
@@ -148,7 +175,7 @@ def failure_status(error_type: ErrorType) -> int:
     match error_type:
         case ErrorType.DOCKER_UNAVAILABLE | ErrorType.NATS_UNAVAILABLE:
             return 503
-        case ErrorType.SANDBOX_START_FAILED | ErrorType.SANDBOX_STOP_FAILED:
+        case ErrorType.SANDBOX_START_FAILED | ErrorType.SANDBOX_STOP_FAILED | ErrorType.SANDBOX_PAUSE_FAILED:
             return 502
         case ErrorType.NODE_UNAVAILABLE | ErrorType.CONTAINER_STATE | ErrorType.GAVE_UP | ErrorType.INTERNAL_ERROR:
             return 500
@@ -177,7 +204,7 @@ def outcome_status(event: Event) -> int:
     match event:
         case SandboxRunning():
             return 201
-        case SandboxReused() | SandboxStopped() | SandboxExtended():
+        case SandboxReused() | SandboxStopped() | SandboxExtended() | SandboxPaused() | SandboxResumed():
             return 200
         case CommandRejected():
             return _rejected_status(event.reason)

@@ -1,4 +1,5 @@
-"""Pure reaper decisions: which sessions get a `stop` command now, and with which id.
+"""Pure reaper decisions: which sessions get a `stop` or `pause` command or an `expiring`
+warning now, and with which id.
 
 Command ids are derived from what they act on (session, expiry or version), so several
 reapers — or one reaper after a restart — publish the same command, which the commands
@@ -12,8 +13,11 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from shared.contracts import SessionRecord, SessionStatus, StopReason
+from shared.contracts import ExpiringReason, SessionRecord, SessionStatus, StopReason
 
+# The heap is rebuilt from the records when it holds this many entries per record (and more).
+_COMPACT_FACTOR = 8
+_COMPACT_SLACK = 1024
 _NAMESPACE = uuid.UUID("8a0d3c39-1d2a-4f0e-9a59-2f1e5c7b6a10")
 # The claim states a session can be stuck in, and the stop that re-drives each.
 _STUCK = {
@@ -26,9 +30,84 @@ _STUCK = {
 class StopOrder:
     chat_id: str
     session_id: str
-    reason: StopReason  # expired, stuck_provisioning or stuck_stopping
+    reason: StopReason  # expired, idle, paused_ttl, stuck_provisioning or stuck_stopping
     command_id: str
     due_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PauseOrder:
+    """sandbox.on_idle = pause: pause an idle session (the runtime checks it still is)."""
+
+    chat_id: str
+    session_id: str
+    command_id: str
+    due_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WarnOrder:
+    """Append `expiring` for `deadline` (reason: which one) on the chat, at the record's
+    version (a chat that moved on meanwhile is not warned: its new record is scheduled)."""
+
+    session: SessionRecord
+    reason: ExpiringReason
+    deadline: datetime
+    msg_id: str
+
+
+Order = StopOrder | PauseOrder | WarnOrder
+
+
+@dataclass(frozen=True, slots=True)
+class ReaperPolicy:
+    """What the reaper does at a session's deadlines (from the `sandbox` settings)."""
+
+    on_idle: str = "stop"  # stop | pause
+    paused_ttl: timedelta = timedelta(days=1)
+    warning: timedelta = timedelta(0)  # 0: no `expiring` events
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """One deadline of a session: `kind` is expired, idle or paused_ttl, or warn (the
+    warning before the earliest of those)."""
+
+    at: datetime
+    kind: str
+    deadline: datetime  # the deadline itself (a warning's is later than its `at`)
+    reason: ExpiringReason
+    set_at: datetime  # when the deadline was set (a warning needs it set that far ahead)
+
+
+_WARN = "warn"
+
+
+def deadlines(session: SessionRecord, policy: ReaperPolicy) -> list[Due]:
+    """Pure: every deadline of a settled (running or paused) session, and the warning of the
+    earliest one unless it was already given (the record's `warned_deadline`) or the deadline
+    was set less than the warning ahead (its setter knows it is near)."""
+    found: list[Due] = []
+    if session.status in (SessionStatus.RUNNING, SessionStatus.PAUSED):
+        expires = session.expires_at
+        found.append(Due(expires, "expired", expires, ExpiringReason.EXPIRED, session.updated_at))
+    idle = session.idle_deadline
+    if session.status == SessionStatus.RUNNING and idle is not None:
+        found.append(Due(idle, "idle", idle, ExpiringReason.IDLE, session.active_at))
+    if session.status == SessionStatus.PAUSED:
+        paused_at = session.paused_at or session.updated_at
+        until = paused_at + policy.paused_ttl
+        found.append(Due(until, "paused_ttl", until, ExpiringReason.PAUSED_TTL, paused_at))
+    if found and policy.warning > timedelta(0):
+        first = min(found, key=lambda d: d.at)
+        if session.warned_deadline != first.deadline and first.deadline - first.set_at > policy.warning:
+            warn_at = first.deadline - policy.warning
+            found.append(Due(warn_at, _WARN, first.deadline, first.reason, first.set_at))
+    return found
+
+
+def _command_id(kind: str, session: SessionRecord, at: datetime) -> str:
+    return str(uuid.uuid5(_NAMESPACE, f"{kind}:{session.session_id}:{at.isoformat()}"))
 
 
 def expiry_command_id(session: SessionRecord) -> str:
@@ -45,6 +124,25 @@ def expiry_order(session: SessionRecord) -> StopOrder:
     )
 
 
+def order_for(session: SessionRecord, due: Due, policy: ReaperPolicy) -> Order:
+    """What the reaper publishes when `due` comes (command ids: the same for every reaper)."""
+    match due.kind:
+        case "expired":
+            return expiry_order(session)
+        case "idle" if policy.on_idle == "pause":
+            return PauseOrder(session.chat_id, session.session_id, _command_id("pause-idle", session, due.at), due.at)
+        case "idle":
+            return StopOrder(
+                session.chat_id, session.session_id, StopReason.IDLE, _command_id("idle", session, due.at), due.at
+            )
+        case "paused_ttl":
+            command_id = _command_id("paused-ttl", session, due.at)
+            return StopOrder(session.chat_id, session.session_id, StopReason.PAUSED_TTL, command_id, due.at)
+        case _:
+            msg_id = f"{session.chat_id}:{session.session_id}:expiring:{due.deadline.isoformat()}"
+            return WarnOrder(session, due.reason, due.deadline, msg_id)
+
+
 def redrive_order(session: SessionRecord, now: datetime, grace: timedelta) -> StopOrder | None:
     """A stop for a session stuck in a claim state for longer than `grace`, else None."""
     reason = _STUCK.get(session.status)
@@ -55,38 +153,55 @@ def redrive_order(session: SessionRecord, now: datetime, grace: timedelta) -> St
 
 @dataclass
 class ExpirySchedule:
-    """The registry's running sessions ordered by `expires_at` (lazy deletion: an entry is
-    valid only while it still matches the session the registry holds for its chat)."""
+    """The registry's settled sessions' deadlines in time order (lazy deletion: an entry is
+    valid only while the session the registry holds for its chat still has that deadline)."""
 
+    policy: ReaperPolicy = field(default_factory=ReaperPolicy)
     sessions: dict[str, SessionRecord] = field(default_factory=dict)
-    _heap: list[tuple[datetime, str, str]] = field(default_factory=list)
+    _heap: list[tuple[datetime, str, str, str]] = field(default_factory=list)
 
     def put(self, session: SessionRecord) -> None:
         self.sessions[session.chat_id] = session
-        if session.status == SessionStatus.RUNNING:
-            heapq.heappush(self._heap, (session.expires_at, session.chat_id, session.session_id))
+        for due in deadlines(session, self.policy):
+            heapq.heappush(self._heap, (due.at, session.chat_id, session.session_id, due.kind))
+        if len(self._heap) > _COMPACT_FACTOR * len(self.sessions) + _COMPACT_SLACK:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the entries records have outdated (every update of a record pushes its
+        deadlines again; busy chats would otherwise grow the heap without bound)."""
+        self._heap = [
+            (due.at, chat, held.session_id, due.kind)
+            for chat, held in self.sessions.items()
+            for due in deadlines(held, self.policy)
+        ]
+        heapq.heapify(self._heap)
 
     def remove(self, chat_id: str) -> None:
         self.sessions.pop(chat_id, None)
 
-    def _valid(self, entry: tuple[datetime, str, str]) -> SessionRecord | None:
-        expires_at, chat, session_id = entry
+    def _valid(self, entry: tuple[datetime, str, str, str]) -> tuple[SessionRecord, Due] | None:
+        at, chat, session_id, kind = entry
         held = self.sessions.get(chat)
-        if held is None or held.session_id != session_id or held.expires_at != expires_at:
+        if held is None or held.session_id != session_id:
             return None
-        return held if held.status == SessionStatus.RUNNING else None
+        due = next((d for d in deadlines(held, self.policy) if d.kind == kind and d.at == at), None)
+        return None if due is None else (held, due)
 
     def next_due(self) -> datetime | None:
         while self._heap and self._valid(self._heap[0]) is None:
             heapq.heappop(self._heap)
         return self._heap[0][0] if self._heap else None
 
-    def pop_due(self, now: datetime) -> list[SessionRecord]:
-        due: list[SessionRecord] = []
+    def pop_due(self, now: datetime) -> list[tuple[SessionRecord, Due]]:
+        due: list[tuple[SessionRecord, Due]] = []
+        seen: set[tuple[datetime, str, str, str]] = set()
         while self._heap and self._heap[0][0] <= now:
-            held = self._valid(heapq.heappop(self._heap))
-            if held is not None:
-                due.append(held)
+            entry = heapq.heappop(self._heap)
+            valid = self._valid(entry)
+            if valid is not None and entry not in seen:  # a record put twice pushed it twice
+                seen.add(entry)
+                due.append(valid)
         return due
 
     def __len__(self) -> int:

@@ -1,8 +1,13 @@
-"""The reaper: watches `sandbox_sessions`, publishes `stop` commands, never touches Docker.
+"""The reaper: watches `sandbox_sessions`, publishes `stop` and `pause` commands and
+`expiring` warnings, never touches Docker.
 
-- expiry: an in-memory schedule of `expires_at`, fed by a KV watch (which replays every
-  current record first, so a restarted reaper rebuilds it), wakes at the earliest expiry and
-  publishes `stop {reason: expired, session_id}`;
+- deadlines: an in-memory schedule of every settled session's deadlines (`expires_at`, the
+  idle deadline, a paused session's `paused_ttl`), fed by a KV watch (which replays every
+  current record first, so a restarted reaper rebuilds it), wakes at the earliest and
+  publishes `stop {reason: expired | idle | paused_ttl, session_id}` — or, for idleness with
+  `sandbox.on_idle = pause`, `pause {reason: idle}` — and, `sandbox.expiry_warning_seconds`
+  before the earliest deadline, appends `expiring` on the chat (at the record's version, so
+  never on a chat that moved on);
 - re-drive: a session left `provisioning` or `stopping` longer than the grace gets
   `stop {reason: stuck_<status>}`.
 Each mechanism has a kill switch. A failure of one item or one tick is logged and counted,
@@ -24,11 +29,21 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from opentelemetry.trace import SpanKind
 
-from services.reaper.decisions import ExpirySchedule, StopOrder, expiry_order, redrive_order
+from services.reaper.decisions import (
+    ExpirySchedule,
+    Order,
+    PauseOrder,
+    ReaperPolicy,
+    StopOrder,
+    WarnOrder,
+    order_for,
+    redrive_order,
+)
 from shared.clock import Clock
 from shared.config import ReaperSettings
-from shared.contracts import StopReason, StopSandbox, encode
-from shared.event_store import with_nats_retry
+from shared.contracts import PauseReason, PauseSandbox, SandboxExpiring, StopReason, StopSandbox, encode
+from shared.errors import AppendConflict
+from shared.event_store import EventStore, with_nats_retry
 from shared.poison import PoisonSource, Quarantine
 from shared.registry import check_record
 from shared.subjects import COMMANDS_STREAM, MSG_ID_HEADER, command_subject
@@ -36,6 +51,20 @@ from shared.telemetry import Telemetry, inject
 from shared.telemetry import disabled as telemetry_disabled
 
 log = logging.getLogger(__name__)
+
+
+_STUCK_REASONS = frozenset({StopReason.STUCK_PROVISIONING, StopReason.STUCK_STOPPING})
+
+
+def _describe(order: Order) -> tuple[str, str]:
+    """(chat, what) for logs."""
+    match order:
+        case StopOrder():
+            return order.chat_id, f"stop ({order.reason})"
+        case PauseOrder():
+            return order.chat_id, "pause (idle)"
+        case WarnOrder():
+            return order.session.chat_id, f"expiring ({order.reason})"
 
 
 class LastAction(msgspec.Struct):
@@ -58,6 +87,8 @@ class ReaperStatus(msgspec.Struct):
     redrive_enabled: bool = True
     expired_published: int = 0
     redrive_published: int = 0
+    idle_published: int = 0  # idle stops and pauses
+    warnings_published: int = 0
     item_errors: int = 0
     tick_errors: int = 0
     last_action: LastAction | None = None
@@ -72,7 +103,9 @@ class Reaper:
     settings: ReaperSettings
     clock: Clock
     telemetry: Telemetry = field(default_factory=telemetry_disabled)
-    schedule: ExpirySchedule = field(default_factory=ExpirySchedule)
+    policy: ReaperPolicy = field(default_factory=ReaperPolicy)
+    schedule: ExpirySchedule = field(init=False)
+    events: EventStore = field(init=False)
     quarantine: Quarantine = field(init=False)
     status: ReaperStatus = field(init=False)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -80,7 +113,9 @@ class Reaper:
     _redriven: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
+        self.schedule = ExpirySchedule(self.policy)
         self.quarantine = Quarantine(self.telemetry.metrics)
+        self.events = EventStore(self.js, quarantine=self.quarantine)
         self.status = ReaperStatus(
             reaper_id=self.settings.reaper_id,
             started_at=self.clock.now(),
@@ -153,36 +188,100 @@ class Reaper:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def tick(self) -> list[StopOrder]:
+    async def tick(self) -> list[Order]:
         """One pass: publish what is due. What was published, for tests and logs."""
         now = self.clock.now()
-        orders: list[StopOrder] = []
+        orders: list[Order] = []
         if self.settings.expiry_enabled:
-            orders += [expiry_order(s) for s in self.schedule.pop_due(now)]
+            orders += [order_for(session, due, self.policy) for session, due in self.schedule.pop_due(now)]
         if self.settings.redrive_enabled:
             grace = timedelta(seconds=self.settings.redrive_grace_seconds)
             for session in list(self.schedule.sessions.values()):
-                order = redrive_order(session, now, grace)
-                if order is not None and order.command_id not in self._redriven:
-                    orders.append(order)
-        published: list[StopOrder] = []
+                redrive = redrive_order(session, now, grace)
+                if redrive is not None and redrive.command_id not in self._redriven:
+                    orders.append(redrive)
+        published: list[Order] = []
         for order in orders:
             try:
-                await self._publish(order)
+                done = await self._carry_out(order)
             except Exception as exc:  # noqa: BLE001 - one item's failure must not stop the others
+                chat, what = _describe(order)
                 self.status.item_errors += 1
                 self.telemetry.metrics.increment("sandbox.reaper.error.total", {"scope": "item"})
-                self.status.last_error = f"{order.reason} {order.session_id}: {exc!r}"
-                log.warning("reaper could not publish %s for %s: %s", order.reason, order.session_id, exc)
-                held = self.schedule.sessions.get(order.chat_id)
-                if order.reason == StopReason.EXPIRED and held is not None:
+                self.status.last_error = f"{what} {chat}: {exc!r}"
+                log.warning("reaper could not publish %s for chat %s: %s", what, chat, exc)
+                held = self.schedule.sessions.get(chat)
+                if not (isinstance(order, StopOrder) and order.reason in _STUCK_REASONS) and held is not None:
                     self.schedule.put(held)  # try again on the next tick
                 continue
-            published.append(order)
+            if done:
+                published.append(order)
         self.status.last_run_ts = now
         self.status.sessions_tracked = len(self.schedule)
         self.status.next_expiry = self.schedule.next_due()
         return published
+
+    async def _carry_out(self, order: Order) -> bool:
+        match order:
+            case StopOrder():
+                await self._publish(order)
+            case PauseOrder():
+                await self._publish_pause(order)
+            case WarnOrder():
+                return await self._warn(order)
+        return True
+
+    async def _publish_pause(self, order: PauseOrder) -> None:
+        command = PauseSandbox(
+            command_id=uuid.UUID(order.command_id),
+            chat_id=uuid.UUID(order.chat_id),
+            session_id=uuid.UUID(order.session_id),
+            reason=PauseReason.IDLE,
+            requested_at=self.clock.now(),
+            requested_by=f"reaper:{self.settings.reaper_id}",
+        )
+        subject = command_subject("pause", order.chat_id)
+        attributes = {"chat.id": order.chat_id, "session.id": order.session_id, "sandbox.reason": "idle"}
+        with self.telemetry.tracer.span("reaper.publish_pause", attributes, kind=SpanKind.PRODUCER):
+            headers = inject({MSG_ID_HEADER: order.command_id})
+
+            async def publish() -> None:
+                await self.js.publish(subject, encode(command), stream=COMMANDS_STREAM, headers=headers)
+
+            await with_nats_retry(publish, what=f"publish {subject}")
+        self.telemetry.metrics.increment("sandbox.reaper.action.total", {"reason": "pause_idle"})
+        self.status.idle_published += 1
+        self._note(order.chat_id, order.session_id, "pause_idle", order.command_id)
+        log.info("reaper: pause (idle) session %s of chat %s", order.session_id, order.chat_id)
+
+    async def _warn(self, order: WarnOrder) -> bool:
+        """Append `expiring`; False when the chat moved on (nothing appended)."""
+        session = order.session
+        warned = msgspec.structs.replace(session, warned_deadline=order.deadline)
+        event = SandboxExpiring(
+            event_id=str(uuid.uuid4()),
+            chat_id=session.chat_id,
+            session_id=session.session_id,
+            causation_id=None,
+            occurred_at=self.clock.now(),
+            node_id=None,
+            reason=order.reason,
+            deadline=order.deadline,
+            session=warned,
+        )
+        try:
+            await self.events.append(event, expected_seq=session.version, msg_id=order.msg_id)
+        except AppendConflict:
+            return False  # the chat moved on; its new record is scheduled when the watch brings it
+        self.telemetry.metrics.increment("sandbox.reaper.action.total", {"reason": f"warn_{order.reason}"})
+        self.status.warnings_published += 1
+        self._note(session.chat_id, session.session_id, f"expiring ({order.reason})", order.msg_id)
+        return True
+
+    def _note(self, chat_id: str, session_id: str, reason: str, command_id: str) -> None:
+        self.status.last_action = LastAction(
+            at=self.clock.now(), chat_id=chat_id, session_id=session_id, reason=reason, command_id=command_id
+        )
 
     async def _publish(self, order: StopOrder) -> None:
         command = StopSandbox(
@@ -209,6 +308,8 @@ class Reaper:
             lateness_ms = (self.clock.now() - order.due_at).total_seconds() * 1000.0
             self.telemetry.metrics.record("sandbox.reaper.expiry_lateness_ms", lateness_ms)
             self.status.expired_published += 1
+        elif order.reason in (StopReason.IDLE, StopReason.PAUSED_TTL):
+            self.status.idle_published += 1
         else:
             self.status.redrive_published += 1
             self._redriven.add(order.command_id)

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
+from services.reaper.decisions import ReaperPolicy
 from services.reaper.reaper import Reaper
 from shared.clock import Clock, SystemClock
 from shared.config import Settings
@@ -30,7 +32,12 @@ async def running_reaper(
         js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
         sessions = await attach_topology(js, settings.streams)
         status = await attach_bucket(js, STATUS, settings.streams)
-        reaper = Reaper(js, sessions, status, settings.reaper, clock or SystemClock(), telemetry)
+        policy = ReaperPolicy(
+            on_idle=settings.sandbox.on_idle,
+            paused_ttl=timedelta(seconds=settings.sandbox.paused_ttl_seconds),
+            warning=timedelta(seconds=settings.sandbox.expiry_warning_seconds),
+        )
+        reaper = Reaper(js, sessions, status, settings.reaper, clock or SystemClock(), telemetry, policy)
         _start(stack, reaper)
         log.info(
             "reaper %s started (expiry %s, re-drive %s)",

@@ -87,6 +87,8 @@ class Park:
 
 
 DeathDecision = MarkLost | Park | None
+# The statuses in which a container's death is a loss: it runs, or it is paused.
+_SETTLED = frozenset({SessionStatus.RUNNING, SessionStatus.PAUSED})
 
 
 def decide_death(last: AnyEvent | None, death: ContainerDeath, node_id: str) -> DeathDecision:
@@ -96,7 +98,7 @@ def decide_death(last: AnyEvent | None, death: ContainerDeath, node_id: str) -> 
         return None  # another session's, or another node's: not this death's business
     if isinstance(last, SandboxProvisioning) and session.status == SessionStatus.PROVISIONING:
         return Park()
-    if session.status != SessionStatus.RUNNING or session.container_id != death.container_id:
+    if session.status not in _SETTLED or session.container_id != death.container_id:
         # Our own stop or replace (claimed `stopping` before touching Docker), or already
         # terminal: nothing was lost behind our back.
         return None
@@ -175,7 +177,7 @@ class DeathWatch:
         """The death of the container the chat's running session names, if it is known and
         its `lost` is not recorded yet."""
         session = state.session
-        if session is None or session.status != SessionStatus.RUNNING or session.container_id is None:
+        if session is None or session.status not in _SETTLED or session.container_id is None:
             return None
         death = self._pending.get(session.container_id)
         return death if death is not None and death.session_id == session.session_id else None

@@ -23,8 +23,11 @@ from shared.contracts import (
     AnyEvent,
     CreateSandbox,
     KeepaliveSandbox,
+    PauseReason,
+    PauseSandbox,
     PreviousSession,
     RejectReason,
+    ResumeSandbox,
     SandboxProvisioning,
     SandboxStopping,
     SessionRecord,
@@ -45,6 +48,9 @@ class Policy:
     claim_timeout: timedelta
     # No keepalive moves a session's expiry past created_at + max_lifetime.
     max_lifetime: timedelta = timedelta(days=7)
+    default_idle_ttl: timedelta = timedelta(0)  # 0: no idle timeout unless a create asks
+    # A paused session is stopped after this (the reaper's `paused_ttl` stop checks it here).
+    paused_ttl: timedelta = timedelta(days=1)
 
 
 # --------------------------------------------------------------------------- open claims
@@ -123,6 +129,21 @@ class Extend:
 
 
 @dataclass(frozen=True, slots=True)
+class Pause:
+    """Freeze the container, then append `paused` with this session."""
+
+    session: SessionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Unfreeze the container, then append `resumed` with this session (a create's outcome
+    too: `result: resumed`)."""
+
+    session: SessionRecord
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimProvision:
     """Append `provisioning` for a new session, then start its container."""
 
@@ -163,10 +184,12 @@ class ResumeStop:
 
 
 CreateDecision = (
-    AlreadyHandled | Wait | Reject | Reuse | ClaimProvision | ResumeProvision | ClaimReplace | ResumeReplace
+    AlreadyHandled | Wait | Reject | Reuse | Resume | ClaimProvision | ResumeProvision | ClaimReplace | ResumeReplace
 )
 StopDecision = AlreadyHandled | Wait | Reject | ClaimStop | ResumeStop
 KeepaliveDecision = AlreadyHandled | Wait | Reject | Extend
+PauseDecision = AlreadyHandled | Wait | Reject | Pause
+ResumeDecision = AlreadyHandled | Wait | Reject | Resume
 
 
 # --------------------------------------------------------------------------- helpers
@@ -207,6 +230,27 @@ def _ttl(requested: int | None, policy: Policy) -> timedelta | Reject:
     return ttl
 
 
+def active(session: SessionRecord, now: datetime) -> SessionRecord:
+    """The session with activity recorded now (only a session with an idle timeout keeps
+    track: the others' records do not change on reuse)."""
+    if not session.idle_ttl_seconds:
+        return session
+    return msgspec.structs.replace(session, last_active_at=now, warned_deadline=None)
+
+
+def resumed(session: SessionRecord, now: datetime) -> SessionRecord:
+    """A paused session running again: activity, so its idle deadline starts afresh."""
+    running = msgspec.structs.replace(session, status=SessionStatus.RUNNING, paused_at=None, updated_at=now)
+    return msgspec.structs.replace(running, last_active_at=now, warned_deadline=None)
+
+
+def paused_until(session: SessionRecord, policy: Policy) -> datetime | None:
+    """When a paused session is stopped (sandbox.paused_ttl_seconds after its pause)."""
+    if session.status != SessionStatus.PAUSED:
+        return None
+    return (session.paused_at or session.updated_at) + policy.paused_ttl
+
+
 def stopping(session: SessionRecord, now: datetime) -> SessionRecord:
     return msgspec.structs.replace(session, status=SessionStatus.STOPPING, updated_at=now)
 
@@ -214,7 +258,9 @@ def stopping(session: SessionRecord, now: datetime) -> SessionRecord:
 def new_session(
     command: CreateSandbox, session_id: str, ttl: timedelta, now: datetime, policy: Policy
 ) -> SessionRecord:
+    idle = command.idle_ttl_seconds
     return SessionRecord(
+        idle_ttl_seconds=int(policy.default_idle_ttl.total_seconds()) if idle is None else idle,
         session_id=session_id,
         chat_id=str(command.chat_id),
         node_id=policy.node_id,
@@ -269,7 +315,9 @@ def decide_create(
     if _claim_in_flight(claim, command_id, now, policy):
         return Wait(_waiting(session, claim))
     if session.status == SessionStatus.RUNNING and not session.is_expired(now):
-        return Reuse(session)
+        return Reuse(active(session, now))
+    if session.status == SessionStatus.PAUSED and not session.is_expired(now):
+        return Resume(resumed(session, now))
     # Expired, or a claim that was abandoned: stop what is there and start afresh.
     return ClaimReplace(stopping(session, now))
 
@@ -297,12 +345,23 @@ def decide_stop(
         return Reject(
             RejectReason.STALE_SESSION, f"session {target} is not the chat's current session ({session.session_id})"
         )
-    if command.reason == StopReason.EXPIRED and session.status == SessionStatus.RUNNING and not session.is_expired(now):
+    settled = session.status in (SessionStatus.RUNNING, SessionStatus.PAUSED)
+    if command.reason == StopReason.EXPIRED and settled and not session.is_expired(now):
         # The reaper's stop raced a keepalive: an expiry stop only stops an expired session.
         return Reject(
             RejectReason.NOT_EXPIRED,
             f"session {session.session_id} now expires at {session.expires_at.isoformat()}",
         )
+    if (
+        command.reason == StopReason.IDLE
+        and settled
+        and not (session.status == SessionStatus.RUNNING and session.is_idle(now))
+    ):
+        # The reaper's idle stop raced activity (or a pause): it stops only an idle session.
+        return Reject(RejectReason.NOT_IDLE, _not_idle(session))
+    until = paused_until(session, policy)
+    if command.reason == StopReason.PAUSED_TTL and settled and (until is None or until > now):
+        return Reject(RejectReason.NOT_IDLE, f"session {session.session_id} is {session.status}, not paused that long")
     if _claim_in_flight(claim, command_id, now, policy):
         return Wait(_waiting(session, claim))
     return ClaimStop(stopping(session, now))
@@ -329,7 +388,7 @@ def decide_keepalive(
         )
     if _claim_in_flight(claim, command_id, now, policy) and session.status == SessionStatus.PROVISIONING:
         return Wait(_waiting(session, claim))
-    if session.status != SessionStatus.RUNNING:
+    if session.status not in (SessionStatus.RUNNING, SessionStatus.PAUSED):
         return Reject(RejectReason.NOT_RUNNING, f"session {session.session_id} is {session.status}")
     if session.is_expired(now):
         return Reject(RejectReason.EXPIRED, f"session {session.session_id} expired at {session.expires_at.isoformat()}")
@@ -341,8 +400,62 @@ def decide_keepalive(
     asked = min(now + ttl, cap)
     kept = asked <= session.expires_at
     expires_at = session.expires_at if kept else asked
-    return Extend(
-        msgspec.structs.replace(session, expires_at=expires_at, updated_at=now),
-        capped=not kept and now + ttl > cap,
-        kept=kept,
-    )
+    extended = msgspec.structs.replace(session, expires_at=expires_at, updated_at=now)
+    if not kept:
+        extended = msgspec.structs.replace(extended, warned_deadline=None)
+    return Extend(active(extended, now), capped=not kept and now + ttl > cap, kept=kept)
+
+
+def _not_idle(session: SessionRecord) -> str:
+    deadline = session.idle_deadline
+    if session.status != SessionStatus.RUNNING:
+        return f"session {session.session_id} is {session.status}"
+    if deadline is None:
+        return f"session {session.session_id} has no idle timeout"
+    return f"session {session.session_id} is idle only from {deadline.isoformat()}"
+
+
+def _settled(
+    last: AnyEvent | None, command: PauseSandbox | ResumeSandbox, now: datetime, policy: Policy, claim: OpenClaim | None
+) -> SessionRecord | AlreadyHandled | Wait | Reject:
+    """The live session a pause or resume acts on, or what to do instead."""
+    command_id = str(command.command_id)
+    if last is not None and last.causation_id == command_id and is_outcome(last):
+        return AlreadyHandled()
+    session = _live(last)
+    if session is None:
+        return Reject(RejectReason.NO_LIVE_SESSION, f"chat {command.chat_id} has no live sandbox")
+    if command.session_id is not None and session.session_id != str(command.session_id):
+        return Reject(
+            RejectReason.STALE_SESSION,
+            f"session {command.session_id} is not the chat's current session ({session.session_id})",
+        )
+    if _claim_in_flight(claim, command_id, now, policy):
+        return Wait(_waiting(session, claim))
+    if session.is_expired(now):
+        return Reject(RejectReason.EXPIRED, f"session {session.session_id} expired at {session.expires_at.isoformat()}")
+    return session
+
+
+def decide_pause(
+    last: AnyEvent | None, command: PauseSandbox, now: datetime, policy: Policy, *, claim: OpenClaim | None = None
+) -> PauseDecision:
+    session = _settled(last, command, now, policy, claim)
+    if not isinstance(session, SessionRecord):
+        return session
+    if session.status != SessionStatus.RUNNING:
+        return Reject(RejectReason.NOT_RUNNING, f"session {session.session_id} is {session.status}")
+    if command.reason == PauseReason.IDLE and not session.is_idle(now):
+        return Reject(RejectReason.NOT_IDLE, _not_idle(session))
+    return Pause(msgspec.structs.replace(session, status=SessionStatus.PAUSED, paused_at=now, updated_at=now))
+
+
+def decide_resume(
+    last: AnyEvent | None, command: ResumeSandbox, now: datetime, policy: Policy, *, claim: OpenClaim | None = None
+) -> ResumeDecision:
+    session = _settled(last, command, now, policy, claim)
+    if not isinstance(session, SessionRecord):
+        return session
+    if session.status != SessionStatus.PAUSED:
+        return Reject(RejectReason.NOT_PAUSED, f"session {session.session_id} is {session.status}")
+    return Resume(resumed(session, now))

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,7 +40,7 @@ from services.runtime.containers import (
     Mount,
 )
 from services.runtime.slots import SlotMounts
-from shared.errors import DockerUnavailable, SandboxStartFailed, SandboxStopFailed
+from shared.errors import DockerUnavailable, SandboxPauseFailed, SandboxStartFailed, SandboxStopFailed
 from shared.telemetry import Telemetry, elapsed_ms
 from shared.telemetry import disabled as telemetry_disabled
 
@@ -141,6 +142,15 @@ class ContainerDriver(Protocol):
 
     async def list_managed(self, node_id: str) -> list[ObservedContainer]:
         """This node's managed containers, in any state."""
+        ...
+
+    async def pause(self, identity: ContainerIdentity, ref: str | None = None) -> None:
+        """Freeze the session's container (already paused: fine); SandboxPauseFailed when it
+        is gone, not the session's, or Docker refuses."""
+        ...
+
+    async def unpause(self, identity: ContainerIdentity, ref: str | None = None) -> None:
+        """Unfreeze it (already running: fine); errors as `pause`."""
         ...
 
 
@@ -396,6 +406,41 @@ class DockerDriver:
             if exc.status_code == _HTTP_CONFLICT and "already in progress" in str(exc.explanation):
                 return
             raise SandboxStopFailed(f"docker remove of {ref} failed: {exc.explanation or exc}") from exc
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise _unavailable(exc) from exc
+
+    # ------------------------------------------------------------------ pause
+
+    async def pause(self, identity: ContainerIdentity, ref: str | None = None) -> None:
+        attributes = {"chat.id": identity.chat_id, "session.id": identity.session_id}
+        with self._telemetry.tracer.span("adapter.docker.pause_sandbox", attributes):
+            await self._run(partial(self._freeze, identity, ref, frozen=True))
+
+    async def unpause(self, identity: ContainerIdentity, ref: str | None = None) -> None:
+        attributes = {"chat.id": identity.chat_id, "session.id": identity.session_id}
+        with self._telemetry.tracer.span("adapter.docker.unpause_sandbox", attributes):
+            await self._run(partial(self._freeze, identity, ref, frozen=False))
+
+    def _freeze(self, identity: ContainerIdentity, ref: str | None, *, frozen: bool) -> None:
+        what = "pause" if frozen else "unpause"
+        try:
+            try:
+                found = self._api.inspect_container(ref or identity.name)
+            except NotFound as exc:
+                raise SandboxPauseFailed(f"{what}: the container of session {identity.session_id} is gone") from exc
+            if not identity.matches(found.get("Config", {}).get("Labels") or {}):
+                raise SandboxPauseFailed(f"{what}: container {ref or identity.name} is not session {identity}'s")
+            state = found.get("State") or {}
+            if bool(state.get("Paused")) == frozen and state.get("Running"):
+                return  # already so
+            if frozen:
+                self._api.pause(found["Id"])
+            else:
+                self._api.unpause(found["Id"])
+        except APIError as exc:
+            raise SandboxPauseFailed(
+                f"docker {what} of {ref or identity.name} failed: {exc.explanation or exc}"
+            ) from exc
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
             raise _unavailable(exc) from exc
 

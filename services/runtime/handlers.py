@@ -35,8 +35,10 @@ from services.runtime.decisions import (
     CreateDecision,
     Extend,
     OpenClaim,
+    Pause,
     Policy,
     Reject,
+    Resume,
     ResumeProvision,
     ResumeReplace,
     ResumeStop,
@@ -44,6 +46,8 @@ from services.runtime.decisions import (
     Wait,
     decide_create,
     decide_keepalive,
+    decide_pause,
+    decide_resume,
     decide_stop,
     find_open_claim,
     provision_after_replace,
@@ -67,12 +71,16 @@ from shared.contracts import (
     ExtendReason,
     HandledCommand,
     KeepaliveSandbox,
+    PauseSandbox,
     Placement,
     PreviousSession,
     RejectReason,
+    ResumeSandbox,
     SandboxExtended,
     SandboxFailed,
+    SandboxPaused,
     SandboxProvisioning,
+    SandboxResumed,
     SandboxReused,
     SandboxRunning,
     SandboxStopped,
@@ -270,6 +278,10 @@ class CommandHandlers:
                     return await self.stop(command, turn)
                 case KeepaliveSandbox():
                     return await self.keepalive(command, turn)
+                case PauseSandbox():
+                    return await self.pause(command, turn)
+                case ResumeSandbox():
+                    return await self.resume(command, turn)
 
     async def _open_claim(self, state: ChatState, command: AnyCommand) -> OpenClaim | None:
         """The chat's open claim as of `state`, and the liveness of the instance that made it
@@ -497,6 +509,9 @@ class CommandHandlers:
                 return await self._reject(command, state, decision)
             case Reuse(session):
                 return await self._outcome(SandboxReused, command, session, state.seq, result=CreateResult.REUSED)
+            case Resume(session):
+                unfreeze = partial(self._unfreeze, command, session, state, CreateResult.RESUMED)
+                return await self._if_owned_here(command, session, unfreeze)
             case ClaimProvision(session, previous):
                 return await self._provision(command, state, session, previous, progress=progress, delivery=delivery)
             case ResumeProvision(session, previous):
@@ -720,6 +735,74 @@ class CommandHandlers:
             if finished is not None:
                 return finished.outcome
 
+    # ------------------------------------------------------------------ pause and resume
+
+    async def pause(self, command: PauseSandbox, turn: _ChatTurn) -> AnyEvent | None:
+        backoff = _Backoff()
+        while True:
+            state = await self._d.store.read(str(command.chat_id))
+            claim = await self._open_claim(state, command)
+            decision = decide_pause(state.last, command, self._d.clock.now(), self._d.policy, claim=claim)
+            match decision:
+                case AlreadyHandled():
+                    await self._already_handled(command, state)
+                    return None
+                case Wait():
+                    await turn.wait_aside(backoff)
+                    continue
+                case Reject():
+                    finished = await self._reject(command, state, decision)
+                case Pause(session):
+                    freeze = partial(self._freeze, command, session, state)
+                    finished = await self._if_owned_here(command, session, freeze)
+                case _:
+                    assert_never(decision)
+            if finished is not None:
+                return finished.outcome
+
+    async def resume(self, command: ResumeSandbox, turn: _ChatTurn) -> AnyEvent | None:
+        backoff = _Backoff()
+        while True:
+            state = await self._d.store.read(str(command.chat_id))
+            claim = await self._open_claim(state, command)
+            decision = decide_resume(state.last, command, self._d.clock.now(), self._d.policy, claim=claim)
+            match decision:
+                case AlreadyHandled():
+                    await self._already_handled(command, state)
+                    return None
+                case Wait():
+                    await turn.wait_aside(backoff)
+                    continue
+                case Reject():
+                    finished = await self._reject(command, state, decision)
+                case Resume(session):
+                    unfreeze = partial(self._unfreeze, command, session, state, None)
+                    finished = await self._if_owned_here(command, session, unfreeze)
+                case _:
+                    assert_never(decision)
+            if finished is not None:
+                return finished.outcome
+
+    async def _freeze(self, command: PauseSandbox, paused: SessionRecord, state: ChatState) -> Step:
+        """Docker pause, then `paused`; a lost race re-decides (the pause is idempotent, and a
+        new decision pauses again or refuses, so Docker ends as the last event says)."""
+        try:
+            await self._d.driver.pause(self._identity(command, paused), paused.container_id)
+        except (InfrastructureError, DockerUnavailable) as exc:
+            log.warning("pause of session %s failed: %s", paused.session_id, exc)
+            return await self._outcome(SandboxFailed, command, state.session, state.seq, error=_error(exc))
+        return await self._outcome(SandboxPaused, command, paused, state.seq, reason=command.reason)
+
+    async def _unfreeze(
+        self, command: AnyCommand, running: SessionRecord, state: ChatState, result: CreateResult | None
+    ) -> Step:
+        try:
+            await self._d.driver.unpause(self._identity(command, running), running.container_id)
+        except (InfrastructureError, DockerUnavailable) as exc:
+            log.warning("resume of session %s failed: %s", running.session_id, exc)
+            return await self._outcome(SandboxFailed, command, state.session, state.seq, error=_error(exc))
+        return await self._outcome(SandboxResumed, command, running, state.seq, result=result)
+
     # ------------------------------------------------------------------ refusals
 
     def count_malformed(self, bad: MalformedCommand) -> None:
@@ -777,4 +860,6 @@ def policy_from(node_id: str, sandbox: SandboxSettings, claim_timeout_seconds: f
         max_ttl=timedelta(seconds=sandbox.max_ttl_seconds),
         claim_timeout=timedelta(seconds=claim_timeout_seconds),
         max_lifetime=timedelta(seconds=sandbox.max_lifetime_seconds),
+        default_idle_ttl=timedelta(seconds=sandbox.idle_ttl_seconds),
+        paused_ttl=timedelta(seconds=sandbox.paused_ttl_seconds),
     )

@@ -68,7 +68,20 @@ class RemoveOrphan:
     container: ObservedContainer
 
 
-Action = MarkLost | Adopt | RemoveOrphan
+@dataclass(frozen=True, slots=True)
+class Refreeze:
+    """The container is paused while its session runs, or runs while its session is paused
+    (a pause or resume that died between Docker and its event): Docker is set to match the
+    session; nothing is recorded."""
+
+    session: SessionRecord
+    container: ObservedContainer
+    frozen: bool  # pause it (True) or unpause it
+
+
+Action = MarkLost | Adopt | RemoveOrphan | Refreeze
+# Docker's state of a session's container, for each settled status.
+_DOCKER_STATE = {SessionStatus.RUNNING: "running", SessionStatus.PAUSED: "paused"}
 
 
 def decide_for_chat(
@@ -85,11 +98,14 @@ def decide_for_chat(
     by_session = {c.session_id: c for c in containers}
     actions: list[Action] = []
     claim_in_flight = isinstance(last, SandboxProvisioning | SandboxStopping) and now - last.occurred_at < claim_timeout
-    if mine is not None and mine.status == SessionStatus.RUNNING and not claim_in_flight:
+    if mine is not None and mine.status in _DOCKER_STATE and not claim_in_flight:
         container = by_session.get(mine.session_id)
         if container is None:
             actions.append(MarkLost(mine, LostReason.CONTAINER_MISSING, "no such container", None))
-        elif container.state != "running":
+        elif container.state in _DOCKER_STATE.values():
+            if container.state != _DOCKER_STATE[mine.status]:
+                actions.append(Refreeze(mine, container, frozen=mine.status == SessionStatus.PAUSED))
+        else:
             actions.append(
                 MarkLost(
                     mine,
@@ -132,6 +148,8 @@ def _key(action: Action) -> tuple[str, str]:
             return ("adopt", action.claim.session_id or "")
         case RemoveOrphan():
             return ("orphan", action.container.container_id)
+        case Refreeze():
+            return ("refreeze", action.container.container_id)
 
 
 # --------------------------------------------------------------------------- effects
@@ -144,6 +162,7 @@ class ReconcileReport:
     lost: int = 0
     adopted: int = 0
     orphans_removed: int = 0
+    refrozen: int = 0
     pending_confirmation: int = 0
     errors: int = 0
     actions: list[str] = field(default_factory=list)
@@ -317,6 +336,14 @@ class NodeReconciler:
                 await self._store.append(event, expected_seq=state.seq, msg_id=msg_id)
                 report.adopted += 1
                 report.actions.append(f"adopted {container.name} for session {running.session_id}")
+            case Refreeze(session, container, frozen):
+                identity = ContainerIdentity(chat, session.session_id, self._node_id)
+                if frozen:
+                    await self._driver.pause(identity, container.container_id)
+                else:
+                    await self._driver.unpause(identity, container.container_id)
+                report.refrozen += 1
+                report.actions.append(f"{'paused' if frozen else 'unpaused'} {container.name} ({session.status})")
             case RemoveOrphan(container):
                 await self._driver.remove(container.identity, self._stop_timeout, container.container_id)
                 current = state.session if state.session is not None and state.session.is_live else None

@@ -28,3 +28,9 @@ class BenchNullDriver:
 
     async def list_managed(self, node_id: str) -> list[ObservedContainer]:  # noqa: ARG002 - the protocol
         return []
+
+    async def pause(self, identity: ContainerIdentity, ref: str | None = None) -> None:
+        """Nothing to freeze."""
+
+    async def unpause(self, identity: ContainerIdentity, ref: str | None = None) -> None:
+        """Nothing to thaw."""

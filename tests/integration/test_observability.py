@@ -46,6 +46,12 @@ class StopFailsOnce:
     async def list_managed(self, node_id: str) -> list[ObservedContainer]:
         return await self.real.list_managed(node_id)
 
+    async def pause(self, identity: ContainerIdentity, ref: str | None = None) -> None:
+        await self.real.pause(identity, ref)
+
+    async def unpause(self, identity: ContainerIdentity, ref: str | None = None) -> None:
+        await self.real.unpause(identity, ref)
+
 
 def telemetry(service: str, spans: InMemorySpanExporter) -> tuple[Telemetry, InMemoryMetricReader]:
     reader = InMemoryMetricReader()

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from services.runtime.containers import ContainerIdentity, ContainerSpec
 from services.runtime.docker_driver import ObservedContainer
 from shared.contracts import AnyEvent, HandledCommand
-from shared.errors import AppendConflict, SandboxdError
+from shared.errors import AppendConflict, SandboxdError, SandboxPauseFailed
 from shared.event_store import Appended, ChatState, StoredEvent
 from shared.handled import handled_key
 from shared.subjects import event_subject
@@ -114,6 +114,7 @@ class FakeDriver:
     left_alone: list[str] = field(default_factory=list)  # names of containers that were not the session's
     start_errors: list[SandboxdError] = field(default_factory=list)
     remove_errors: list[SandboxdError] = field(default_factory=list)
+    paused: set[str] = field(default_factory=set)  # names of frozen containers
 
     async def ensure_running(self, spec: ContainerSpec) -> str:
         await asyncio.sleep(0)
@@ -149,3 +150,17 @@ class FakeDriver:
             self.left_alone.append(name)
             return
         self.removed.append(self.running.pop(name))
+        self.paused.discard(name)
+
+    async def pause(self, identity: ContainerIdentity, ref: str | None = None) -> None:
+        self.paused.add(self._frozen_name(identity, ref, "pause"))
+
+    async def unpause(self, identity: ContainerIdentity, ref: str | None = None) -> None:
+        self.paused.discard(self._frozen_name(identity, ref, "unpause"))
+
+    def _frozen_name(self, identity: ContainerIdentity, ref: str | None, what: str) -> str:
+        wanted = ref or identity.name
+        name = next((n for n, cid in self.running.items() if wanted in (n, cid)), None)
+        if name is None or self.specs[name].identity != identity:
+            raise SandboxPauseFailed(f"{what}: no container {wanted} of {identity}")
+        return name

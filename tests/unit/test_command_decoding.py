@@ -43,7 +43,7 @@ def test_non_canonical_uuids_are_normalised() -> None:
         (f"sandbox.cmd.create.{CHAT}", json.dumps({"chat_id": CHAT}).encode(), "invalid_payload", CHAT, "command_id"),
         (f"sandbox.cmd.stop.{CHAT}", body(chat_id=str(uuid.uuid4())), "subject_mismatch", CHAT, "does not match"),
         ("sandbox.cmd.create.not-a-uuid", body(), "invalid_subject", None, "not-a-uuid"),
-        (f"sandbox.cmd.delete.{CHAT}", body(), "unknown_command", CHAT, "create, keepalive, stop"),
+        (f"sandbox.cmd.delete.{CHAT}", body(), "unknown_command", CHAT, "create, keepalive, pause, resume, stop"),
     ],
 )
 def test_malformed_commands_say_why(subject: str, data: bytes, reason: str, chat_id: str | None, needle: str) -> None:

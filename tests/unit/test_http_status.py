@@ -22,6 +22,8 @@ REFUSED = {
     RejectReason.NOT_RUNNING: 409,
     RejectReason.EXPIRED: 409,
     RejectReason.NOT_EXPIRED: 409,
+    RejectReason.NOT_IDLE: 409,
+    RejectReason.NOT_PAUSED: 409,
     RejectReason.TTL_TOO_LONG: 422,
     RejectReason.CAPACITY_EXCEEDED: 429,
 }
@@ -30,6 +32,7 @@ FAILED = {
     ErrorType.NATS_UNAVAILABLE: 503,
     ErrorType.SANDBOX_START_FAILED: 502,
     ErrorType.SANDBOX_STOP_FAILED: 502,
+    ErrorType.SANDBOX_PAUSE_FAILED: 502,
 }  # any other error type: 500
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

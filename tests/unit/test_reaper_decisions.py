@@ -22,7 +22,7 @@ def test_due_sessions_come_out_in_expiry_order_and_only_once() -> None:
     for chat, seconds in (("a", 30), ("b", 10), ("c", 20), ("d", 99)):
         schedule.put(rec(chat, expires_in=seconds))
     assert schedule.next_due() == NOW + timedelta(seconds=10)
-    assert [s.chat_id for s in schedule.pop_due(NOW + timedelta(seconds=30))] == ["b", "c", "a"]
+    assert [s.chat_id for s, _ in schedule.pop_due(NOW + timedelta(seconds=30))] == ["b", "c", "a"]
     assert schedule.pop_due(NOW + timedelta(seconds=30)) == []
     assert schedule.next_due() == NOW + timedelta(seconds=99)
 
@@ -43,7 +43,7 @@ def test_a_keepalive_or_a_removal_cancels_the_old_entry() -> None:
     schedule.remove("b")
     schedule.put(rec("c", expires_in=5, status=SessionStatus.STOPPING))
     assert schedule.pop_due(NOW + timedelta(seconds=10)) == []
-    assert [s.chat_id for s in schedule.pop_due(NOW + timedelta(seconds=50))] == ["a"]
+    assert [s.chat_id for s, _ in schedule.pop_due(NOW + timedelta(seconds=50))] == ["a"]
 
 
 def test_command_ids_are_the_same_for_every_reaper_and_change_with_what_they_act_on() -> None:
