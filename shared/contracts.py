@@ -73,6 +73,7 @@ class RejectReason(enum.StrEnum):
     NOT_EXPIRED = "not_expired"
     NOT_IDLE = "not_idle"  # an idle stop or pause found the session active again
     NOT_PAUSED = "not_paused"  # a resume found the session running (or in a claim)
+    NOT_DUE = "not_due"  # a warn found no such deadline to warn of (it moved, or was warned of)
     TTL_TOO_LONG = "ttl_too_long"
     CAPACITY_EXCEEDED = "capacity_exceeded"
 
@@ -209,13 +210,25 @@ class ResumeSandbox(Command, frozen=True, kw_only=True):
     session_id: uuid.UUID | None = None
 
 
-AnyCommand = CreateSandbox | StopSandbox | KeepaliveSandbox | PauseSandbox | ResumeSandbox
+class WarnSandbox(Command, frozen=True, kw_only=True):
+    """The reaper's: have `expiring` appended for the session's `deadline`. Carried out only
+    while that is the session's earliest deadline and not warned of yet (else `rejected`),
+    so anyone may send it without effect; only the runtime appends events."""
+
+    kind: ClassVar[str] = "warn"
+    session_id: uuid.UUID
+    deadline: AwareDatetime
+    reason: ExpiringReason
+
+
+AnyCommand = CreateSandbox | StopSandbox | KeepaliveSandbox | PauseSandbox | ResumeSandbox | WarnSandbox
 COMMAND_TYPES: dict[str, type[AnyCommand]] = {
     CreateSandbox.kind: CreateSandbox,
     StopSandbox.kind: StopSandbox,
     KeepaliveSandbox.kind: KeepaliveSandbox,
     PauseSandbox.kind: PauseSandbox,
     ResumeSandbox.kind: ResumeSandbox,
+    WarnSandbox.kind: WarnSandbox,
 }
 
 
@@ -354,9 +367,10 @@ class SandboxResumed(Event, frozen=True, kw_only=True, tag="resumed"):
 
 
 class SandboxExpiring(Event, frozen=True, kw_only=True, tag="expiring"):
-    """A warning, not an outcome: the session reaches `deadline` (`reason`: expired, idle or
-    paused_ttl) in sandbox.expiry_warning_seconds or less; a keepalive (or any activity, for
-    idle) moves it. Written by the reaper, once per deadline; the session is unchanged."""
+    """A warning: the session reaches `deadline` (`reason`: expired, idle or paused_ttl) in
+    sandbox.expiry_warning_seconds or less; a keepalive (or any activity, for idle) moves it.
+    The outcome of the reaper's `warn` command, once per deadline; the session is unchanged
+    but for `warned_deadline`."""
 
     deadline: AwareDatetime | None = None
 
@@ -421,6 +435,7 @@ OUTCOME_TYPES: tuple[type[Event], ...] = (
     CommandRejected,
     SandboxPaused,
     SandboxResumed,
+    SandboxExpiring,
 )
 
 EventTypeName = Literal[

@@ -335,9 +335,7 @@ ROLES: dict[Role, RoleSpec] = {
             publish=(
                 f"{COMMAND_PREFIX}.stop.>",
                 f"{COMMAND_PREFIX}.pause.>",
-                # `expiring` warnings, appended on a chat's subject at its current sequence
-                # (never a node's: those have two more tokens).
-                f"{EVENT_PREFIX}.*",
+                f"{COMMAND_PREFIX}.warn.>",
                 f"{STATUS_KEYS}.reaper.>",
                 ACCOUNT_INFO,
                 stream_info(COMMANDS_STREAM),
@@ -347,7 +345,7 @@ ROLES: dict[Role, RoleSpec] = {
             ),
             subscribe=(f"{inbox_prefix(Role.REAPER)}.>",),
         ),
-        "publish stop and pause commands and `expiring` events; watch the registry; write `sandbox_status` `reaper.>`",
+        "publish stop, pause and warn commands; watch the registry; write `sandbox_status` `reaper.>`",
     ),
     Role.ADMIN: RoleSpec(
         Role.ADMIN,

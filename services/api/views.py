@@ -160,6 +160,7 @@ def rejection_status(reason: RejectReason) -> int:
             | RejectReason.NOT_EXPIRED
             | RejectReason.NOT_IDLE
             | RejectReason.NOT_PAUSED
+            | RejectReason.NOT_DUE
         ):
             return 409
         case RejectReason.TTL_TOO_LONG:

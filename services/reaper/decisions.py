@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from shared.contracts import ExpiringReason, SessionRecord, SessionStatus, StopReason
+from shared.deadlines import Due, deadlines
 
 # The heap is rebuilt from the records when it holds this many entries per record (and more).
 _COMPACT_FACTOR = 8
@@ -47,13 +48,14 @@ class PauseOrder:
 
 @dataclass(frozen=True, slots=True)
 class WarnOrder:
-    """Append `expiring` for `deadline` (reason: which one) on the chat, at the record's
-    version (a chat that moved on meanwhile is not warned: its new record is scheduled)."""
+    """A `warn` command: the runtime appends `expiring` for `deadline` (reason: which one)
+    when it is still the session's earliest and not yet warned of."""
 
-    session: SessionRecord
+    chat_id: str
+    session_id: str
     reason: ExpiringReason
     deadline: datetime
-    msg_id: str
+    command_id: str
 
 
 Order = StopOrder | PauseOrder | WarnOrder
@@ -66,44 +68,6 @@ class ReaperPolicy:
     on_idle: str = "stop"  # stop | pause
     paused_ttl: timedelta = timedelta(days=1)
     warning: timedelta = timedelta(0)  # 0: no `expiring` events
-
-
-@dataclass(frozen=True, slots=True)
-class Due:
-    """One deadline of a session: `kind` is expired, idle or paused_ttl, or warn (the
-    warning before the earliest of those)."""
-
-    at: datetime
-    kind: str
-    deadline: datetime  # the deadline itself (a warning's is later than its `at`)
-    reason: ExpiringReason
-    set_at: datetime  # when the deadline was set (a warning needs it set that far ahead)
-
-
-_WARN = "warn"
-
-
-def deadlines(session: SessionRecord, policy: ReaperPolicy) -> list[Due]:
-    """Pure: every deadline of a settled (running or paused) session, and the warning of the
-    earliest one unless it was already given (the record's `warned_deadline`) or the deadline
-    was set less than the warning ahead (its setter knows it is near)."""
-    found: list[Due] = []
-    if session.status in (SessionStatus.RUNNING, SessionStatus.PAUSED):
-        expires = session.expires_at
-        found.append(Due(expires, "expired", expires, ExpiringReason.EXPIRED, session.updated_at))
-    idle = session.idle_deadline
-    if session.status == SessionStatus.RUNNING and idle is not None:
-        found.append(Due(idle, "idle", idle, ExpiringReason.IDLE, session.active_at))
-    if session.status == SessionStatus.PAUSED:
-        paused_at = session.paused_at or session.updated_at
-        until = paused_at + policy.paused_ttl
-        found.append(Due(until, "paused_ttl", until, ExpiringReason.PAUSED_TTL, paused_at))
-    if found and policy.warning > timedelta(0):
-        first = min(found, key=lambda d: d.at)
-        if session.warned_deadline != first.deadline and first.deadline - first.set_at > policy.warning:
-            warn_at = first.deadline - policy.warning
-            found.append(Due(warn_at, _WARN, first.deadline, first.reason, first.set_at))
-    return found
 
 
 def _command_id(kind: str, session: SessionRecord, at: datetime) -> str:
@@ -139,8 +103,8 @@ def order_for(session: SessionRecord, due: Due, policy: ReaperPolicy) -> Order:
             command_id = _command_id("paused-ttl", session, due.at)
             return StopOrder(session.chat_id, session.session_id, StopReason.PAUSED_TTL, command_id, due.at)
         case _:
-            msg_id = f"{session.chat_id}:{session.session_id}:expiring:{due.deadline.isoformat()}"
-            return WarnOrder(session, due.reason, due.deadline, msg_id)
+            command_id = _command_id("warn", session, due.deadline)
+            return WarnOrder(session.chat_id, session.session_id, due.reason, due.deadline, command_id)
 
 
 def redrive_order(session: SessionRecord, now: datetime, grace: timedelta) -> StopOrder | None:
@@ -162,7 +126,7 @@ class ExpirySchedule:
 
     def put(self, session: SessionRecord) -> None:
         self.sessions[session.chat_id] = session
-        for due in deadlines(session, self.policy):
+        for due in deadlines(session, self.policy.paused_ttl, self.policy.warning):
             heapq.heappush(self._heap, (due.at, session.chat_id, session.session_id, due.kind))
         if len(self._heap) > _COMPACT_FACTOR * len(self.sessions) + _COMPACT_SLACK:
             self._compact()
@@ -173,7 +137,7 @@ class ExpirySchedule:
         self._heap = [
             (due.at, chat, held.session_id, due.kind)
             for chat, held in self.sessions.items()
-            for due in deadlines(held, self.policy)
+            for due in deadlines(held, self.policy.paused_ttl, self.policy.warning)
         ]
         heapq.heapify(self._heap)
 
@@ -185,7 +149,8 @@ class ExpirySchedule:
         held = self.sessions.get(chat)
         if held is None or held.session_id != session_id:
             return None
-        due = next((d for d in deadlines(held, self.policy) if d.kind == kind and d.at == at), None)
+        found = deadlines(held, self.policy.paused_ttl, self.policy.warning)
+        due = next((d for d in found if d.kind == kind and d.at == at), None)
         return None if due is None else (held, due)
 
     def next_due(self) -> datetime | None:

@@ -41,9 +41,8 @@ from services.reaper.decisions import (
 )
 from shared.clock import Clock
 from shared.config import ReaperSettings
-from shared.contracts import PauseReason, PauseSandbox, SandboxExpiring, StopReason, StopSandbox, encode
-from shared.errors import AppendConflict
-from shared.event_store import EventStore, with_nats_retry
+from shared.contracts import PauseReason, PauseSandbox, StopReason, StopSandbox, WarnSandbox, encode
+from shared.event_store import with_nats_retry
 from shared.poison import PoisonSource, Quarantine
 from shared.registry import check_record
 from shared.subjects import COMMANDS_STREAM, MSG_ID_HEADER, command_subject
@@ -64,7 +63,7 @@ def _describe(order: Order) -> tuple[str, str]:
         case PauseOrder():
             return order.chat_id, "pause (idle)"
         case WarnOrder():
-            return order.session.chat_id, f"expiring ({order.reason})"
+            return order.chat_id, f"warn ({order.reason})"
 
 
 class LastAction(msgspec.Struct):
@@ -105,7 +104,6 @@ class Reaper:
     telemetry: Telemetry = field(default_factory=telemetry_disabled)
     policy: ReaperPolicy = field(default_factory=ReaperPolicy)
     schedule: ExpirySchedule = field(init=False)
-    events: EventStore = field(init=False)
     quarantine: Quarantine = field(init=False)
     status: ReaperStatus = field(init=False)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -115,7 +113,6 @@ class Reaper:
     def __post_init__(self) -> None:
         self.schedule = ExpirySchedule(self.policy)
         self.quarantine = Quarantine(self.telemetry.metrics)
-        self.events = EventStore(self.js, quarantine=self.quarantine)
         self.status = ReaperStatus(
             reaper_id=self.settings.reaper_id,
             started_at=self.clock.now(),
@@ -255,28 +252,31 @@ class Reaper:
         log.info("reaper: pause (idle) session %s of chat %s", order.session_id, order.chat_id)
 
     async def _warn(self, order: WarnOrder) -> bool:
-        """Append `expiring`; False when the chat moved on (nothing appended)."""
-        session = order.session
-        warned = msgspec.structs.replace(session, warned_deadline=order.deadline)
-        event = SandboxExpiring(
-            event_id=str(uuid.uuid4()),
-            chat_id=session.chat_id,
-            session_id=session.session_id,
-            causation_id=None,
-            occurred_at=self.clock.now(),
-            node_id=None,
-            reason=order.reason,
+        command = WarnSandbox(
+            command_id=uuid.UUID(order.command_id),
+            chat_id=uuid.UUID(order.chat_id),
+            session_id=uuid.UUID(order.session_id),
             deadline=order.deadline,
-            session=warned,
+            reason=order.reason,
+            requested_at=self.clock.now(),
+            requested_by=f"reaper:{self.settings.reaper_id}",
         )
-        try:
-            await self.events.append(event, expected_seq=session.version, msg_id=order.msg_id)
-        except AppendConflict:
-            return False  # the chat moved on; its new record is scheduled when the watch brings it
+        await self._send("warn", order.chat_id, order.session_id, order.command_id, encode(command))
         self.telemetry.metrics.increment("sandbox.reaper.action.total", {"reason": f"warn_{order.reason}"})
         self.status.warnings_published += 1
-        self._note(session.chat_id, session.session_id, f"expiring ({order.reason})", order.msg_id)
+        self._note(order.chat_id, order.session_id, f"warn ({order.reason})", order.command_id)
         return True
+
+    async def _send(self, kind: str, chat_id: str, session_id: str, command_id: str, payload: bytes) -> None:
+        subject = command_subject(kind, chat_id)
+        attributes = {"chat.id": chat_id, "session.id": session_id}
+        with self.telemetry.tracer.span(f"reaper.publish_{kind}", attributes, kind=SpanKind.PRODUCER):
+            headers = inject({MSG_ID_HEADER: command_id})
+
+            async def publish() -> None:
+                await self.js.publish(subject, payload, stream=COMMANDS_STREAM, headers=headers)
+
+            await with_nats_retry(publish, what=f"publish {subject}")
 
     def _note(self, chat_id: str, session_id: str, reason: str, command_id: str) -> None:
         self.status.last_action = LastAction(

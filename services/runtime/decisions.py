@@ -34,8 +34,10 @@ from shared.contracts import (
     SessionStatus,
     StopReason,
     StopSandbox,
+    WarnSandbox,
     is_outcome,
 )
+from shared.deadlines import Due, warning_due
 from shared.instances import Liveness
 
 
@@ -51,6 +53,7 @@ class Policy:
     default_idle_ttl: timedelta = timedelta(0)  # 0: no idle timeout unless a create asks
     # A paused session is stopped after this (the reaper's `paused_ttl` stop checks it here).
     paused_ttl: timedelta = timedelta(days=1)
+    warning: timedelta = timedelta(0)  # sandbox.expiry_warning_seconds (a `warn` is checked with it)
 
 
 # --------------------------------------------------------------------------- open claims
@@ -188,6 +191,17 @@ CreateDecision = (
 )
 StopDecision = AlreadyHandled | Wait | Reject | ClaimStop | ResumeStop
 KeepaliveDecision = AlreadyHandled | Wait | Reject | Extend
+
+
+@dataclass(frozen=True, slots=True)
+class Warn:
+    """Append `expiring` for `due` with this session (its `warned_deadline` set)."""
+
+    session: SessionRecord
+    due: Due
+
+
+WarnDecision = AlreadyHandled | Reject | Warn
 PauseDecision = AlreadyHandled | Wait | Reject | Pause
 ResumeDecision = AlreadyHandled | Wait | Reject | Resume
 
@@ -435,6 +449,29 @@ def _settled(
     if session.is_expired(now):
         return Reject(RejectReason.EXPIRED, f"session {session.session_id} expired at {session.expires_at.isoformat()}")
     return session
+
+
+def decide_warn(last: AnyEvent | None, command: WarnSandbox, policy: Policy) -> WarnDecision:
+    """Warn only of the session's earliest deadline, once: a `warn` that is late (the deadline
+    moved, or another reaper's warning landed) is refused."""
+    if last is not None and last.causation_id == str(command.command_id) and is_outcome(last):
+        return AlreadyHandled()
+    session = _live(last)
+    if session is None:
+        return Reject(RejectReason.NO_LIVE_SESSION, f"chat {command.chat_id} has no live sandbox")
+    if session.session_id != str(command.session_id):
+        return Reject(
+            RejectReason.STALE_SESSION,
+            f"session {command.session_id} is not the chat's current session ({session.session_id})",
+        )
+    due = warning_due(session, policy.paused_ttl, policy.warning)
+    if due is None or due.deadline != command.deadline or due.reason != command.reason:
+        return Reject(
+            RejectReason.NOT_DUE,
+            f"session {session.session_id} has no {command.reason} deadline at {command.deadline.isoformat()} "
+            "to warn of",
+        )
+    return Warn(msgspec.structs.replace(session, warned_deadline=due.deadline), due)
 
 
 def decide_pause(

@@ -44,11 +44,13 @@ from services.runtime.decisions import (
     ResumeStop,
     Reuse,
     Wait,
+    Warn,
     decide_create,
     decide_keepalive,
     decide_pause,
     decide_resume,
     decide_stop,
+    decide_warn,
     find_open_claim,
     provision_after_replace,
     under_claim,
@@ -76,6 +78,7 @@ from shared.contracts import (
     PreviousSession,
     RejectReason,
     ResumeSandbox,
+    SandboxExpiring,
     SandboxExtended,
     SandboxFailed,
     SandboxPaused,
@@ -89,6 +92,7 @@ from shared.contracts import (
     SessionStatus,
     StopReason,
     StopSandbox,
+    WarnSandbox,
     is_outcome,
 )
 from shared.errors import AppendConflict, DockerUnavailable, Forward, InfrastructureError, NatsUnavailable, WrongNode
@@ -282,6 +286,8 @@ class CommandHandlers:
                     return await self.pause(command, turn)
                 case ResumeSandbox():
                     return await self.resume(command, turn)
+                case WarnSandbox():
+                    return await self.warn(command)
 
     async def _open_claim(self, state: ChatState, command: AnyCommand) -> OpenClaim | None:
         """The chat's open claim as of `state`, and the liveness of the instance that made it
@@ -783,6 +789,25 @@ class CommandHandlers:
             if finished is not None:
                 return finished.outcome
 
+    async def warn(self, command: WarnSandbox) -> AnyEvent | None:
+        while True:
+            state = await self._d.store.read(str(command.chat_id))
+            decision = decide_warn(state.last, command, self._d.policy)
+            match decision:
+                case AlreadyHandled():
+                    await self._already_handled(command, state)
+                    return None
+                case Reject():
+                    finished = await self._reject(command, state, decision)
+                case Warn(session, due):
+                    finished = await self._outcome(
+                        SandboxExpiring, command, session, state.seq, reason=due.reason, deadline=due.deadline
+                    )
+                case _:
+                    assert_never(decision)
+            if finished is not None:
+                return finished.outcome
+
     async def _freeze(self, command: PauseSandbox, paused: SessionRecord, state: ChatState) -> Step:
         """Docker pause, then `paused`; a lost race re-decides (the pause is idempotent, and a
         new decision pauses again or refuses, so Docker ends as the last event says)."""
@@ -862,4 +887,5 @@ def policy_from(node_id: str, sandbox: SandboxSettings, claim_timeout_seconds: f
         max_lifetime=timedelta(seconds=sandbox.max_lifetime_seconds),
         default_idle_ttl=timedelta(seconds=sandbox.idle_ttl_seconds),
         paused_ttl=timedelta(seconds=sandbox.paused_ttl_seconds),
+        warning=timedelta(seconds=sandbox.expiry_warning_seconds),
     )

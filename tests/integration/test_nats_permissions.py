@@ -501,7 +501,8 @@ async def test_push_consumers_cannot_deliver_into_the_system(system: System) -> 
 # --------------------------------------------------------------------------- other roles
 
 
-async def test_reaper_publishes_only_stops(system: System) -> None:
+async def test_reaper_publishes_only_stops_pauses_and_warnings(system: System) -> None:
+    """Its commands only; never an event (the runtime checks a `warn` and appends `expiring`)."""
     reaper = await system.connect(Role.REAPER)
     created, stopped = str(uuid.uuid4()), str(uuid.uuid4())
     events = await Events.of(await system.connect(Role.AGENT), stopped)
@@ -514,6 +515,11 @@ async def test_reaper_publishes_only_stops(system: System) -> None:
     assert await reaper.attempt(f"{KV}.{created}", b"{}")
     assert await reaper.attempt(f"$KV.{STATUS_BUCKET}.runtime.forged", b"{}")
     assert await reaper.attempt(f"sandbox.events.{created}", b"{}")
+    assert await reaper.attempt(f"sandbox.cmd.keepalive.{created}", b"{}")
+    assert await reaper.attempt(f"sandbox.cmd.resume.{created}", b"{}")
+    for kind in ("pause", "warn"):
+        ack = await reaper.js.publish(f"sandbox.cmd.{kind}.{stopped}", b"{}")
+        assert ack.stream == COMMANDS_STREAM, kind
     assert await reaper.attempt(f"{API}.STREAM.PURGE.{COMMANDS_STREAM}", b"{}")
     status = await reaper.js.key_value(STATUS_BUCKET)
     await status.put("reaper.permission-test", b"{}")

@@ -24,6 +24,7 @@ REFUSED = {
     RejectReason.NOT_EXPIRED: 409,
     RejectReason.NOT_IDLE: 409,
     RejectReason.NOT_PAUSED: 409,
+    RejectReason.NOT_DUE: 409,
     RejectReason.TTL_TOO_LONG: 422,
     RejectReason.CAPACITY_EXCEEDED: 429,
 }

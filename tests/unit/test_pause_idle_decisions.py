@@ -15,7 +15,6 @@ from services.reaper.decisions import (
     ReaperPolicy,
     StopOrder,
     WarnOrder,
-    deadlines,
     order_for,
 )
 from services.runtime.decisions import (
@@ -24,11 +23,13 @@ from services.runtime.decisions import (
     Reject,
     Resume,
     Reuse,
+    Warn,
     decide_create,
     decide_keepalive,
     decide_pause,
     decide_resume,
     decide_stop,
+    decide_warn,
 )
 from shared.contracts import (
     PauseReason,
@@ -39,7 +40,9 @@ from shared.contracts import (
     SessionRecord,
     SessionStatus,
     StopReason,
+    WarnSandbox,
 )
+from shared.deadlines import deadlines
 from tests.support.records import session_record
 from tests.unit.test_decide import NOW, POLICY, create, keepalive, last, stop
 
@@ -161,29 +164,32 @@ WARN = ReaperPolicy(on_idle="stop", paused_ttl=timedelta(seconds=300), warning=t
 
 def test_deadlines_of_running_and_paused_sessions() -> None:
     s = running(idle_ttl_seconds=IDLE, last_active_at=NOW)
-    kinds = {d.kind: d.at for d in deadlines(s, WARN)}
+    kinds = {d.kind: d.at for d in deadlines(s, WARN.paused_ttl, WARN.warning)}
     assert kinds["expired"] == s.expires_at
     assert kinds["idle"] == NOW + timedelta(seconds=IDLE)
     assert kinds["warn"] == NOW + timedelta(seconds=IDLE - 30), "the warning is for the earliest deadline"
     frozen = msgspec.structs.replace(s, status=SessionStatus.PAUSED, paused_at=NOW)
-    kinds = {d.kind: d.at for d in deadlines(frozen, WARN)}
+    kinds = {d.kind: d.at for d in deadlines(frozen, WARN.paused_ttl, WARN.warning)}
     assert "idle" not in kinds
     assert kinds["paused_ttl"] == NOW + timedelta(seconds=300)
-    assert deadlines(msgspec.structs.replace(s, status=SessionStatus.STOPPING), WARN) == []
+    claimed = msgspec.structs.replace(s, status=SessionStatus.STOPPING)
+    assert deadlines(claimed, WARN.paused_ttl, WARN.warning) == []
 
 
 def test_a_deadline_is_warned_of_once_and_not_when_set_closer_than_the_warning() -> None:
     s = running(idle_ttl_seconds=IDLE, last_active_at=NOW)
-    (warn,) = [d for d in deadlines(s, WARN) if d.kind == "warn"]
+    (warn,) = [d for d in deadlines(s, WARN.paused_ttl, WARN.warning) if d.kind == "warn"]
     warned = msgspec.structs.replace(s, warned_deadline=warn.deadline)
-    assert not [d for d in deadlines(warned, WARN) if d.kind == "warn"]
+    assert not [d for d in deadlines(warned, WARN.paused_ttl, WARN.warning) if d.kind == "warn"]
     short = running(idle_ttl_seconds=20, last_active_at=NOW)
-    assert not [d for d in deadlines(short, WARN) if d.kind == "warn"], "set 20 s ahead: no 30 s warning"
+    assert not [d for d in deadlines(short, WARN.paused_ttl, WARN.warning) if d.kind == "warn"], (
+        "set 20 s ahead: no 30 s warning"
+    )
 
 
 def test_orders_for_each_deadline_follow_the_policy() -> None:
     s = running(idle_ttl_seconds=IDLE, last_active_at=NOW)
-    by_kind = {d.kind: d for d in deadlines(s, WARN)}
+    by_kind = {d.kind: d for d in deadlines(s, WARN.paused_ttl, WARN.warning)}
     stop_idle = order_for(s, by_kind["idle"], WARN)
     assert isinstance(stop_idle, StopOrder)
     assert stop_idle.reason == StopReason.IDLE
@@ -192,6 +198,7 @@ def test_orders_for_each_deadline_follow_the_policy() -> None:
     warn = order_for(s, by_kind["warn"], WARN)
     assert isinstance(warn, WarnOrder)
     assert warn.reason == "idle"
+    assert warn.deadline == by_kind["idle"].at
     assert order_for(s, by_kind["idle"], WARN) == stop_idle, "the same command id for every reaper"
 
 
@@ -207,3 +214,30 @@ def test_the_schedule_follows_activity_and_compacts() -> None:
     for i in range(5000):  # a busy chat: every update pushes its deadlines again
         schedule.put(msgspec.structs.replace(later, last_active_at=NOW + timedelta(seconds=51 + i)))
     assert len(schedule._heap) <= 8 * len(schedule) + 1024 + 4
+
+
+def test_a_warn_command_appends_only_for_the_earliest_deadline_not_yet_warned_of() -> None:
+    policy = replace(POLICY, warning=timedelta(seconds=30))
+    s = running(idle_ttl_seconds=IDLE, last_active_at=NOW)
+    deadline = NOW + timedelta(seconds=IDLE)
+
+    def warn(**kw: object) -> WarnSandbox:
+        body = {"command_id": str(uuid.uuid4()), "chat_id": s.chat_id, "session_id": s.session_id}
+        body |= {"deadline": deadline.isoformat(), "reason": "idle"}
+        return msgspec.convert(body | kw, WarnSandbox)
+
+    decision = decide_warn(last(SandboxRunning, s), warn(), policy)
+    assert isinstance(decision, Warn)
+    assert decision.session.warned_deadline == deadline
+    assert decision.due.reason == "idle"
+    warned = decision.session
+    again = decide_warn(last(SandboxRunning, warned), warn(), policy)
+    assert isinstance(again, Reject)
+    assert again.reason == RejectReason.NOT_DUE
+    moved = decide_warn(last(SandboxRunning, s), warn(deadline=(deadline + timedelta(seconds=1)).isoformat()), policy)
+    assert isinstance(moved, Reject)
+    wrong_kind = decide_warn(last(SandboxRunning, s), warn(reason="expired"), policy)
+    assert isinstance(wrong_kind, Reject)
+    stale = decide_warn(last(SandboxRunning, s), warn(session_id=str(uuid.uuid4())), policy)
+    assert isinstance(stale, Reject)
+    assert stale.reason == RejectReason.STALE_SESSION
