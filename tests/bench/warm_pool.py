@@ -8,7 +8,11 @@
 - burst: 100 creates at concurrency 32 through HTTP from a pool of at least 100, beside 100
   bare docker-py runs on 32 threads (the floor: Docker's own create rate here).
 
-No figure is asserted. Sizes: BENCH_WARM (pairs, 30), BENCH_BURST (100), BENCH_BURST_CONCURRENCY (32).
+- pause and resume: `POST /sandboxes/{chat}/pause` and `/resume` beside a bare docker-py
+  `pause()` / `unpause()` of a container of the same kind, interleaved.
+
+No figure is asserted. Sizes: BENCH_WARM (pairs, 30), BENCH_BURST (100), BENCH_BURST_CONCURRENCY (32),
+BENCH_PAUSE (pairs, 30).
 """
 
 from __future__ import annotations
@@ -176,6 +180,43 @@ async def burst(
     await asyncio.gather(*(http.delete(f"/api/v1/sandboxes/{c}") for c in chats))
 
 
+async def pause_resume(
+    report: Report, http: httpx.AsyncClient, client: docker.DockerClient, root: Path, n: int
+) -> None:
+    bare_container = await asyncio.to_thread(bare_run, client, root)
+    chat = str(uuid.uuid4())
+    await create(http, chat)
+    timings: dict[str, list[float]] = {"bare_pause": [], "bare_unpause": [], "pause": [], "resume": []}
+
+    async def call(path: str) -> httpx.Response:
+        answer = await http.post(f"/api/v1/sandboxes/{chat}/{path}")
+        if answer.status_code != 200:
+            raise RuntimeError(f"{path} failed: {answer.status_code} {answer.text}")
+        return answer
+
+    for _ in range(n):
+        ms, _ = await timed(lambda: asyncio.to_thread(bare_container.pause))
+        timings["bare_pause"].append(ms)
+        ms, _ = await timed(lambda: asyncio.to_thread(bare_container.unpause))
+        timings["bare_unpause"].append(ms)
+        ms, _ = await timed(lambda: call("pause"))
+        timings["pause"].append(ms)
+        ms, _ = await timed(lambda: call("resume"))
+        timings["resume"].append(ms)
+    await asyncio.to_thread(bare_container.remove, force=True)
+    await http.delete(f"/api/v1/sandboxes/{chat}")
+    d = {k: dist(v) for k, v in timings.items()}
+    report.figures["pause_resume"] = {f"{k}_ms": v for k, v in d.items()}
+    for ours, floor in (("pause", "bare_pause"), ("resume", "bare_unpause")):
+        o, b = d[ours]["p50"], d[floor]["p50"]
+        report.row(
+            f"{ours} p50 (HTTP vs docker-py {floor.removeprefix('bare_')})",
+            f"{o:.1f} ms",
+            f"{b:.1f} ms",
+            f"{o / b:.2f}",
+        )
+
+
 async def warm_pool_section(report: Report, root: Path) -> None:
     client = docker.from_env()
     ensure_sandbox_image(client, IMAGE)
@@ -205,6 +246,7 @@ async def warm_pool_section(report: Report, root: Path) -> None:
                 await create(http, str(uuid.uuid4()))  # warm-up (first HTTP/NATS round trips)
                 await warm_creates(report, http, client, runtime, root, size, _int("BENCH_WARM", 30))
                 await burst(report, http, client, runtime, root, size, count, _int("BENCH_BURST_CONCURRENCY", 32))
+                await pause_resume(report, http, client, root, _int("BENCH_PAUSE", 30))
         finally:
             stop(api)
             stop(runtime)
