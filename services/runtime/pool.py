@@ -68,6 +68,8 @@ class Slots(Protocol):
 
     def release(self, session_id: str) -> None: ...
 
+    def retire(self) -> bool: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Warm:
@@ -163,6 +165,7 @@ class WarmPool:
                     await asyncio.wait_for(_first(stopping, self._wake), max(next_check - time.monotonic(), 0.01))
         finally:
             await self._drain()
+            await asyncio.to_thread(self._slots.retire)
 
     async def _fill(self, count: int) -> None:
         self._filling += count

@@ -160,9 +160,11 @@ async def running_runtime(
 async def _docker(stack: contextlib.AsyncExitStack, settings: Settings, telemetry: Telemetry) -> DockerDriver:
     """The local Docker engine, answering, closed with the stack; the chats root prepared."""
     slots = SlotMounts(settings.sandbox.slots_root)
-    why = await asyncio.to_thread(slots.prepare)
-    if why is not None and settings.sandbox.warm_pool_size:
-        log.warning("warm pool off, every create is cold: %s", why)
+    why: str | None = "sandbox.warm_pool_size is 0 and no warm container is left"
+    if settings.sandbox.warm_pool_size or await asyncio.to_thread(slots.in_use):
+        why = await asyncio.to_thread(slots.prepare)
+        if why is not None:
+            log.warning("warm pool off, every create is cold: %s", why)
     try:
         engine = DockerDriver.from_env(
             settings.runtime.docker_timeout_seconds, telemetry=telemetry, slots=slots if why is None else None

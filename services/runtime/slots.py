@@ -99,6 +99,27 @@ class SlotMounts:
             return f"cannot make {root} (sandbox.slots_root) a shared mount point: {exc}"
         return None
 
+    def in_use(self) -> bool:
+        """Whether any slot or marker is here (a warm container, claimed or not, of any runtime
+        of this host)."""
+        try:
+            return any(True for _ in self.root.iterdir())
+        except FileNotFoundError:
+            return False
+
+    def retire(self) -> bool:
+        """Undo `prepare` when nothing uses the slots root any more (a runtime stopping
+        cleanly, its unclaimed warm containers removed); True when it was unmounted."""
+        root = str(self.root)
+        if self.in_use() or root not in _mount_points():
+            return False
+        try:
+            _umount(root)
+        except OSError:
+            log.warning("could not unmount the slots root %s", root, exc_info=True)
+            return False
+        return True
+
     def slot(self, session_id: str) -> Path:
         return self.root / canonical_chat_id(session_id)  # a uuid: never a path of its own
 

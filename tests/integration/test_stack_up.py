@@ -25,6 +25,7 @@ import pytest
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from services.runtime.slots import unmount_all
 from shared.nats_roles import Role
 from tests.support.eventually import eventually, until
 from tests.support.nats_parties import connect_as
@@ -87,6 +88,7 @@ def running_stack(tmp_path: Path, node_id: str, **extra_env: str) -> Iterator[St
                 proc.kill()
                 proc.wait()
         log.close()
+        unmount_all(tmp_path / ".sandboxd" / "slots")  # a runtime killed by a test leaves its slots mounted
 
 
 @pytest.fixture
@@ -109,8 +111,11 @@ def test_up_serves_the_readme_flow_and_stops_cleanly(
     assert (
         httpx.post(f"{base}/api/v1/sandboxes", json={"chat_id": chat}, headers=headers, timeout=30).status_code == 200
     )
+    # The default stack keeps a warm pool: the create took a pre-started container.
+    assert container.labels["sandboxd.pool"] == "true"
     assert httpx.delete(f"{base}/api/v1/sandboxes/{chat}", headers=headers, timeout=30).status_code == 200
-    assert not docker_client.containers.list(all=True, filters={"label": f"sandboxd.chat_id={chat}"})
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(created.json()["container_id"])
 
     # Every process serves the seed's metrics in Prometheus text.
     api = scrape(f"{base}/metrics")
@@ -119,7 +124,13 @@ def test_up_serves_the_readme_flow_and_stops_cleanly(
     runtime = scrape(f"http://127.0.0.1:{stack.runtime_metrics}/metrics")
     assert runtime[("sandbox_create_total", "result=created")] == 1
     assert ("sandbox_create_total", "result=reused") not in runtime
-    assert runtime[("sandbox_runtime_create_duration_ms_count", "operation=create,result=created")] == 1
+    assert runtime[("sandbox_pool_take_total", "result=warm")] == 1
+    # Docker creates: the pool's (4 by default, then one refill), none for the session itself.
+    assert runtime[("sandbox_runtime_create_duration_ms_count", "operation=create,result=created")] >= 4
+    assert (
+        runtime[("sandbox_pool_made_total", "")]
+        == runtime[("sandbox_runtime_create_duration_ms_count", "operation=create,result=created")]
+    )
     assert runtime[("sandbox_runtime_stop_duration_ms_count", "operation=stop,result=stopped")] == 1
     assert runtime[("sandbox_active_count", "")] == 0
     reaper = scrape(f"http://127.0.0.1:{stack.reaper_metrics}/metrics")

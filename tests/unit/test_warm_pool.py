@@ -60,6 +60,9 @@ class FakeSlots:
         self.made.discard(session_id)
         self.released.append(session_id)
 
+    def retire(self) -> bool:
+        return not self.made
+
 
 async def no_progress() -> None:
     await asyncio.sleep(0)
