@@ -37,6 +37,8 @@ from shared.event_store import with_nats_retry
 from shared.poison import DECODE_ERRORS, PoisonSource, Quarantine
 
 log = logging.getLogger(__name__)
+# How long a clean stop spends telling peers it is leaving.
+_LEAVE_SECONDS = 2.0
 
 # Heartbeats per `instance_dead_after_seconds`: four can be missed before peers give up.
 BEATS_PER_DEADLINE = 5
@@ -151,7 +153,11 @@ class Instances:
     async def leave(self) -> None:
         """Delete the heartbeat: peers take this instance's claims over at once."""
         try:
-            await with_nats_retry(lambda: self._kv.delete(self._instance_id), what="heartbeat delete")
+            # Bounded: with NATS gone a stop must not wait out every retry (peers then wait for
+            # the heartbeat to age).
+            await asyncio.wait_for(
+                with_nats_retry(lambda: self._kv.delete(self._instance_id), what="heartbeat delete"), _LEAVE_SECONDS
+            )
         except Exception as exc:  # noqa: BLE001 - peers then wait for the heartbeat to age instead
             log.warning("heartbeat of instance %s not deleted: %s", self._instance_id, exc)
 

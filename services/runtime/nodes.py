@@ -54,6 +54,8 @@ from shared.telemetry import Telemetry
 from shared.telemetry import disabled as telemetry_disabled
 
 log = logging.getLogger(__name__)
+# How long a clean stop spends telling peers it is leaving.
+_LEAVE_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +151,8 @@ class NodeWatch:
         """A clean stop: the node's beat says it takes no new sessions (another runtime of
         the node, if any, says otherwise with its next beat)."""
         try:
-            await self.beat(draining=True)
+            # Best effort, and bounded: with NATS gone a stop must not wait out every retry.
+            await asyncio.wait_for(self.beat(draining=True), _LEAVE_SECONDS)
         except Exception as exc:  # noqa: BLE001 - placements then go here until the beat ages
             log.warning("node beat not marked draining: %s", exc)
 
