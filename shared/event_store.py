@@ -151,22 +151,83 @@ def stream_seq(msg: Msg) -> int:
     return int((msg.headers or {}).get("Nats-Sequence", "0"))
 
 
-async def last_of_subjects(nc: Client, stream: str, subjects: list[str], timeout: float) -> dict[str, Msg]:
+async def last_of_subjects(
+    nc: Client, stream: str, subjects: list[str], timeout: float, *, retry: bool = True
+) -> dict[str, Msg]:
     """The last message of each subject that has one, by subject: `multi_last` direct gets
     of up to MULTI_LAST_MAX subjects each, one round trip per chunk. Retried like any read
-    across a leader election; NatsUnavailable after that."""
+    across a leader election (unless `retry` is False: the caller retries); NatsUnavailable
+    after that."""
     found: dict[str, Msg] = {}
     for start in range(0, len(subjects), MULTI_LAST_MAX):
         chunk = subjects[start : start + MULTI_LAST_MAX]
         request: dict[str, object] = {"multi_last": chunk, "batch": len(chunk)}
-        msgs = await with_nats_retry(
-            functools.partial(direct_batch, nc, stream, request, timeout), what=f"last of {len(chunk)} subjects"
-        )
+        read = functools.partial(direct_batch, nc, stream, request, timeout)
+        msgs = await (with_nats_retry(read, what=f"last of {len(chunk)} subjects") if retry else read())
         for msg in msgs:
             subject = (msg.headers or {}).get("Nats-Subject")
             if subject is not None:
                 found[subject] = msg
     return found
+
+
+class LastMessages:
+    """Direct gets of subjects' last messages in one stream, coalesced: the reads asked for
+    in the same turn of the event loop go out together, as one `multi_last` batched direct
+    get (one plain direct get when there is only one). Under load — hundreds of commands in
+    flight, each reading its chat — that is one round trip for all of them instead of one
+    each; alone, a read waits one turn of the loop. Any replica answers, as with any direct
+    get; NatsTimeoutError or NatsUnavailable reach every read of a failed batch."""
+
+    def __init__(self, js: JetStreamContext, stream: str, timeout: float = 5.0) -> None:
+        self._js = js
+        self._stream = stream
+        self._timeout = timeout
+        self._waiting: dict[str, list[asyncio.Future[Msg | None]]] = {}
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    async def last(self, subject: str) -> Msg | None:
+        """The subject's last message (its headers carry `Nats-Sequence`), None when it has none."""
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
+            loop.call_soon(self._flush)
+        answer: asyncio.Future[Msg | None] = loop.create_future()
+        self._waiting.setdefault(subject, []).append(answer)
+        return await answer
+
+    def _flush(self) -> None:
+        batch, self._waiting = self._waiting, {}
+        task = asyncio.get_running_loop().create_task(self._answer(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _answer(self, batch: dict[str, list[asyncio.Future[Msg | None]]]) -> None:
+        try:
+            lasts = await self._read(list(batch))
+        except Exception as exc:  # noqa: BLE001 - every read of the batch gets the error
+            for answers in batch.values():
+                for answer in answers:
+                    if not answer.done():
+                        answer.set_exception(exc)
+            return
+        for subject, answers in batch.items():
+            for answer in answers:
+                if not answer.done():
+                    answer.set_result(lasts.get(subject))
+
+    async def _read(self, subjects: list[str]) -> dict[str, Msg]:
+        nc = connection_of(self._js)
+        if len(subjects) > 1:
+            return await last_of_subjects(nc, self._stream, subjects, self._timeout, retry=False)
+        request = json.dumps({"last_by_subj": subjects[0]}).encode()
+        msg = await nc.request(f"$JS.API.DIRECT.GET.{self._stream}", request, timeout=self._timeout)
+        headers = msg.headers or {}
+        status = headers.get(Header.STATUS.value)
+        if status == "404":
+            return {}
+        if status is not None:
+            raise NatsUnavailable(f"direct get on {self._stream} answered {status} {headers.get('Description', '')}")
+        return {subjects[0]: msg}
 
 
 class EventLog(Protocol):
@@ -208,6 +269,7 @@ class EventStore:
         self._js = js
         self._timeout = timeout  # of one batch of a history read
         self._stream = stream
+        self._lasts = LastMessages(js, stream, timeout)
         self._quarantine = quarantine or Quarantine()
         # chat -> (sequence of its poisoned last message, the last valid event before it)
         self._fallbacks: OrderedDict[str, tuple[int, AnyEvent | None]] = OrderedDict()
@@ -218,8 +280,11 @@ class EventStore:
         lags a little)."""
 
         async def get() -> tuple[int, bytes] | None:
+            if not leader:
+                msg = await self._lasts.last(subject)
+                return None if msg is None else (stream_seq(msg), msg.data or b"")
             try:
-                raw = await self._js.get_last_msg(self._stream, subject, direct=not leader)
+                raw = await self._js.get_last_msg(self._stream, subject, direct=False)
             except NotFoundError:
                 return None
             return raw.seq or 0, raw.data or b""
