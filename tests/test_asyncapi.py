@@ -67,8 +67,8 @@ def test_every_command_event_and_node_event_has_its_subject_and_payload() -> Non
         assert f"{tag}_event" in events["messages"]
         assert message["headers"]["properties"]["Sandbox-Event"]["const"] == tag
         assert message["payload"] == {"$ref": f"./events/{tag}.json"}
-    for cls in NODE_EVENT_TYPES:
-        assert f"{cls.__struct_config__.tag}_event" in channels["node_events"]["messages"]
+    for node_cls in NODE_EVENT_TYPES:
+        assert f"{node_cls.__struct_config__.tag}_event" in channels["node_events"]["messages"]
 
 
 def test_a_command_added_to_the_contracts_appears_by_regenerating(monkeypatch: pytest.MonkeyPatch) -> None:
