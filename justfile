@@ -19,8 +19,9 @@ unit:
     uv sync --frozen --quiet
     uv run pytest -m "not integration"
 
-# Install what the commands need: the locked Python environment and a static busybox
-# (the default sandbox image is built from it; no registry is needed).
+# Install what the commands need: the locked Python environment, a static busybox (the
+# default sandbox image is built from it; no registry is needed), and chromium with its driver
+# (the dashboard's browser test).
 bootstrap:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -32,6 +33,15 @@ bootstrap:
             apt-get install -y -qq busybox-static >/dev/null || (apt-get update -qq && apt-get install -y -qq busybox-static >/dev/null)
         else
             echo "warning: no static busybox; install busybox-static to build the sandbox image" >&2
+        fi
+    fi
+    # The dashboard's browser test (tests/integration/test_dashboard.py) drives Debian's chromium.
+    if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "installing chromium and chromium-driver for the dashboard's browser test"
+            apt-get install -y -qq chromium chromium-driver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
+        else
+            echo "warning: no chromium/chromedriver; install chromium and chromium-driver for the browser test" >&2
         fi
     fi
 

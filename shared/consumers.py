@@ -3,21 +3,79 @@
 nats-py's `pull_subscribe` keeps an existing consumer's configuration as it finds it; here
 the durable is created or updated first (a new bound on deliveries reaches consumers that
 older versions created), then bound to.
+
+`pull_batch` reads a durable in whole batches. nats-py's `fetch` awaits every message of a
+batch on its own, so on a busy event loop a batch of 256 costs 256 turns of every other
+task; here a subscription callback gathers the batch and the caller waits once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig
+from nats.js.api import ConsumerConfig, Header
 
 from shared.event_store import with_nats_retry
 
+_HEARTBEAT = "100"
+# The client waits this much longer than a pull's own expiry, so that the server, not the
+# client, ends the pull (a pull the client gave up on would take the next messages).
+_PULL_GRACE_SECONDS = 1.0
+_NO_WAIT_TIMEOUT_SECONDS = 5.0
 
-async def bind_durable(js: JetStreamContext, stream: str, config: ConsumerConfig) -> JetStreamContext.PullSubscription:
+
+async def declare_durable(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
     durable = config.durable_name or ""
 
     async def declare() -> None:
         await js.add_consumer(stream, config=config)
 
     await with_nats_retry(declare, what=f"declare consumer {durable} on {stream}")
-    return await js.pull_subscribe_bind(durable=durable, stream=stream)
+
+
+async def bind_durable(js: JetStreamContext, stream: str, config: ConsumerConfig) -> JetStreamContext.PullSubscription:
+    await declare_durable(js, stream, config)
+    return await js.pull_subscribe_bind(durable=config.durable_name or "", stream=stream)
+
+
+async def pull_batch(nc: Client, stream: str, durable: str, batch: int, expires: float) -> list[Msg]:
+    """Up to `batch` messages of the durable: what is there now, or else the first that
+    comes within `expires` seconds (then the next call takes the rest); [] when none came."""
+    subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+    now: dict[str, object] = {"batch": batch, "no_wait": True}
+    msgs = await _pull(nc, subject, now, batch, _NO_WAIT_TIMEOUT_SECONDS)
+    if msgs:
+        return msgs
+    first: dict[str, object] = {"batch": 1, "expires": int(expires * 1_000_000_000)}
+    return await _pull(nc, subject, first, 1, expires + _PULL_GRACE_SECONDS)
+
+
+async def _pull(nc: Client, subject: str, request: dict[str, object], batch: int, timeout: float) -> list[Msg]:
+    """One pull request on an inbox of its own: its messages, until `batch` came or the
+    server ended the request with a status (no messages, expired, ...)."""
+    found: list[Msg] = []
+    ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def on_msg(msg: Msg) -> None:
+        status = (msg.headers or {}).get(Header.STATUS.value) if not msg.data else None
+        if status is None:
+            found.append(msg)
+            if len(found) >= batch and not ended.done():
+                ended.set_result(None)
+        elif status != _HEARTBEAT and not ended.done():
+            ended.set_result(None)
+
+    sub = await nc.subscribe(nc.new_inbox(), cb=on_msg)
+    try:
+        await nc.publish(subject, json.dumps(request).encode(), reply=sub.subject)
+        # On a timeout what came is returned; the rest is redelivered after the ack_wait.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ended, timeout)
+        return found
+    finally:
+        await sub.unsubscribe()

@@ -59,6 +59,8 @@ _FALLBACKS_KEPT = 1024
 HISTORY_BATCH = 1000
 _END_OF_BATCH = ("204", "404")  # EOB; nothing matched
 _HISTORY_CATCH_UP_TRIES = 7  # 10 ms doubling: about 1.3 s in all
+# Subjects per `multi_last` direct get: the server answers at most 1024 messages to one.
+MULTI_LAST_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,22 +112,36 @@ def connection_of(js: JetStreamContext) -> Client:
 async def direct_batch(nc: Client, stream: str, request: dict[str, object], timeout: float) -> list[Msg]:
     """The messages a batched direct get answers (nats-server 2.11+: `batch` with `seq` and
     `next_by_subj`, or `multi_last`). Any replica answers and no consumer is made, so a
-    clustered server that is down costs nothing. NatsTimeoutError when it is not answered,
-    NatsUnavailable on an error status."""
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
+    clustered server that is down costs nothing. NatsTimeoutError when the whole answer did
+    not come within `timeout`, NatsUnavailable on an error status.
+
+    The answer is gathered by the subscription's callback and awaited once: a read of a
+    thousand messages costs one wait on the event loop, not one per message (which, on a
+    busy loop, is one turn of every other task each)."""
     found: list[Msg] = []
-    try:
-        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
-        while True:
-            msg = await sub.next_msg(timeout=timeout)
-            headers = msg.headers or {}
-            status = headers.get(Header.STATUS.value)
-            if status in _END_OF_BATCH:
-                return found
-            if status is not None:
-                raise NatsUnavailable(f"direct get on {stream} answered {status} {headers.get('Description', '')}")
+    answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def on_msg(msg: Msg) -> None:
+        if answered.done():
+            return
+        headers = msg.headers or {}
+        status = headers.get(Header.STATUS.value)
+        if status in _END_OF_BATCH:
+            answered.set_result(None)
+        elif status is not None:
+            description = headers.get("Description", "")
+            answered.set_exception(NatsUnavailable(f"direct get on {stream} answered {status} {description}"))
+        else:
             found.append(msg)
+
+    sub = await nc.subscribe(nc.new_inbox(), cb=on_msg)
+    try:
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=sub.subject)
+        try:
+            await asyncio.wait_for(answered, timeout)
+        except TimeoutError as exc:
+            raise NatsTimeoutError from exc
+        return found
     finally:
         await sub.unsubscribe()
 
@@ -133,6 +149,85 @@ async def direct_batch(nc: Client, stream: str, request: dict[str, object], time
 def stream_seq(msg: Msg) -> int:
     """A direct get's message's stream sequence."""
     return int((msg.headers or {}).get("Nats-Sequence", "0"))
+
+
+async def last_of_subjects(
+    nc: Client, stream: str, subjects: list[str], timeout: float, *, retry: bool = True
+) -> dict[str, Msg]:
+    """The last message of each subject that has one, by subject: `multi_last` direct gets
+    of up to MULTI_LAST_MAX subjects each, one round trip per chunk. Retried like any read
+    across a leader election (unless `retry` is False: the caller retries); NatsUnavailable
+    after that."""
+    found: dict[str, Msg] = {}
+    for start in range(0, len(subjects), MULTI_LAST_MAX):
+        chunk = subjects[start : start + MULTI_LAST_MAX]
+        request: dict[str, object] = {"multi_last": chunk, "batch": len(chunk)}
+        read = functools.partial(direct_batch, nc, stream, request, timeout)
+        msgs = await (with_nats_retry(read, what=f"last of {len(chunk)} subjects") if retry else read())
+        for msg in msgs:
+            subject = (msg.headers or {}).get("Nats-Subject")
+            if subject is not None:
+                found[subject] = msg
+    return found
+
+
+class LastMessages:
+    """Direct gets of subjects' last messages in one stream, coalesced: the reads asked for
+    in the same turn of the event loop go out together, as one `multi_last` batched direct
+    get (one plain direct get when there is only one). Under load — hundreds of commands in
+    flight, each reading its chat — that is one round trip for all of them instead of one
+    each; alone, a read waits one turn of the loop. Any replica answers, as with any direct
+    get; NatsTimeoutError or NatsUnavailable reach every read of a failed batch."""
+
+    def __init__(self, js: JetStreamContext, stream: str, timeout: float = 5.0) -> None:
+        self._js = js
+        self._stream = stream
+        self._timeout = timeout
+        self._waiting: dict[str, list[asyncio.Future[Msg | None]]] = {}
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    async def last(self, subject: str) -> Msg | None:
+        """The subject's last message (its headers carry `Nats-Sequence`), None when it has none."""
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
+            loop.call_soon(self._flush)
+        answer: asyncio.Future[Msg | None] = loop.create_future()
+        self._waiting.setdefault(subject, []).append(answer)
+        return await answer
+
+    def _flush(self) -> None:
+        batch, self._waiting = self._waiting, {}
+        task = asyncio.get_running_loop().create_task(self._answer(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _answer(self, batch: dict[str, list[asyncio.Future[Msg | None]]]) -> None:
+        try:
+            lasts = await self._read(list(batch))
+        except Exception as exc:  # noqa: BLE001 - every read of the batch gets the error
+            for answers in batch.values():
+                for answer in answers:
+                    if not answer.done():
+                        answer.set_exception(exc)
+            return
+        for subject, answers in batch.items():
+            for answer in answers:
+                if not answer.done():
+                    answer.set_result(lasts.get(subject))
+
+    async def _read(self, subjects: list[str]) -> dict[str, Msg]:
+        nc = connection_of(self._js)
+        if len(subjects) > 1:
+            return await last_of_subjects(nc, self._stream, subjects, self._timeout, retry=False)
+        request = json.dumps({"last_by_subj": subjects[0]}).encode()
+        msg = await nc.request(f"$JS.API.DIRECT.GET.{self._stream}", request, timeout=self._timeout)
+        headers = msg.headers or {}
+        status = headers.get(Header.STATUS.value)
+        if status == "404":
+            return {}
+        if status is not None:
+            raise NatsUnavailable(f"direct get on {self._stream} answered {status} {headers.get('Description', '')}")
+        return {subjects[0]: msg}
 
 
 class EventLog(Protocol):
@@ -174,6 +269,7 @@ class EventStore:
         self._js = js
         self._timeout = timeout  # of one batch of a history read
         self._stream = stream
+        self._lasts = LastMessages(js, stream, timeout)
         self._quarantine = quarantine or Quarantine()
         # chat -> (sequence of its poisoned last message, the last valid event before it)
         self._fallbacks: OrderedDict[str, tuple[int, AnyEvent | None]] = OrderedDict()
@@ -184,8 +280,11 @@ class EventStore:
         lags a little)."""
 
         async def get() -> tuple[int, bytes] | None:
+            if not leader:
+                msg = await self._lasts.last(subject)
+                return None if msg is None else (stream_seq(msg), msg.data or b"")
             try:
-                raw = await self._js.get_last_msg(self._stream, subject, direct=not leader)
+                raw = await self._js.get_last_msg(self._stream, subject, direct=False)
             except NotFoundError:
                 return None
             return raw.seq or 0, raw.data or b""
@@ -203,6 +302,25 @@ class EventStore:
             return ChatState(seq, checked)
         self._quarantine.report(PoisonSource.EVENT, subject, seq, checked)
         return ChatState(seq, await self._last_valid(chat_id, seq), poisoned=True)
+
+    async def read_many(self, chat_ids: list[str]) -> dict[str, ChatState]:
+        """`read` for many chats at once: one batched direct get per MULTI_LAST_MAX chats
+        (any replica answers, as for `read`). A chat whose last message is poison is read on
+        its own (its last valid event is looked for in its history)."""
+        subjects = {event_subject(chat): chat for chat in chat_ids}
+        lasts = await last_of_subjects(connection_of(self._js), self._stream, list(subjects), self._timeout)
+        states: dict[str, ChatState] = {}
+        for subject, chat in subjects.items():
+            msg = lasts.get(subject)
+            if msg is None:
+                states[chat] = ChatState(0, None)
+                continue
+            checked = check_event(chat, msg.data)
+            if isinstance(checked, str):
+                states[chat] = await self.read(chat)  # poison: quarantined there, its fallback found
+            else:
+                states[chat] = ChatState(stream_seq(msg), checked)
+        return states
 
     async def _last_valid(self, chat_id: str, poisoned_seq: int) -> AnyEvent | None:
         cached = self._fallbacks.get(chat_id)

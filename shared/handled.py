@@ -19,11 +19,10 @@ from __future__ import annotations
 from typing import Protocol
 
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from shared.contracts import HandledCommand, decode_handled, encode
-from shared.event_store import with_nats_retry
+from shared.event_store import LastMessages, stream_seq, with_nats_retry
 from shared.poison import DECODE_ERRORS, PoisonSource, Quarantine
 from shared.subjects import HANDLED_BUCKET
 
@@ -46,6 +45,7 @@ class HandledCommands:
         self._kv = kv
         self._stream = f"KV_{HANDLED_BUCKET}"
         self._prefix = f"$KV.{HANDLED_BUCKET}."
+        self._lasts = LastMessages(js, self._stream)  # the lookups of commands in flight go out together
         self._quarantine = quarantine or Quarantine()
 
     async def lookup(self, chat_id: str, command_id: str) -> HandledCommand | None:
@@ -54,19 +54,16 @@ class HandledCommands:
         key = handled_key(chat_id, command_id)
 
         async def read() -> HandledCommand | None:
-            try:
-                raw = await self._js.get_last_msg(self._stream, self._prefix + key, direct=True)
-            except NotFoundError:
-                return None
-            if not raw.data:
+            raw = await self._lasts.last(self._prefix + key)
+            if raw is None or not raw.data:
                 return None
             try:
                 handled = decode_handled(raw.data)
             except DECODE_ERRORS as exc:
-                self._quarantine.report(PoisonSource.HANDLED, key, raw.seq or 0, f"does not decode: {exc}")
+                self._quarantine.report(PoisonSource.HANDLED, key, stream_seq(raw), f"does not decode: {exc}")
                 return None
             if handled_key(handled.chat_id, handled.command_id) != key:
-                self._quarantine.report(PoisonSource.HANDLED, key, raw.seq or 0, "it names another command")
+                self._quarantine.report(PoisonSource.HANDLED, key, stream_seq(raw), "it names another command")
                 return None
             return handled
 

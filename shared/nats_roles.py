@@ -287,11 +287,12 @@ ROLES: dict[Role, RoleSpec] = {
                 *_ordered_reads(EVENTS_STREAM, direct=True),
                 *_ordered_reads(SESSIONS_STREAM, direct=True),
                 *_ordered_reads(STATUS_STREAM, direct=False),
+                *direct_get(INSTANCES_STREAM),  # the nodes' beats: the dashboard's capacity
             ),
             subscribe=(f"{inbox_prefix(Role.API)}.>",),
         ),
-        "publish commands; read events, the registry and status (stream and consumer info, status bucket); "
-        "read and write `sandbox_idempotency`",
+        "publish commands; read events, the registry and status (stream and consumer info, status bucket) "
+        "and the nodes' beats; read and write `sandbox_idempotency`",
     ),
     Role.RUNTIME: RoleSpec(
         Role.RUNTIME,

@@ -51,6 +51,8 @@ def main() -> int:
         log_config=None,  # the root logger's JSON handler, set up above
         log_level=settings.telemetry.log_level.lower(),
         access_log=True,
+        # Open streams (the dashboard's live feed) must not hold a stop for long.
+        timeout_graceful_shutdown=5,
     )
     return 0
 

@@ -57,6 +57,7 @@ from services.api.session_index import (
     parse_label_filter,
 )
 from services.api.status import StatusEnvelope, build_status
+from services.api.ui import ui_router
 from services.api.views import (
     RETRY_AFTER_SECONDS,
     Accepted,
@@ -757,7 +758,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Tel
     )
     api = Router(path=API_PREFIX, route_handlers=[health, ready, protected])
     return Litestar(
-        route_handlers=[api, metrics],
+        route_handlers=[api, metrics, ui_router(settings.api)],
         dependencies=_dependencies(clock),
         middleware=[
             host_check_middleware,

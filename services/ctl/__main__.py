@@ -248,6 +248,92 @@ def cmd_status(_: argparse.Namespace) -> int:
     return 0
 
 
+def _ops(name: str) -> Callable[[argparse.Namespace], int]:
+    """A daily command of services/ctl/ops.py, run on an admin connection; Ctrl-C ends it
+    quietly (`top` and `events --follow` run until interrupted)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from services.ctl import ops  # noqa: PLC0415
+
+        settings = _settings()
+        work = getattr(ops, name.replace("-", "_"))
+
+        async def call(nc: Client) -> int:
+            code: int = await work(nc, settings, args)
+            return code
+
+        try:
+            return _with_admin(settings, f"sandboxctl-{name}", call)
+        except KeyboardInterrupt:
+            return 0
+
+    return run
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from services.ctl.doctor import run_doctor  # noqa: PLC0415
+
+    settings = _settings()
+    return run_doctor(settings, admin_nats(settings), strict=args.strict)
+
+
+def _daily_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from services.ctl.ops import chat_arg, label_arg, since_arg  # noqa: PLC0415
+
+    ls = sub.add_parser("ls", help="live sessions: chat, status, node, age, expires in, labels")
+    ls.add_argument("--status", help="only this status (running, provisioning, stopping, ...)")
+    ls.add_argument(
+        "--label", action="append", default=[], type=label_arg, help="key:value; may repeat, all must match"
+    )
+    ls.add_argument("--node", help="only sessions on this node")
+    ls.add_argument(
+        "--limit", type=int, default=50, help="at most this many (the soonest to expire; default 50, 0: all)"
+    )
+    ls.add_argument("--json", action="store_true", help="one JSON session record per line, streamed")
+    ls.set_defaults(fn=_ops("ls"))
+    show = sub.add_parser("show", help="a chat's live session and its recent events")
+    show.add_argument("chat", type=chat_arg)
+    show.add_argument("--events", type=int, default=20, help="how many recent events (default 20)")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(fn=_ops("show"))
+    events = sub.add_parser("events", help="lifecycle events from the stream, of one chat or all; --follow for live")
+    events.add_argument("chat", nargs="?", type=chat_arg)
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events until interrupted")
+    events.add_argument("--since", type=since_arg, help="from this long ago (90s, 15m, 2h, 1d) or this ISO time")
+    events.add_argument(
+        "--last",
+        type=int,
+        default=20,
+        help="without --since: start with the last N (default 20; 0 with --follow: only new)",
+    )
+    events.add_argument("--json", action="store_true", help="one JSON object {seq, event} per line")
+    events.set_defaults(fn=_ops("events"))
+    for kind, what in (("stop", "stop a chat's sandbox"), ("keepalive", "extend a chat's sandbox")):
+        cmd = sub.add_parser(kind, help=f"{what} (a {kind} command over NATS; waits for its outcome)")
+        cmd.add_argument("chat", type=chat_arg)
+        cmd.add_argument("--session", type=chat_arg, help="act only if this is still the chat's session")
+        cmd.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the outcome (default 30)")
+        cmd.add_argument("--json", action="store_true", help="print the outcome event as JSON")
+        if kind == "stop":
+            cmd.add_argument("--reason", default="operator", help="the stop's reason (default operator)")
+        else:
+            cmd.add_argument("--ttl", type=int, help="seconds from now (default: the configured ttl)")
+        cmd.set_defaults(fn=_ops(kind))
+    top = sub.add_parser("top", help="a refreshing summary: sessions per node, rates, conflicts, lag, next expiries")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    top.add_argument("--iterations", type=int, default=0, help="stop after N screens (default 0: until Ctrl-C)")
+    top.add_argument(
+        "--metrics",
+        action="append",
+        default=[],
+        help="a runtime's Prometheus URL for the conflict count; may repeat (default: this host's runtime)",
+    )
+    top.set_defaults(fn=_ops("top"))
+    doctor = sub.add_parser("doctor", help="check NATS, streams, permissions, Docker, image, mounts, clocks, nodes")
+    doctor.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    doctor.set_defaults(fn=cmd_doctor)
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging("WARNING")
     parser = argparse.ArgumentParser(prog="sandboxctl", description=__doc__)
@@ -271,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "status", help="registry size, the nodes (state, beat, sessions) and the status blocks"
     ).set_defaults(fn=cmd_status)
+    _daily_commands(sub)
     args = parser.parse_args(argv)
     result: int = args.fn(args)
     return result

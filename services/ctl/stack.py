@@ -274,6 +274,8 @@ Agents talk to NATS at {nats} with the agent seed {agent_seed} (0600; the README
     return f"""
 sandboxd is up: {base}/api/v1   (OpenAPI: {base}/api/v1/schema)
 API token ({origin}): {token}
+Dashboard: {base}/ui#token={token}   (the token stays in the fragment: never sent, never logged)
+Operators: uv run sandboxctl ls | top | events --follow | doctor
 
   curl -s -X POST {base}/api/v1/sandboxes -H '{header}: {token}' \\
        -H 'content-type: application/json' -d '{{"chat_id": "{chat}"}}'

@@ -4,7 +4,10 @@ For every chat that appears in a fetched batch it reads the chat's *current* las
 from the stream (not the delivered one) and compare-and-sets the KV key to match. So it is
 idempotent, any number of projectors may run at once (each runtime hosts one on a shared
 durable consumer), redeliveries are harmless, and the registry never goes backwards: a
-write based on an older read loses its CAS and is redone from a newer one.
+write based on an older read loses its CAS and is redone from a newer one. A batch is read
+in two round trips whatever its size: the keys of all its chats (one batched direct get),
+then their last events (another); the key is always read before the event, as one chat's
+projection does. The writes go out together; a chat whose CAS is lost is read again alone.
 
 A key holding poison, or a record that is not exactly what the chat's last event says (a
 forged `version` included), is overwritten or deleted. Events on subjects that name no chat
@@ -19,16 +22,15 @@ import logging
 
 import msgspec
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyWrongLastSequenceError
 from opentelemetry.trace import SpanKind
 
-from shared.consumers import bind_durable
-from shared.event_store import EventStore
+from shared.consumers import declare_durable, pull_batch
+from shared.event_store import ChatState, EventStore, connection_of
 from shared.poison import PoisonSource, Quarantine
-from shared.registry import Registry
+from shared.registry import Registry, RegistryEntry
 from shared.subjects import (
     EVENT_SUBJECTS,
     EVENTS_STREAM,
@@ -86,11 +88,16 @@ class Projector:
     def store(self) -> EventStore:
         return self._store
 
-    async def project_chat(self, chat_id: str) -> str:
-        """Make the chat's KV entry match its last event; what was done, for logs and tests."""
-        for _ in range(_CAS_ATTEMPTS):
-            entry = await self._registry.entry(chat_id)
-            state = await self._store.read(chat_id)
+    async def project_chat(self, chat_id: str, read: tuple[RegistryEntry, ChatState] | None = None) -> str:
+        """Make the chat's KV entry match its last event; what was done, for logs and tests.
+        `read`: the key and then the last event, already read (by a batch); later attempts
+        read them again."""
+        for attempt in range(_CAS_ATTEMPTS):
+            if attempt == 0 and read is not None:
+                entry, state = read
+            else:
+                entry = await self._registry.entry(chat_id)
+                state = await self._store.read(chat_id)
             if entry.record is not None and entry.record.version > state.seq:
                 # The key claims a newer event than this read saw: a replica answering the
                 # direct get may lag. The leader knows; if it agrees, the key is bogus.
@@ -112,30 +119,29 @@ class Projector:
         log.warning("projection of chat %s kept losing its CAS; it will be retried", chat_id)
         return "contended"
 
-    async def _traced_project(self, chat_id: str, headers: dict[str, str] | None) -> str:
+    async def _traced_project(
+        self, chat_id: str, headers: dict[str, str] | None, read: tuple[RegistryEntry, ChatState] | None
+    ) -> str:
         with self._telemetry.tracer.span(
             "projector.project_chat", {"chat.id": chat_id}, kind=SpanKind.CONSUMER, parent=extract(headers)
         ) as span:
-            result = await self.project_chat(chat_id)
+            result = await self.project_chat(chat_id, read)
             span.set_attribute("sandbox.result", result)
             self._telemetry.metrics.increment("sandbox.projector.projection.total", {"result": result})
             return result
 
     async def run(self, stopping: asyncio.Event, batch: int = 256) -> None:
-        sub = await bind_durable(self._js, EVENTS_STREAM, projector_consumer_config(self._durable, batch))
-        try:
-            while not stopping.is_set():
-                try:
-                    msgs = await sub.fetch(batch=batch, timeout=0.5)
-                except (NatsTimeoutError, TimeoutError):  # nats-py raises either when nothing came
-                    continue
-                except Exception:
-                    log.exception("fetch from %s failed; retrying", EVENTS_STREAM)
-                    await asyncio.sleep(0.5)
-                    continue
+        await declare_durable(self._js, EVENTS_STREAM, projector_consumer_config(self._durable, batch))
+        nc = connection_of(self._js)
+        while not stopping.is_set():
+            try:
+                msgs = await pull_batch(nc, EVENTS_STREAM, self._durable, batch, expires=0.5)
+            except Exception:
+                log.exception("fetch from %s failed; retrying", EVENTS_STREAM)
+                await asyncio.sleep(0.5)
+                continue
+            if msgs:
                 await self._project_batch(msgs)
-        finally:
-            await sub.unsubscribe()
 
     async def _project_batch(self, msgs: list[Msg]) -> None:
         """Project every chat of the batch once (from its current last event), then settle
@@ -149,8 +155,9 @@ class Projector:
                 seq = m.metadata.sequence.stream
                 self._quarantine.report(PoisonSource.EVENT, m.subject, seq, "its subject names no chat")
         chats = list(last_of)
+        reads = await self._read_batch(chats)
         results = await asyncio.gather(
-            *(self._traced_project(c, last_of[c].headers) for c in chats), return_exceptions=True
+            *(self._traced_project(c, last_of[c].headers, reads.get(c)) for c in chats), return_exceptions=True
         )
         failed: set[str] = set()
         for chat, result in zip(chats, results, strict=True):
@@ -163,6 +170,19 @@ class Projector:
                 await _settle(m, failed)
             except Exception as exc:  # noqa: BLE001 - an unsettled message is redelivered; the loop goes on
                 log.warning("could not settle %s: %s", m.subject, exc)
+
+    async def _read_batch(self, chats: list[str]) -> dict[str, tuple[RegistryEntry, ChatState]]:
+        """The keys, then the last events, of the batch's chats; nothing when either batched
+        read fails (each chat is then read on its own)."""
+        if not chats:
+            return {}
+        try:
+            entries = await self._registry.entries(chats)
+            states = await self._store.read_many(chats)
+        except Exception as exc:  # noqa: BLE001 - the chats are read one by one instead
+            log.warning("batched read of %d chats failed (%s); reading them one by one", len(chats), exc)
+            return {}
+        return {chat: (entries[chat], states[chat]) for chat in chats}
 
 
 async def _settle(m: Msg, failed: set[str]) -> None:

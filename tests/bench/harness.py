@@ -11,7 +11,8 @@ judges behaviour.
 
 Sizes can be lowered for a quick look: BENCH_COLD=30 BENCH_REPLAY_CHATS=100000
 BENCH_REPLAY_EVENTS_PER_CHAT=10 BENCH_EXPIRY=200 BENCH_MEMORY_SESSIONS=10000 BENCH_CP=2000
-BENCH_FAILOVER_ROUNDS=5.
+BENCH_LAG_SESSIONS=10000 BENCH_FAILOVER_ROUNDS=5. The control-plane section (throughput and
+projector lag, tests/bench/control_plane.py) also runs alone without Docker.
 """
 
 from __future__ import annotations
@@ -576,31 +577,9 @@ async def main() -> None:
                 stop(proc)
             for container in client.containers.list(all=True, filters={"label": "sandboxd.node_id=bench-docker"}):
                 container.remove(force=True)
-        count = _int("BENCH_CP", 2000)
-        one = await control_plane(report, server.url, root, 1, count)
-        two = await control_plane(report, server.url, root, 2, count)
-        raw_async, raw_sequential = await raw_publish(server.url, 20000)
-        report.figures["control_plane"] = {
-            "commands": 2 * count,
-            "one_runtime_per_s": one,
-            "two_runtimes_per_s": two,
-            "raw_publish_async_per_s": raw_async,
-            "raw_publish_sequential_per_s": raw_sequential,
-        }
-        report.row(
-            "control plane creates+stops/s, 1 runtime (no Docker)",
-            f"{one:,.0f}",
-            f"{raw_async:,.0f}",
-            f"{one / raw_async:.3f}",
-            ">= 1,000",
-        )
-        report.row(
-            "control plane creates+stops/s, 2 runtimes (no Docker)",
-            f"{two:,.0f}",
-            f"{raw_async:,.0f}",
-            f"{two / raw_async:.3f}",
-        )
-        report.row("  floor: JetStream publish+ack, sequential", "", f"{raw_sequential:,.0f}/s")
+        from tests.bench.control_plane import control_plane_section  # noqa: PLC0415 - it imports this module
+
+        await control_plane_section(report, server.url, root)
         from tests.bench.cluster import cluster_section  # noqa: PLC0415 - it imports this module
 
         await cluster_section(report, root / "cluster")

@@ -189,3 +189,35 @@ async def test_a_history_is_never_older_than_the_sequence_it_is_read_beside(nats
     with pytest.raises(NatsUnavailable, match=f"sequence {seq + 1}"):
         await store.history(mine, through=seq + 1)
     await nc.close()
+
+
+async def test_reads_made_together_are_each_chats_own(log: Log) -> None:
+    """Reads made at once (the real store sends them as one batched direct get) answer
+    each chat's own last event and sequence, a chat with no events included."""
+    chats = [chat() for _ in range(40)]
+    seqs: dict[str, int] = {}
+    for i, c in enumerate(chats[:-1]):
+        appended = await log.store.append(running(c), expected_seq=None, msg_id=str(uuid.uuid4()))
+        seqs[c] = appended.seq
+        if i % 2 == 0:  # a second event: the last one must be read, not the first
+            appended = await log.store.append(running(c), expected_seq=appended.seq, msg_id=str(uuid.uuid4()))
+            seqs[c] = appended.seq
+    together = await asyncio.gather(*(log.store.read(c) for c in chats + chats[:5]))
+    alone = [await log.store.read(c) for c in chats + chats[:5]]
+    assert together == alone
+    assert [s.seq for s in together[: len(chats)]] == [seqs.get(c, 0) for c in chats]
+    assert all(s.last is not None and s.last.chat_id == c for s, c in zip(together, chats[:-1], strict=False))
+
+
+async def test_a_failed_batch_of_reads_fails_every_read_in_it(nats: NatsServer) -> None:
+    nc = await nats_client.connect(nats.url)
+    try:
+        lasts = event_store.LastMessages(nc.jetstream(), "NO_SUCH_STREAM", timeout=0.5)
+        results = await asyncio.gather(
+            *(lasts.last(f"sandbox.events.{chat()}") for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(r, Exception) for r in results), results
+        alone = await asyncio.gather(lasts.last(f"sandbox.events.{chat()}"), return_exceptions=True)
+        assert isinstance(alone[0], Exception)
+    finally:
+        await nc.close()

@@ -13,11 +13,13 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from services.runtime.projector import Projector
+from services.runtime.projector import Projector, projector_consumer_config
 from shared.config import StreamSettings
+from shared.consumers import declare_durable, pull_batch
 from shared.contracts import AnyEvent, SandboxRunning, SandboxStopped, SessionRecord, SessionStatus
-from shared.event_store import EventStore
+from shared.event_store import EventStore, connection_of
 from shared.registry import Registry
+from shared.subjects import EVENTS_STREAM, chat_of
 from shared.topology import ensure_topology
 from tests.support.eventually import eventually
 from tests.support.nats_server import NatsServer
@@ -135,3 +137,96 @@ async def test_the_projector_loop_keeps_the_bucket_in_step(
     stopping.set()
     await task
     assert {r.chat_id for r in await registry.list()} == set(chats[10:])
+
+
+async def test_a_batch_reads_what_one_by_one_reads(
+    parts: tuple[JetStreamContext, EventStore, Registry, Projector],
+) -> None:
+    """The batched reads (keys, then last events, in one round trip each) equal the
+    per-chat reads: absent chats, delete markers, poison in the bucket and as a chat's last
+    event, and more chats than one batched direct get may answer (1024)."""
+    js, store, registry, projector = parts
+    chats = [str(uuid.uuid4()) for _ in range(1030)]
+    live, gone, poisoned_key, poisoned_event, never = chats[0], chats[1], chats[2], chats[3], chats[4]
+    for chat in chats[:4] + chats[5:]:
+        await append(store, event(SandboxRunning, session_record(chat_id=chat)))
+    for chat in chats[:4]:
+        assert await projector.project_chat(chat) == "written"
+    await append(store, event(SandboxStopped, stopped(session_record(chat_id=gone))))
+    assert await projector.project_chat(gone) == "deleted"  # its key is a delete marker now
+    entry = await registry.entry(poisoned_key)
+    await js.publish(f"$KV.sandbox_sessions.{poisoned_key}", b"{not json")
+    await js.publish(f"sandbox.events.{poisoned_event}", b"{not json either")
+
+    entries = await registry.entries(chats)
+    states = await store.read_many(chats)
+
+    for chat in (live, gone, poisoned_key, poisoned_event, never, chats[-1]):
+        assert entries[chat] == await registry.entry(chat), chat
+        assert states[chat] == await store.read(chat), chat
+    assert entries[poisoned_key].corrupt
+    assert entries[poisoned_key].revision > entry.revision
+    assert entries[gone].record is None
+    assert entries[gone].revision > 0
+    assert (entries[never], states[never].seq) == (await registry.entry(never), 0)
+    assert states[poisoned_event].poisoned
+    assert states[poisoned_event].last is not None
+    assert len(entries) == len(states) == len(chats)
+
+
+async def test_the_loop_repairs_keys_and_follows_poison_in_batches(
+    parts: tuple[JetStreamContext, EventStore, Registry, Projector],
+) -> None:
+    """Through the loop (batched reads): a forged key is overwritten, a chat whose last
+    event is poison keeps its last valid session, a stopped chat's key goes."""
+    js, store, registry, projector = parts
+    chats = [str(uuid.uuid4()) for _ in range(40)]
+    forged, poisoned, gone = chats[0], chats[1], chats[2]
+    sessions = {chat: session_record(chat_id=chat) for chat in chats}
+    await registry.put(msgspec.structs.replace(sessions[forged], version=10**9), last_revision=0)
+    for chat in chats:
+        await append(store, event(SandboxRunning, sessions[chat]))
+    await append(store, event(SandboxStopped, stopped(sessions[gone])))
+    await js.publish(f"sandbox.events.{poisoned}", b"{not json")
+    stopping = asyncio.Event()
+    task = asyncio.create_task(projector.run(stopping))
+
+    async def held() -> dict[str, SessionRecord]:
+        return {r.chat_id: r for r in await registry.list()}
+
+    expected = {
+        chat: msgspec.structs.replace(sessions[chat], version=(await store.read(chat)).seq)
+        for chat in chats
+        if chat != gone
+    }
+    expected[poisoned] = msgspec.structs.replace(sessions[poisoned], version=(await store.read(poisoned)).seq)
+    await eventually(held, lambda got: got == expected, what="every live chat as its last valid event")
+    stopping.set()
+    await task
+
+
+async def test_pull_batch_takes_what_is_there_then_waits_for_the_first(
+    parts: tuple[JetStreamContext, EventStore, Registry, Projector],
+) -> None:
+    js, store, _, _ = parts
+    config = projector_consumer_config("pull-batch-test", 8)
+    await declare_durable(js, EVENTS_STREAM, config)
+    nc = connection_of(js)
+    chats = [str(uuid.uuid4()) for _ in range(5)]
+    for chat in chats:
+        await append(store, event(SandboxRunning, session_record(chat_id=chat)))
+    first = await pull_batch(nc, EVENTS_STREAM, "pull-batch-test", 3, expires=5.0)
+    rest = await pull_batch(nc, EVENTS_STREAM, "pull-batch-test", 8, expires=5.0)  # 2 there: not 8, no wait
+    assert [chat_of(m.subject) for m in first + rest] == chats
+    for m in first + rest:
+        await m.ack()
+    assert await pull_batch(nc, EVENTS_STREAM, "pull-batch-test", 8, expires=0.2) == []
+
+    async def later() -> None:
+        await asyncio.sleep(0.3)
+        await append(store, event(SandboxRunning, session_record(chat_id=str(uuid.uuid4()))))
+
+    appending = asyncio.create_task(later())
+    waited = await pull_batch(nc, EVENTS_STREAM, "pull-batch-test", 8, expires=30.0)
+    await appending
+    assert len(waited) == 1
