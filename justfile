@@ -19,8 +19,9 @@ unit:
     uv sync --frozen --quiet
     uv run pytest -m "not integration"
 
-# Install what the commands need: the locked Python environment and a static busybox
-# (the default sandbox image is built from it; no registry is needed).
+# Install what the commands need: the locked Python environment, a static busybox (the
+# default sandbox image is built from it; no registry is needed) and gVisor's runsc,
+# registered with the Docker engine (reloaded, never restarted; NO_GVISOR=1 skips it).
 bootstrap:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -34,6 +35,7 @@ bootstrap:
             echo "warning: no static busybox; install busybox-static to build the sandbox image" >&2
         fi
     fi
+    infra/gvisor/register-runsc
 
 # Regenerate schemas/ after changing shared/contracts.py.
 schemas:

@@ -198,6 +198,9 @@ class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: AwareDatetime
     labels: Labels = msgspec.field(default_factory=dict)
     version: int = 0
+    # The OCI runtime the container runs under (`runsc`: gVisor, `runc`); null before it
+    # runs, under the engine's default, or in records written before it was recorded.
+    oci_runtime: Annotated[str, msgspec.Meta(max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")] | None = None
 
     @property
     def is_live(self) -> bool:

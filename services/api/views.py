@@ -54,6 +54,7 @@ class SessionView(msgspec.Struct):
     result: CreateResult | None = None
     updated_at: datetime | None = None
     labels: dict[str, str] = msgspec.field(default_factory=dict)
+    oci_runtime: str | None = None  # `runsc` (gVisor) or `runc`; null when not known
 
 
 class SeedCreateResponse(msgspec.Struct):
@@ -113,6 +114,7 @@ def session_view(record: SessionRecord, result: CreateResult | None = None) -> S
         result=result,
         updated_at=record.updated_at,
         labels=record.labels,
+        oci_runtime=record.oci_runtime,
     )
 
 
