@@ -71,6 +71,7 @@ async def _stack_creates(
     client: docker.DockerClient, root: Path, runtime: str, pool: int, n: int
 ) -> tuple[list[float], list[float], int]:
     """(HTTP create ms, bare docker-py run ms, creates served warm) under one stack."""
+    root.mkdir(parents=True, exist_ok=True)
     make_sandbox_dirs(root)
     ours: list[float] = []
     bare: list[float] = []
@@ -100,7 +101,7 @@ async def _stack_creates(
                     ms, container = await timed(lambda: asyncio.to_thread(bare_run, client, root, runtime))
                     bare.append(ms)
                     await asyncio.to_thread(container.remove, force=True)
-                    if pool:
+                    if pool and runtime != GVISOR:  # under gVisor the runtime keeps no pool
                         await pool_full(rt, pool)
                     chat = str(uuid.uuid4())
                     ms, answer = await timed(lambda chat=chat: create(http, chat))  # type: ignore[misc]
