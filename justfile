@@ -20,8 +20,9 @@ unit:
     uv run pytest -m "not integration"
 
 # Install what the commands need: the locked Python environment, a static busybox (the
-# default sandbox image is built from it; no registry is needed), and chromium with its driver
-# (the dashboard's browser test).
+# default sandbox image is built from it; no registry is needed), chromium with its driver
+# (the dashboard's browser test) and gVisor's runsc, registered with the Docker engine
+# (reloaded, never restarted; NO_GVISOR=1 skips it).
 bootstrap:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -44,6 +45,7 @@ bootstrap:
             echo "warning: no chromium/chromedriver; install chromium and chromium-driver for the browser test" >&2
         fi
     fi
+    infra/gvisor/register-runsc
 
 # Regenerate schemas/ after changing shared/contracts.py.
 schemas:

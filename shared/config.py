@@ -118,7 +118,11 @@ class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     pids_limit: PositiveInt = 256
     memory_limit: Annotated[str, msgspec.Meta(pattern=r"^[0-9]+[bkmgBKMG]?$")] = "512m"
     cpus: Annotated[float, msgspec.Meta(gt=0)] = 1.0
-    oci_runtime: str | None = None
+    # The OCI runtime sandboxes run under: `auto` is gVisor (`runsc`) when the Docker engine
+    # lists it, else runc; a name the engine does not list stops start-up. The warm pool works
+    # only under runtimes that see host mounts in a running container (runc, crun): under
+    # gVisor it is off (start-up logs why) and every create is cold.
+    oci_runtime: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")] = "auto"
     stop_timeout_seconds: Annotated[int, msgspec.Meta(ge=0)] = 2
     # Warm containers each runtime keeps started ahead of any chat: a create takes one and
     # gets its chat's directory attached (a host bind mount into the slot the container

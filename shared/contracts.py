@@ -262,6 +262,9 @@ class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
     paused_at: AwareDatetime | None = None  # when it was paused (status paused only)
     # The deadline the last `expiring` event warned of (each deadline is warned of once).
     warned_deadline: AwareDatetime | None = None
+    # The OCI runtime the container runs under (`runsc`: gVisor, `runc`); null before it
+    # runs, under the engine's default, or in records written before it was recorded.
+    oci_runtime: Annotated[str, msgspec.Meta(max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")] | None = None
 
     @property
     def is_live(self) -> bool:

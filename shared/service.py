@@ -41,6 +41,9 @@ def run_service(name: str, main: Callable[[Settings, asyncio.Event], Awaitable[N
 
     try:
         asyncio.run(runner())
+    except ConfigError as exc:  # a value only the environment can judge (e.g. an engine's runtimes)
+        log.error("configuration error: %s", exc)  # noqa: TRY400 - the message is the whole story
+        return 2
     except StartupError as exc:
         log.error("cannot start: %s", exc)  # noqa: TRY400 - the message says what to do
         return 1

@@ -107,6 +107,9 @@ def settings_for(url: str, root: Path, node_id: str, **extra: str) -> Settings:
         "SANDBOXD_SANDBOX_SLOTS_ROOT": str(root / "slots"),
         # Cold creates unless a test asks for the warm pool (tests/integration/test_warm_pool.py).
         "SANDBOXD_SANDBOX_WARM_POOL_SIZE": "0",
+        # runc unless a test asks for gVisor or `auto` (tests/integration/test_container_options.py
+        # and test_oci_runtime.py run their checks under both).
+        "SANDBOXD_SANDBOX_OCI_RUNTIME": "runc",
         "SANDBOXD_SANDBOX_STOP_TIMEOUT_SECONDS": "1",
         # Tests drive reconciliation passes themselves (RuntimeHandle.reconciler.run_once).
         "SANDBOXD_RUNTIME_RECONCILE_ENABLED": "false",

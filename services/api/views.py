@@ -70,6 +70,7 @@ class SessionView(msgspec.Struct):
     last_active_at: datetime | None = None
     idle_deadline: datetime | None = None  # when it stops (or pauses) unless used again
     paused_at: datetime | None = None
+    oci_runtime: str | None = None  # `runsc` (gVisor) or `runc`; null when not known
 
 
 class SeedCreateResponse(msgspec.Struct):
@@ -133,6 +134,7 @@ def session_view(record: SessionRecord, result: CreateResult | None = None) -> S
         last_active_at=record.last_active_at,
         idle_deadline=record.idle_deadline if record.status == SessionStatus.RUNNING else None,
         paused_at=record.paused_at,
+        oci_runtime=record.oci_runtime,
     )
 
 

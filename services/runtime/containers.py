@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.runtime.oci import AUTO
 from shared.config import SandboxSettings
 from shared.contracts import SessionRecord
 from shared.subjects import canonical_chat_id
@@ -174,7 +175,8 @@ def _spec(
         pids_limit=settings.pids_limit,
         memory_limit=settings.memory_limit,
         nano_cpus=int(settings.cpus * 1e9),
-        oci_runtime=settings.oci_runtime,
+        # `auto` is resolved at start-up (oci.py); unresolved, the engine's default runtime.
+        oci_runtime=None if settings.oci_runtime == AUTO else settings.oci_runtime,
         stop_timeout_seconds=settings.stop_timeout_seconds,
         identity=identity,
         user=f"{uid}:{gid}",

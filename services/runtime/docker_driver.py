@@ -530,6 +530,11 @@ class DockerDriver:
             raise _unavailable(exc) from exc
         return _DockerEventStream(client, raw, self._chat_of)
 
+    async def info(self) -> dict[str, Any]:
+        """The engine's `docker info` (its runtimes, memory, root dir...)."""
+        info: dict[str, Any] = await self._run(self._info)
+        return info
+
     async def memory_bytes(self) -> int:
         """The engine's total memory (what `docker info` calls MemTotal)."""
         return int((await self._run(self._info)).get("MemTotal", 0))

@@ -625,11 +625,12 @@ class CommandHandlers:
         failpoint("after_start")
         await progress()
         # created_at/expires_at stay as claimed: the container's labels carry the same values.
-        # The image is what the container runs, whatever the claim said.
+        # The image (and the OCI runtime) is what the container runs, whatever the claim said.
         running = msgspec.structs.replace(
             claim,
             container_id=container_id,
             image=spec.image,
+            oci_runtime=spec.oci_runtime,
             status=SessionStatus.RUNNING,
             updated_at=self._d.clock.now(),
         )

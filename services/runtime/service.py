@@ -26,6 +26,7 @@ from services.runtime.docker_driver import ContainerDriver, DockerDriver, prepar
 from services.runtime.handlers import CommandHandlers, HandlerDeps, policy_from
 from services.runtime.nodes import NodeLog, NodeWatch
 from services.runtime.observe import ActiveSandboxes
+from services.runtime.oci import AUTO, RuntimeChoice, choose_runtime
 from services.runtime.pool import WarmPool
 from services.runtime.projector import Projector
 from services.runtime.reconcile import NodeReconciler
@@ -70,6 +71,11 @@ class RuntimeStatus(msgspec.Struct):
     active_sandboxes: int
     last_reconcile: str | None
     warm_ready: int = 0  # warm containers ready to be claimed (sandbox.warm_pool_size)
+    # The OCI runtime this node's sandboxes run under (sandbox.oci_runtime resolved; null:
+    # the engine's default) and why; why the warm pool is off, when it is.
+    oci_runtime: str | None = None
+    oci_runtime_why: str = ""
+    warm_pool_off: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +86,7 @@ class RuntimeHandle:
     deaths: DeathWatch | None = None  # None: no engine events to follow (or switched off)
     nodes: NodeWatch | None = None
     pool: WarmPool | None = None  # None: no engine with slots
+    oci_runtime: RuntimeChoice | None = None  # what sandboxes run under, and why
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +140,7 @@ async def running_runtime(
         engine: DockerDriver | None = None
         if driver is None:
             driver = engine = await _docker(stack, settings, telemetry)
+        settings, choice = await _resolve_runtime(settings, engine)
         capacity = await node_capacity(settings, driver, engine)
         runtime = _wire(
             settings,
@@ -152,9 +160,33 @@ async def running_runtime(
         await stack.enter_async_context(instances.heartbeating())
         await runtime.nodes.start()  # this node's beat, before any placement reads it
         stack.push_async_callback(runtime.nodes.leave)  # after the loops below have stopped
-        tasks = _start_tasks(stack, settings, runtime, _status_writer(settings, js, status_bucket, telemetry), clock)
+        writer = _status_writer(settings, js, status_bucket, telemetry)
+        tasks = _start_tasks(stack, settings, runtime, writer, clock, choice=choice)
         log.info("runtime %s started", settings.runtime.node_id)
-        yield RuntimeHandle(runtime.handlers, runtime.reconciler, tasks, runtime.deaths, runtime.nodes, runtime.pool)
+        yield RuntimeHandle(
+            runtime.handlers, runtime.reconciler, tasks, runtime.deaths, runtime.nodes, runtime.pool, choice
+        )
+
+
+async def _resolve_runtime(settings: Settings, engine: DockerDriver | None) -> tuple[Settings, RuntimeChoice]:
+    """`sandbox.oci_runtime` resolved against the engine (an explicit runtime it lacks raises
+    RuntimeUnavailable, a ConfigError), and the warm pool switched off where it cannot work;
+    the settings the runtime then uses, and the choice. Logged: which runtime and why."""
+    sandbox = settings.sandbox
+    choice = choose_runtime(sandbox.oci_runtime, None if engine is None else await engine.info())
+    pool_size = sandbox.warm_pool_size
+    log.info("OCI runtime: %s (%s)", choice.name or "the engine's default", choice.why)
+    if choice.warm_pool_blocker is not None and pool_size:
+        # Warm containers left by an earlier runc-configured instance are still removed: the
+        # pool runs with size 0.
+        log.warning(
+            "warm pool off (sandbox.warm_pool_size %d ignored), every create is cold: %s",
+            pool_size,
+            choice.warm_pool_blocker,
+        )
+        pool_size = 0
+    resolved = msgspec.structs.replace(sandbox, oci_runtime=choice.name or AUTO, warm_pool_size=pool_size)
+    return msgspec.structs.replace(settings, sandbox=resolved), choice
 
 
 async def _docker(stack: contextlib.AsyncExitStack, settings: Settings, telemetry: Telemetry) -> DockerDriver:
@@ -319,7 +351,13 @@ def _status_writer(settings: Settings, js: JetStreamContext, bucket: KeyValue, t
 
 
 def _start_tasks(
-    stack: contextlib.AsyncExitStack, settings: Settings, runtime: _Runtime, put_status: StatusWriter, clock: Clock
+    stack: contextlib.AsyncExitStack,
+    settings: Settings,
+    runtime: _Runtime,
+    put_status: StatusWriter,
+    clock: Clock,
+    *,
+    choice: RuntimeChoice,
 ) -> list[asyncio.Task[None]]:
     """The runtime's loops, stopped (and awaited) when the stack unwinds."""
     started_at = clock.now()
@@ -335,6 +373,9 @@ def _start_tasks(
             active_sandboxes=runtime.active.value,
             last_reconcile=None if last is None else f"{last.containers} containers, {len(last.actions)} actions",
             warm_ready=0 if runtime.pool is None else runtime.pool.ready,
+            oci_runtime=choice.name,
+            oci_runtime_why=choice.why,
+            warm_pool_off=choice.warm_pool_blocker,
         )
 
     stopping = asyncio.Event()

@@ -57,6 +57,7 @@ def sandboxd_env(url: str, root: Path, node_id: str, token: str, **extra: str) -
         "SANDBOXD_SANDBOX_STOP_TIMEOUT_SECONDS": "1",
         "SANDBOXD_SANDBOX_SLOTS_ROOT": str(root / "slots"),
         "SANDBOXD_SANDBOX_WARM_POOL_SIZE": "0",  # cold unless the caller asks for the pool
+        "SANDBOXD_SANDBOX_OCI_RUNTIME": "runc",  # unless the caller asks for gVisor or `auto`
         **extra,
     }
 
