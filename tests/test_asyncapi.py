@@ -72,17 +72,18 @@ def test_every_command_event_and_node_event_has_its_subject_and_payload() -> Non
 
 
 def test_a_command_added_to_the_contracts_appears_by_regenerating(monkeypatch: pytest.MonkeyPatch) -> None:
-    class PauseSandbox(CreateSandbox, frozen=True, kw_only=True):
-        """Pause it."""
+    class HibernateSandbox(CreateSandbox, frozen=True, kw_only=True):
+        """Hibernate it (a kind that does not exist)."""
 
-        kind = "pause"
+        kind = "hibernate"
 
-    monkeypatch.setattr(schema_export, "COMMAND_TYPES", {**COMMAND_TYPES, "pause": PauseSandbox})
+    monkeypatch.setattr(schema_export, "COMMAND_TYPES", {**COMMAND_TYPES, "hibernate": HibernateSandbox})
     doc = asyncapi()
-    assert doc["channels"]["command_pause"]["address"] == "sandbox.cmd.pause.{chat_id}"
-    # The roles come from the permissions: whoever may publish `sandbox.cmd.>` may pause.
-    assert doc["channels"]["command_pause"]["x-sandboxd-roles"]["publish"] == ["agent", "api", "admin", "chat-agent"]
-    assert "commands/pause.json" in schema_export.generate_all()
+    assert doc["channels"]["command_hibernate"]["address"] == "sandbox.cmd.hibernate.{chat_id}"
+    # The roles come from the permissions: whoever may publish `sandbox.cmd.>` may hibernate.
+    roles = doc["channels"]["command_hibernate"]["x-sandboxd-roles"]["publish"]
+    assert roles == ["agent", "api", "admin", "chat-agent"]
+    assert "commands/hibernate.json" in schema_export.generate_all()
 
 
 def test_roles_come_from_the_permissions() -> None:
