@@ -569,6 +569,13 @@ async def main() -> None:
                 await http.post("/api/v1/sandboxes", json={"chat_id": str(uuid.uuid4()), "ttl_seconds": 600})  # warm-up
                 await cold_create(report, http, client, root, _int("BENCH_COLD", 30))
             await reuse(report, base)
+            from tests.bench.reuse_http import reuse_section  # noqa: PLC0415 - it imports this module
+
+            async with httpx.AsyncClient(base_url=base, headers={"X-API-Token": TOKEN}, timeout=60) as http:
+                chats = [str(uuid.uuid4()) for _ in range(32)]
+                for chat in chats:
+                    await http.post("/api/v1/sandboxes", json={"chat_id": chat, "ttl_seconds": 3600})
+            await reuse_section(report, base, root, TOKEN, chats)
             await over_nats(report, nc, outcomes, _int("BENCH_NATS", 30))
             await expiry(report, nc, outcomes, _int("BENCH_EXPIRY", 200))
         finally:
@@ -583,6 +590,12 @@ async def main() -> None:
         from tests.bench.cluster import cluster_section  # noqa: PLC0415 - it imports this module
 
         await cluster_section(report, root / "cluster")
+        from tests.bench.warm_pool import warm_pool_section  # noqa: PLC0415 - it imports this module
+
+        await warm_pool_section(report, root / "warm")
+        from tests.bench.gvisor import gvisor_section  # noqa: PLC0415 - it imports this module
+
+        await gvisor_section(report, root / "gvisor")
         await memory(report, server.url, root, _int("BENCH_MEMORY_SESSIONS", 10000))
     await replay_bench(report, _int("BENCH_REPLAY_CHATS", 100000), _int("BENCH_REPLAY_EVENTS_PER_CHAT", 10))
     out = Path(os.environ.get("BENCH_OUT", "bench-results")) / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"

@@ -27,6 +27,7 @@ import httpx
 
 from services.runtime.image import ensure_sandbox_image
 from shared.config import StreamSettings
+from tests.bench.harness import Report
 from tests.support.nats_server import free_port, nats_server
 from tests.support.processes import (
     HTTP_PORT_ENV,
@@ -79,11 +80,45 @@ def wrk(url: str, script: Path, connections: int) -> tuple[float, float]:
     return float(p50.group(1)) * _UNITS[p50.group(2)], float(rate.group(1))
 
 
-def script(root: Path, kind: str, chats: list[str]) -> Path:
+def script(root: Path, kind: str, chats: list[str], token: str = TOKEN) -> Path:
     path = root / f"{kind}-{len(chats)}.lua"
     method = "POST" if kind == "reuse" else "GET"
-    path.write_text(LUA % (", ".join(f'"{c}"' for c in chats), method, TOKEN, kind))
+    path.write_text(LUA % (", ".join(f'"{c}"' for c in chats), method, token, kind))
     return path
+
+
+async def reuse_section(report: Report, base: str, root: Path, token: str, chats: list[str]) -> None:
+    """`just bench`'s rows: reuse at concurrency 1 (one chat) and 32 (over 32 chats) beside
+    GET /health at the same concurrency, both driven by wrk."""
+    figures: dict[str, dict[str, float]] = {}
+    for connections, over in ((1, chats[:1]), (len(chats), chats)):
+        health_p50, health_rate = await asyncio.to_thread(
+            wrk, f"{base}/api/v1/health", script(root, "health", over, token), connections
+        )
+        reuse_p50, reuse_rate = await asyncio.to_thread(
+            wrk, f"{base}/api/v1/sandboxes", script(root, "reuse", over, token), connections
+        )
+        figures[f"c{connections}"] = {
+            "reuse_p50_ms": reuse_p50,
+            "reuse_per_s": reuse_rate,
+            "health_p50_ms": health_p50,
+            "health_per_s": health_rate,
+        }
+        report.row(
+            f"reuse p50 (wrk, c{connections}, {len(over)} chats) vs GET /health",
+            f"{reuse_p50:.2f} ms",
+            f"{health_p50:.2f} ms",
+            f"{reuse_p50 / health_p50:.2f}",
+            "<= 2" if connections == 1 else "",
+        )
+        report.row(
+            f"reuse requests/s (wrk, c{connections}) vs GET /health",
+            f"{reuse_rate:,.0f}",
+            f"{health_rate:,.0f}",
+            f"{reuse_rate / health_rate:.2f}",
+            ">= 0.5" if connections > 1 else "",
+        )
+    report.figures["reuse_wrk"] = figures
 
 
 async def measure(name: str, base: str, root: Path, chats: list[str]) -> None:
