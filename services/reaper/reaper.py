@@ -237,15 +237,7 @@ class Reaper:
             requested_at=self.clock.now(),
             requested_by=f"reaper:{self.settings.reaper_id}",
         )
-        subject = command_subject("pause", order.chat_id)
-        attributes = {"chat.id": order.chat_id, "session.id": order.session_id, "sandbox.reason": "idle"}
-        with self.telemetry.tracer.span("reaper.publish_pause", attributes, kind=SpanKind.PRODUCER):
-            headers = inject({MSG_ID_HEADER: order.command_id})
-
-            async def publish() -> None:
-                await self.js.publish(subject, encode(command), stream=COMMANDS_STREAM, headers=headers)
-
-            await with_nats_retry(publish, what=f"publish {subject}")
+        await self._send(command, "idle")
         self.telemetry.metrics.increment("sandbox.reaper.action.total", {"reason": "pause_idle"})
         self.status.idle_published += 1
         self._note(order.chat_id, order.session_id, "pause_idle", order.command_id)
@@ -261,17 +253,20 @@ class Reaper:
             requested_at=self.clock.now(),
             requested_by=f"reaper:{self.settings.reaper_id}",
         )
-        await self._send("warn", order.chat_id, order.session_id, order.command_id, encode(command))
+        await self._send(command, order.reason)
         self.telemetry.metrics.increment("sandbox.reaper.action.total", {"reason": f"warn_{order.reason}"})
         self.status.warnings_published += 1
         self._note(order.chat_id, order.session_id, f"warn ({order.reason})", order.command_id)
         return True
 
-    async def _send(self, kind: str, chat_id: str, session_id: str, command_id: str, payload: bytes) -> None:
-        subject = command_subject(kind, chat_id)
-        attributes = {"chat.id": chat_id, "session.id": session_id}
-        with self.telemetry.tracer.span(f"reaper.publish_{kind}", attributes, kind=SpanKind.PRODUCER):
+    async def _send(self, command: StopSandbox | PauseSandbox | WarnSandbox, reason: str) -> None:
+        """Publish one of the reaper's commands (its id as the message id, with trace context)."""
+        chat_id, command_id = str(command.chat_id), str(command.command_id)
+        subject = command_subject(command.kind, chat_id)
+        attributes = {"chat.id": chat_id, "session.id": str(command.session_id), "sandbox.reason": reason}
+        with self.telemetry.tracer.span(f"reaper.publish_{command.kind}", attributes, kind=SpanKind.PRODUCER):
             headers = inject({MSG_ID_HEADER: command_id})
+            payload = encode(command)
 
             async def publish() -> None:
                 await self.js.publish(subject, payload, stream=COMMANDS_STREAM, headers=headers)
@@ -292,17 +287,7 @@ class Reaper:
             requested_at=self.clock.now(),
             requested_by=f"reaper:{self.settings.reaper_id}",
         )
-        subject = command_subject("stop", order.chat_id)
-        payload = encode(command)
-
-        attributes = {"chat.id": order.chat_id, "session.id": order.session_id, "sandbox.reason": order.reason}
-        with self.telemetry.tracer.span("reaper.publish_stop", attributes, kind=SpanKind.PRODUCER):
-            headers = inject({MSG_ID_HEADER: order.command_id})
-
-            async def publish() -> None:
-                await self.js.publish(subject, payload, stream=COMMANDS_STREAM, headers=headers)
-
-            await with_nats_retry(publish, what=f"publish {subject}")
+        await self._send(command, order.reason)
         self.telemetry.metrics.increment("sandbox.reaper.action.total", {"reason": order.reason})
         if order.reason == StopReason.EXPIRED:
             lateness_ms = (self.clock.now() - order.due_at).total_seconds() * 1000.0

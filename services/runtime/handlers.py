@@ -36,9 +36,11 @@ from services.runtime.decisions import (
     Extend,
     OpenClaim,
     Pause,
+    PauseDecision,
     Policy,
     Reject,
     Resume,
+    ResumeDecision,
     ResumeProvision,
     ResumeReplace,
     ResumeStop,
@@ -282,10 +284,8 @@ class CommandHandlers:
                     return await self.stop(command, turn)
                 case KeepaliveSandbox():
                     return await self.keepalive(command, turn)
-                case PauseSandbox():
-                    return await self.pause(command, turn)
-                case ResumeSandbox():
-                    return await self.resume(command, turn)
+                case PauseSandbox() | ResumeSandbox():
+                    return await self.pause_or_resume(command, turn)
                 case WarnSandbox():
                     return await self.warn(command)
 
@@ -744,12 +744,17 @@ class CommandHandlers:
 
     # ------------------------------------------------------------------ pause and resume
 
-    async def pause(self, command: PauseSandbox, turn: _ChatTurn) -> AnyEvent | None:
+    async def pause_or_resume(self, command: PauseSandbox | ResumeSandbox, turn: _ChatTurn) -> AnyEvent | None:
         backoff = _Backoff()
         while True:
             state = await self._d.store.read(str(command.chat_id))
             claim = await self._open_claim(state, command)
-            decision = decide_pause(state.last, command, self._d.clock.now(), self._d.policy, claim=claim)
+            now, policy = self._d.clock.now(), self._d.policy
+            decision: PauseDecision | ResumeDecision = (
+                decide_pause(state.last, command, now, policy, claim=claim)
+                if isinstance(command, PauseSandbox)
+                else decide_resume(state.last, command, now, policy, claim=claim)
+            )
             match decision:
                 case AlreadyHandled():
                     await self._already_handled(command, state)
@@ -759,34 +764,14 @@ class CommandHandlers:
                     continue
                 case Reject():
                     finished = await self._reject(command, state, decision)
-                case Pause(session):
+                case Pause(session) if isinstance(command, PauseSandbox):
                     freeze = partial(self._freeze, command, session, state)
                     finished = await self._if_owned_here(command, session, freeze)
-                case _:
-                    assert_never(decision)
-            if finished is not None:
-                return finished.outcome
-
-    async def resume(self, command: ResumeSandbox, turn: _ChatTurn) -> AnyEvent | None:
-        backoff = _Backoff()
-        while True:
-            state = await self._d.store.read(str(command.chat_id))
-            claim = await self._open_claim(state, command)
-            decision = decide_resume(state.last, command, self._d.clock.now(), self._d.policy, claim=claim)
-            match decision:
-                case AlreadyHandled():
-                    await self._already_handled(command, state)
-                    return None
-                case Wait():
-                    await turn.wait_aside(backoff)
-                    continue
-                case Reject():
-                    finished = await self._reject(command, state, decision)
                 case Resume(session):
                     unfreeze = partial(self._unfreeze, command, session, state, None)
                     finished = await self._if_owned_here(command, session, unfreeze)
                 case _:
-                    assert_never(decision)
+                    raise AssertionError(f"{decision} for {command.kind}")
             if finished is not None:
                 return finished.outcome
 
