@@ -23,48 +23,17 @@ from typing import Any
 
 import docker
 import httpx
-from docker.types import Mount
 
 from services.runtime.image import ensure_sandbox_image
 from services.runtime.oci import GVISOR
 from services.runtime.slots import unmount_all
-from tests.bench.harness import IMAGE, TOKEN, Report, _int, dist, new_report, timed
+from tests.bench.harness import IMAGE, TOKEN, Report, _int, bare_run, dist, new_report, timed
 from tests.bench.warm_pool import create, pool_full
 from tests.support.nats_server import nats_server
 from tests.support.processes import make_sandbox_dirs, sandboxd_env, spawn, stop, until_ready
 
 NODE = "bench-gvisor"
 POOL = 4
-
-
-def bare_run(client: docker.DockerClient, root: Path, runtime: str) -> Any:
-    """A session's container made the plain way under `runtime` (the floor)."""
-    chat = root / "chats" / f"bare-{uuid.uuid4()}"
-    chat.mkdir(parents=True)
-    return client.containers.run(
-        IMAGE,
-        ["sleep", "infinity"],
-        detach=True,
-        name=f"bench-bare-{uuid.uuid4()}",
-        labels={"sandboxd.bench": "bare"},
-        runtime=runtime,
-        network_mode="none",
-        cap_drop=["ALL"],
-        security_opt=["no-new-privileges:true"],
-        init=True,
-        read_only=True,
-        tmpfs={"/tmp": "rw,noexec,nosuid,size=64m"},
-        pids_limit=256,
-        mem_limit="512m",
-        nano_cpus=10**9,
-        user="10001:10001",
-        working_dir="/workspace/chat",
-        mounts=[
-            Mount("/workspace/chat", str(chat), type="bind"),
-            Mount("/opt/dependencies", str(root / "deps"), type="bind", read_only=True),
-            Mount("/opt/lambda-tools", str(root / "tools"), type="bind", read_only=True),
-        ],
-    )
 
 
 async def _stack_creates(

@@ -165,38 +165,42 @@ async def timed(call: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
 # --------------------------------------------------------------------------- sections
 
 
+def bare_run(client: docker.DockerClient, root: Path, runtime: str | None = None) -> Any:
+    """A session's container made the plain way with docker-py (the floor of a create): the
+    same image, options, user and mounts, under `runtime` (None: the engine's default)."""
+    chat = root / "chats" / f"bare-{uuid.uuid4()}"
+    chat.mkdir(parents=True)
+    return client.containers.run(
+        IMAGE,
+        ["sleep", "infinity"],
+        detach=True,
+        name=f"bench-bare-{uuid.uuid4()}",
+        labels={"sandboxd.bench": "bare"},
+        runtime=runtime,
+        network_mode="none",
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges:true"],
+        init=True,
+        read_only=True,
+        tmpfs={"/tmp": "rw,noexec,nosuid,size=64m"},
+        pids_limit=256,
+        mem_limit="512m",
+        nano_cpus=10**9,
+        user="10001:10001",
+        working_dir="/workspace/chat",
+        mounts=[
+            Mount("/workspace/chat", str(chat), type="bind"),
+            Mount("/opt/dependencies", str(root / "deps"), type="bind", read_only=True),
+            Mount("/opt/lambda-tools", str(root / "tools"), type="bind", read_only=True),
+        ],
+    )
+
+
 async def cold_create(report: Report, http: httpx.AsyncClient, client: docker.DockerClient, root: Path, n: int) -> None:
     bare: list[float] = []
     ours: list[float] = []
     for _ in range(n):
-        chat = str(uuid.uuid4())
-        (root / "chats" / chat).mkdir()
-
-        def run_bare(chat: str = chat) -> Any:
-            return client.containers.run(
-                IMAGE,
-                ["sleep", "infinity"],
-                detach=True,
-                name=f"bench-bare-{uuid.uuid4()}",
-                labels={"sandboxd.bench": "bare"},
-                network_mode="none",
-                cap_drop=["ALL"],
-                security_opt=["no-new-privileges:true"],
-                init=True,
-                read_only=True,
-                tmpfs={"/tmp": "rw,noexec,nosuid,size=64m"},
-                pids_limit=256,
-                mem_limit="512m",
-                nano_cpus=10**9,
-                working_dir="/workspace/chat",
-                mounts=[
-                    Mount("/workspace/chat", str(root / "chats" / chat), type="bind"),
-                    Mount("/opt/dependencies", str(root / "deps"), type="bind", read_only=True),
-                    Mount("/opt/lambda-tools", str(root / "tools"), type="bind", read_only=True),
-                ],
-            )
-
-        ms, container = await timed(lambda: asyncio.to_thread(run_bare))
+        ms, container = await timed(lambda: asyncio.to_thread(bare_run, client, root))
         bare.append(ms)
         await asyncio.to_thread(container.remove, force=True)
         body = {"chat_id": str(uuid.uuid4())}

@@ -23,46 +23,16 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import docker
 import httpx
-from docker.types import Mount
 
 from services.runtime.image import ensure_sandbox_image
-from tests.bench.harness import IMAGE, TOKEN, Report, _int, dist, new_report, timed
+from tests.bench.harness import IMAGE, TOKEN, Report, _int, bare_run, dist, new_report, timed
 from tests.support.nats_server import nats_server
 from tests.support.processes import Child, make_sandbox_dirs, metric_total, sandboxd_env, spawn, stop, until_ready
 
 NODE = "bench-warm"
-
-
-def bare_run(client: docker.DockerClient, root: Path) -> Any:
-    """What a session's container is, made the plain way (the floor)."""
-    chat = root / "chats" / f"bare-{uuid.uuid4()}"
-    chat.mkdir()
-    return client.containers.run(
-        IMAGE,
-        ["sleep", "infinity"],
-        detach=True,
-        name=f"bench-bare-{uuid.uuid4()}",
-        labels={"sandboxd.bench": "bare"},
-        network_mode="none",
-        cap_drop=["ALL"],
-        security_opt=["no-new-privileges:true"],
-        init=True,
-        read_only=True,
-        tmpfs={"/tmp": "rw,noexec,nosuid,size=64m"},
-        pids_limit=256,
-        mem_limit="512m",
-        nano_cpus=10**9,
-        working_dir="/workspace/chat",
-        mounts=[
-            Mount("/workspace/chat", str(chat), type="bind"),
-            Mount("/opt/dependencies", str(root / "deps"), type="bind", read_only=True),
-            Mount("/opt/lambda-tools", str(root / "tools"), type="bind", read_only=True),
-        ],
-    )
 
 
 async def pool_full(runtime: Child, size: int, timeout: float = 300.0) -> float:
