@@ -199,7 +199,7 @@ async def ls(nc: Client, settings: Settings, args: argparse.Namespace, out: Text
             file=sys.stderr,
         )
     elif not args.json:
-        print(f"{matched} sessions", file=sys.stderr)
+        print(f"{matched} session{"" if matched == 1 else "s"}", file=sys.stderr)
     return Exit.OK
 
 
@@ -334,7 +334,12 @@ async def events(nc: Client, settings: Settings, args: argparse.Namespace, out: 
 
 
 async def _start_of_last(js: JetStreamContext, subject: str, last: int) -> int:
-    """The stream sequence from which `subject`'s last `last` messages are delivered."""
+    """The stream sequence from which `subject`'s last `last` messages are delivered (at
+    least 1: the server takes 0 for "no start sequence", and an empty stream has last_seq 0)."""
+    return max(1, await _first_of_last(js, subject, last))
+
+
+async def _first_of_last(js: JetStreamContext, subject: str, last: int) -> int:
     if last == 0:
         info = await js.stream_info(EVENTS_STREAM)
         return info.state.last_seq + 1

@@ -148,3 +148,18 @@ async def test_doctor_reports_each_check_with_a_fix_and_an_exit_code(
     assert down.code == 1
     assert down.out.startswith("fail  nats")
     assert "docker engine" in down.out  # the host checks still ran
+
+
+async def test_events_on_an_empty_stream_wait_for_the_first_one(
+    settings: Settings, runtime: RuntimeHandle, api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """A fresh stack has no events yet: the default (`--last 20`) starts at the stream's first
+    sequence, not at 0 (which the server refuses as "no start sequence")."""
+    env = ctl_env(settings)
+    listed = await ctl(env, tmp_path, "events")
+    assert listed.code == 0, listed.err
+    async with in_terminal(env, tmp_path, "events", "--follow") as terminal:
+        await terminal.wait_for("following sandbox.events.> (Ctrl-C to stop)")
+        created = await _create(api, team="first")
+        await terminal.wait_for(created["chat_id"])
+        assert await terminal.interrupt() == 0
