@@ -199,7 +199,7 @@ async def ls(nc: Client, settings: Settings, args: argparse.Namespace, out: Text
             file=sys.stderr,
         )
     elif not args.json:
-        print(f"{matched} session{"" if matched == 1 else "s"}", file=sys.stderr)
+        print(f"{matched} session{'' if matched == 1 else 's'}", file=sys.stderr)
     return Exit.OK
 
 
