@@ -530,7 +530,7 @@ async def keepalive_sandbox(  # keyword-only: Litestar passes everything by name
 ) -> Response[Any]:
     """Move the live session's `expires_at` to now + ttl (default: the configured ttl)."""
     body = data or KeepaliveRequest()
-    session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id else None
+    session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id is not None else None
     command = KeepaliveSandbox(chat_id=chat, ttl_seconds=body.ttl_seconds, session_id=session_id, **_stamp(clock))
     return await _answer(
         command,
@@ -568,7 +568,7 @@ async def pause_sandbox(  # keyword-only: Litestar passes everything by name
     """Freeze the running session's processes (memory and files kept): 200 paused; 409 when
     it is not running."""
     body = data or PauseRequest()
-    session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id else None
+    session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id is not None else None
     return await _answer(
         PauseSandbox(chat_id=chat, session_id=session_id, reason=PauseReason.API, **_stamp(clock)),
         lambda outcome: _changed_answer(outcome, SandboxPaused),
@@ -598,7 +598,7 @@ async def resume_sandbox(  # keyword-only: Litestar passes everything by name
 ) -> Response[Any]:
     """Unfreeze the paused session: 200 running; 409 when it is not paused."""
     body = data or ResumeRequest()
-    session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id else None
+    session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id is not None else None
     return await _answer(
         ResumeSandbox(chat_id=chat, session_id=session_id, **_stamp(clock)),
         lambda outcome: _changed_answer(outcome, SandboxResumed),

@@ -244,3 +244,14 @@ async def test_reconciliation_sets_docker_to_what_the_session_says(
     assert report.refrozen == 1, report
     assert docker_state(docker_client, view["container_id"])["Paused"] is True
     assert (await api.get(f"{API}/sandboxes/{chat}")).json()["status"] == "paused"
+
+
+async def test_an_empty_session_id_is_refused_not_ignored(api: httpx.AsyncClient) -> None:
+    """`"session_id": ""` is not a session id: 400, and nothing happens (found by the fuzz)."""
+    chat = str(uuid.uuid4())
+    await create(api, chat)
+    for action in ("keepalive", "pause", "resume"):
+        answer = await api.post(f"{API}/sandboxes/{chat}/{action}", json={"session_id": ""})
+        assert answer.status_code == 400, (action, answer.text)
+        assert "session_id" in answer.json()["detail"]
+    assert (await api.get(f"{API}/sandboxes/{chat}")).json()["status"] == "running"
