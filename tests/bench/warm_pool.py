@@ -192,6 +192,7 @@ async def warm_pool_section(report: Report, root: Path) -> None:
     ensure_sandbox_image(client, IMAGE)
     count = _int("BENCH_BURST", 100)
     size = count + 10
+    root.mkdir(parents=True, exist_ok=True)
     make_sandbox_dirs(root)
     with nats_server(root / "nats") as server:
         env = sandboxd_env(
