@@ -389,18 +389,10 @@ def decide_keepalive(
     *,
     claim: OpenClaim | None = None,
 ) -> KeepaliveDecision:
-    command_id = str(command.command_id)
-    if last is not None and last.causation_id == command_id and is_outcome(last):
-        return AlreadyHandled()
-    session = _live(last)
-    if session is None:
-        return Reject(RejectReason.NO_LIVE_SESSION, f"chat {command.chat_id} has no live sandbox")
-    if command.session_id is not None and session.session_id != str(command.session_id):
-        return Reject(
-            RejectReason.STALE_SESSION,
-            f"session {command.session_id} is not the chat's current session ({session.session_id})",
-        )
-    if _claim_in_flight(claim, command_id, now, policy) and session.status == SessionStatus.PROVISIONING:
+    session = _targeted(last, command)
+    if not isinstance(session, SessionRecord):
+        return session
+    if _claim_in_flight(claim, str(command.command_id), now, policy) and session.status == SessionStatus.PROVISIONING:
         return Wait(_waiting(session, claim))
     if session.status not in (SessionStatus.RUNNING, SessionStatus.PAUSED):
         return Reject(RejectReason.NOT_RUNNING, f"session {session.session_id} is {session.status}")
@@ -420,6 +412,24 @@ def decide_keepalive(
     return Extend(active(extended, now), capped=not kept and now + ttl > cap, kept=kept)
 
 
+def _targeted(
+    last: AnyEvent | None, command: KeepaliveSandbox | PauseSandbox | ResumeSandbox | WarnSandbox
+) -> SessionRecord | AlreadyHandled | Reject:
+    """The live session a command on an existing session acts on (the one it names, if it
+    names one), or what to do instead: nothing (its outcome is the last event), or a refusal."""
+    if last is not None and last.causation_id == str(command.command_id) and is_outcome(last):
+        return AlreadyHandled()
+    session = _live(last)
+    if session is None:
+        return Reject(RejectReason.NO_LIVE_SESSION, f"chat {command.chat_id} has no live sandbox")
+    if command.session_id is not None and session.session_id != str(command.session_id):
+        return Reject(
+            RejectReason.STALE_SESSION,
+            f"session {command.session_id} is not the chat's current session ({session.session_id})",
+        )
+    return session
+
+
 def _not_idle(session: SessionRecord) -> str:
     deadline = session.idle_deadline
     if session.status != SessionStatus.RUNNING:
@@ -433,18 +443,10 @@ def _settled(
     last: AnyEvent | None, command: PauseSandbox | ResumeSandbox, now: datetime, policy: Policy, claim: OpenClaim | None
 ) -> SessionRecord | AlreadyHandled | Wait | Reject:
     """The live session a pause or resume acts on, or what to do instead."""
-    command_id = str(command.command_id)
-    if last is not None and last.causation_id == command_id and is_outcome(last):
-        return AlreadyHandled()
-    session = _live(last)
-    if session is None:
-        return Reject(RejectReason.NO_LIVE_SESSION, f"chat {command.chat_id} has no live sandbox")
-    if command.session_id is not None and session.session_id != str(command.session_id):
-        return Reject(
-            RejectReason.STALE_SESSION,
-            f"session {command.session_id} is not the chat's current session ({session.session_id})",
-        )
-    if _claim_in_flight(claim, command_id, now, policy):
+    session = _targeted(last, command)
+    if not isinstance(session, SessionRecord):
+        return session
+    if _claim_in_flight(claim, str(command.command_id), now, policy):
         return Wait(_waiting(session, claim))
     if session.is_expired(now):
         return Reject(RejectReason.EXPIRED, f"session {session.session_id} expired at {session.expires_at.isoformat()}")
@@ -454,16 +456,9 @@ def _settled(
 def decide_warn(last: AnyEvent | None, command: WarnSandbox, policy: Policy) -> WarnDecision:
     """Warn only of the session's earliest deadline, once: a `warn` that is late (the deadline
     moved, or another reaper's warning landed) is refused."""
-    if last is not None and last.causation_id == str(command.command_id) and is_outcome(last):
-        return AlreadyHandled()
-    session = _live(last)
-    if session is None:
-        return Reject(RejectReason.NO_LIVE_SESSION, f"chat {command.chat_id} has no live sandbox")
-    if session.session_id != str(command.session_id):
-        return Reject(
-            RejectReason.STALE_SESSION,
-            f"session {command.session_id} is not the chat's current session ({session.session_id})",
-        )
+    session = _targeted(last, command)
+    if not isinstance(session, SessionRecord):
+        return session
     due = warning_due(session, policy.paused_ttl, policy.warning)
     if due is None or due.deadline != command.deadline or due.reason != command.reason:
         return Reject(
