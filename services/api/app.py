@@ -2,9 +2,9 @@
 
 Controllers only translate: validate and normalise input, send a command through the
 gateway (or read the registry / event stream), and map the outcome to a response. What they
-use (the gateway, registry, event store, clock, and the path's chat id as a UUID) is injected
-as Litestar dependencies; the lifespan connects to NATS under an exit stack. Errors become
-JSON `{status_code, detail}` in one place; an outcome that is late is a 202, raised.
+use (the gateway, registry, event store, clock) is one `ApiServices` (services/api/services.py),
+which the lifespan builds once NATS is connected, under an exit stack. Errors become JSON
+`{status_code, detail}` in one place; an outcome that is late is a 202, raised.
 
 Input is strict: a JSON body is decoded with the request type before Litestar sees it (no
 coercion of `"600"` to 600, unknown fields refused, invalid UTF-8 or absurd nesting a 400),
@@ -18,7 +18,6 @@ import hmac
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -26,13 +25,11 @@ import msgspec
 from litestar import Litestar, Request, Response, Router, delete, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
-from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
-from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
+from litestar.params import HeaderParameter, JSONBody, QueryParameter
 from litestar.types import Guard, Scope
-from nats.aio.client import Client
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from services.api.gateway import CommandGateway, OutcomePending, OutcomeWaiter
@@ -44,6 +41,7 @@ from services.api.middleware import (
     tracing_middleware,
 )
 from services.api.reuse import ReuseShortcut
+from services.api.services import ApiServices, services_of
 from services.api.session_index import (
     LIST_DEFAULT_LIMIT,
     LIST_MAX_LABEL_FILTERS,
@@ -116,19 +114,6 @@ REQUEST_MAX_BODY_BYTES = 1024 * 1024
 # How long start-up waits for the session index's first load (100k records take ~2 s);
 # past it the API serves, and lists answer 503 until the load is complete.
 INDEX_LOAD_WAIT_SECONDS = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class ApiServices:
-    """What the lifespan builds once NATS is connected; handlers get its parts injected."""
-
-    nc: Client
-    gateway: CommandGateway
-    idempotent: IdempotentRequests
-    registry: Registry
-    events: EventStore
-    reuse: ReuseShortcut
-    sessions: RegistryFollower
 
 
 def _uuid(raw: str, name: str) -> str:
@@ -237,64 +222,13 @@ def _stamp(clock: Clock) -> dict[str, Any]:
     return {"command_id": uuid.uuid4(), "requested_at": clock.now(), "requested_by": "api"}
 
 
-# --------------------------------------------------------------------------- dependencies
+# --------------------------------------------------------------------------- path
 
 
-def _provide_services(state: State) -> ApiServices:
-    services: ApiServices = state.services  # set by the lifespan before the first request
-    return services
-
-
-def _provide_nc(services: NamedDependency[ApiServices]) -> Client:
-    return services.nc
-
-
-def _provide_gateway(services: NamedDependency[ApiServices]) -> CommandGateway:
-    return services.gateway
-
-
-def _provide_idempotent(services: NamedDependency[ApiServices]) -> IdempotentRequests:
-    return services.idempotent
-
-
-def _provide_registry(services: NamedDependency[ApiServices]) -> Registry:
-    return services.registry
-
-
-def _provide_events(services: NamedDependency[ApiServices]) -> EventStore:
-    return services.events
-
-
-def _provide_reuse(services: NamedDependency[ApiServices]) -> ReuseShortcut:
-    return services.reuse
-
-
-def _provide_sessions(services: NamedDependency[ApiServices]) -> RegistryFollower:
-    return services.sessions
-
-
-def _provide_chat(chat_id: FromPath[str]) -> uuid.UUID:
+def _path_chat(chat_id: str) -> uuid.UUID:
     """The `{chat_id}` path parameter as a UUID: any spelling `uuid.UUID` reads (upper case,
     no hyphens, braces), normalised; anything else is a 400 that says so."""
     return uuid.UUID(_chat(chat_id))
-
-
-def _dependencies(clock: Clock) -> dict[str, Provide]:
-    def provide_clock() -> Clock:
-        return clock
-
-    return {
-        "clock": Provide(provide_clock, use_cache=True, sync_to_thread=False),
-        "services": Provide(_provide_services, sync_to_thread=False),
-        "nc": Provide(_provide_nc, sync_to_thread=False),
-        "gateway": Provide(_provide_gateway, sync_to_thread=False),
-        "idempotent": Provide(_provide_idempotent, sync_to_thread=False),
-        "registry": Provide(_provide_registry, sync_to_thread=False),
-        "events": Provide(_provide_events, sync_to_thread=False),
-        "reuse": Provide(_provide_reuse, sync_to_thread=False),
-        "sessions": Provide(_provide_sessions, sync_to_thread=False),
-        "chat": Provide(_provide_chat, sync_to_thread=False),
-    }
 
 
 # --------------------------------------------------------------------------- auth
@@ -304,7 +238,8 @@ def token_guard(api: ApiSettings) -> Guard:
     header = api.token_header
     expected = (api.token or "").encode()
 
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    async def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        # async: Litestar runs a sync guard in a worker thread, a thread hop per request.
         given = connection.headers.get(header)
         if not given or not expected or not hmac.compare_digest(given.encode(), expected):
             raise NotAuthorizedException(detail=f"missing or invalid API token (header {header})")
@@ -321,7 +256,9 @@ async def health() -> dict[str, str]:
 
 
 @get("/ready", operation_id="ready", tags=["meta"])
-async def ready(nc: NamedDependency[Client], sessions: NamedDependency[RegistryFollower]) -> Response[dict[str, Any]]:
+async def ready(state: State) -> Response[dict[str, Any]]:
+    services = services_of(state)
+    nc, sessions = services.nc, services.sessions
     if not nc.is_connected:
         return Response({"status": "unavailable", "detail": "NATS is not connected"}, status_code=503)
     try:
@@ -349,16 +286,15 @@ async def ready(nc: NamedDependency[Client], sessions: NamedDependency[RegistryF
 )
 async def create_sandbox(  # keyword-only: Litestar passes everything by name
     *,
+    state: State,
     data: JSONBody[CreateSandboxRequest],
-    gateway: NamedDependency[CommandGateway],
-    idempotent: NamedDependency[IdempotentRequests],
-    reuse: NamedDependency[ReuseShortcut],
-    clock: NamedDependency[Clock],
     idempotency_key: IdempotencyKey = None,
 ) -> Response[Any]:
     """Create the chat's sandbox, or reuse its live one: 201 created/replaced, 200 reused
     (or resumed: a paused session runs again). A running, unexpired session is reused from the
     chat's last event, without a command (see the README: activity of an idle timeout)."""
+    services = services_of(state)
+    gateway, idempotent, reuse, clock = services.gateway, services.idempotent, services.reuse, services.clock
     chat = uuid.UUID(_chat(data.chat_id))
     command = CreateSandbox(
         chat_id=chat,
@@ -391,14 +327,13 @@ async def create_sandbox(  # keyword-only: Litestar passes everything by name
 )
 async def create_seed(  # keyword-only: Litestar passes everything by name
     *,
+    state: State,
     data: JSONBody[SeedCreateRequest],
-    gateway: NamedDependency[CommandGateway],
-    idempotent: NamedDependency[IdempotentRequests],
-    reuse: NamedDependency[ReuseShortcut],
-    clock: NamedDependency[Clock],
     idempotency_key: IdempotencyKey = None,
 ) -> Response[Any]:
     """The seed service's create endpoint: same semantics, the seed's response fields."""
+    services = services_of(state)
+    gateway, idempotent, reuse, clock = services.gateway, services.idempotent, services.reuse, services.clock
     chat = uuid.UUID(_chat(data.chat_id))
     command = CreateSandbox(chat_id=chat, **_stamp(clock))
     return await _answer(
@@ -440,7 +375,9 @@ def _session_answer(s: SessionRecord, result: CreateResult | None, status: int, 
 
 
 @get("/sandboxes/{chat_id:str}", operation_id="getSandbox", tags=["sandboxes"])
-async def get_sandbox(chat: NamedDependency[uuid.UUID], events: NamedDependency[EventStore]) -> Response[Any]:
+async def get_sandbox(chat_id: str, state: State) -> Response[Any]:
+    chat = _path_chat(chat_id)
+    events = services_of(state).events
     # The chat's last event is the registry's source and never lags behind an answer this
     # API already gave (the KV view is projected from it asynchronously).
     record = (await events.read(str(chat))).session
@@ -451,7 +388,7 @@ async def get_sandbox(chat: NamedDependency[uuid.UUID], events: NamedDependency[
 
 @get("/sandboxes", operation_id="listSandboxes", tags=["sandboxes"])
 async def list_sandboxes(
-    sessions: NamedDependency[RegistryFollower],
+    state: State,
     status: Annotated[SessionStatus | None, QueryParameter(required=False, description="only this status")] = None,
     label: Annotated[
         list[str] | None,
@@ -471,6 +408,7 @@ async def list_sandboxes(
     """Live sessions in chat id order, a page at a time, from the API's index of the
     registry (as fresh as its KV watch). `count` is the number in this page; `next_cursor`
     is null exactly when no more sessions match."""
+    sessions = services_of(state).sessions
     labels = label or []
     if len(labels) > LIST_MAX_LABEL_FILTERS:
         raise HTTPException(status_code=400, detail=f"at most {LIST_MAX_LABEL_FILTERS} label filters")
@@ -488,13 +426,14 @@ async def list_sandboxes(
 
 @delete("/sandboxes/{chat_id:str}", operation_id="stopSandbox", tags=["sandboxes"], status_code=200)
 async def stop_sandbox(
-    chat: NamedDependency[uuid.UUID],
-    gateway: NamedDependency[CommandGateway],
-    idempotent: NamedDependency[IdempotentRequests],
-    clock: NamedDependency[Clock],
+    chat_id: str,
+    state: State,
     idempotency_key: IdempotencyKey = None,
 ) -> Response[Any]:
     """Stop the chat's sandbox: 200 with the final view, 404 when it has none."""
+    chat = _path_chat(chat_id)
+    services = services_of(state)
+    gateway, idempotent, clock = services.gateway, services.idempotent, services.clock
     return await _answer(
         StopSandbox(chat_id=chat, reason=StopReason.API, **_stamp(clock)),
         _stop_answer,
@@ -521,14 +460,15 @@ def _stop_answer(outcome: AnyEvent) -> Answer:
 )
 async def keepalive_sandbox(  # keyword-only: Litestar passes everything by name
     *,
-    chat: NamedDependency[uuid.UUID],
-    gateway: NamedDependency[CommandGateway],
-    idempotent: NamedDependency[IdempotentRequests],
-    clock: NamedDependency[Clock],
+    chat_id: str,
+    state: State,
     data: JSONBody[KeepaliveRequest | None] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response[Any]:
     """Move the live session's `expires_at` to now + ttl (default: the configured ttl)."""
+    chat = _path_chat(chat_id)
+    services = services_of(state)
+    gateway, idempotent, clock = services.gateway, services.idempotent, services.clock
     body = data or KeepaliveRequest()
     session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id is not None else None
     command = KeepaliveSandbox(chat_id=chat, ttl_seconds=body.ttl_seconds, session_id=session_id, **_stamp(clock))
@@ -558,15 +498,16 @@ def _keepalive_answer(outcome: AnyEvent) -> Answer:
 )
 async def pause_sandbox(  # keyword-only: Litestar passes everything by name
     *,
-    chat: NamedDependency[uuid.UUID],
-    gateway: NamedDependency[CommandGateway],
-    idempotent: NamedDependency[IdempotentRequests],
-    clock: NamedDependency[Clock],
+    chat_id: str,
+    state: State,
     data: JSONBody[PauseRequest | None] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response[Any]:
     """Freeze the running session's processes (memory and files kept): 200 paused; 409 when
     it is not running."""
+    chat = _path_chat(chat_id)
+    services = services_of(state)
+    gateway, idempotent, clock = services.gateway, services.idempotent, services.clock
     body = data or PauseRequest()
     session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id is not None else None
     return await _answer(
@@ -589,14 +530,15 @@ async def pause_sandbox(  # keyword-only: Litestar passes everything by name
 )
 async def resume_sandbox(  # keyword-only: Litestar passes everything by name
     *,
-    chat: NamedDependency[uuid.UUID],
-    gateway: NamedDependency[CommandGateway],
-    idempotent: NamedDependency[IdempotentRequests],
-    clock: NamedDependency[Clock],
+    chat_id: str,
+    state: State,
     data: JSONBody[ResumeRequest | None] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response[Any]:
     """Unfreeze the paused session: 200 running; 409 when it is not paused."""
+    chat = _path_chat(chat_id)
+    services = services_of(state)
+    gateway, idempotent, clock = services.gateway, services.idempotent, services.clock
     body = data or ResumeRequest()
     session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id is not None else None
     return await _answer(
@@ -618,11 +560,13 @@ def _changed_answer(outcome: AnyEvent, wanted: type[AnyEvent]) -> Answer:
 
 @get("/sandboxes/{chat_id:str}/events", operation_id="sandboxEvents", tags=["sandboxes"])
 async def sandbox_events(
-    chat: NamedDependency[uuid.UUID],
-    events: NamedDependency[EventStore],
+    chat_id: str,
+    state: State,
     limit: Annotated[str | None, QueryParameter(required=False, description="1 to 10000")] = None,
 ) -> EventHistory:
     """The chat's event history from the stream, oldest first (the last `limit` events)."""
+    chat = _path_chat(chat_id)
+    events = services_of(state).events
     stored = await events.history(str(chat), limit=_bounded_int("limit", limit, 1, 10_000))
     return EventHistory(
         chat_id=str(chat), events=[StoredEventView(seq=s.seq, event=msgspec.to_builtins(s.event)) for s in stored]
@@ -630,10 +574,10 @@ async def sandbox_events(
 
 
 @get("/status", operation_id="status", tags=["meta"])
-async def status(
-    nc: NamedDependency[Client], registry: NamedDependency[Registry], clock: NamedDependency[Clock]
-) -> StatusEnvelope:
+async def status(state: State) -> StatusEnvelope:
     """A versioned envelope: NATS, streams, consumers (lag), registry, reapers, runtime nodes."""
+    services = services_of(state)
+    nc, registry, clock = services.nc, services.registry, services.clock
     return await build_status(nc, registry, clock.now())
 
 
@@ -720,6 +664,7 @@ async def _connect(
     )
     return ApiServices(
         nc=nc,
+        clock=clock,
         gateway=gateway,
         idempotent=IdempotentRequests(records, gateway, clock),
         registry=Registry(js, kv, quarantine=quarantine),
@@ -759,7 +704,6 @@ def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Tel
     api = Router(path=API_PREFIX, route_handlers=[health, ready, protected])
     return Litestar(
         route_handlers=[api, metrics, ui_router(settings.api)],
-        dependencies=_dependencies(clock),
         middleware=[
             host_check_middleware,
             json_errors_middleware,

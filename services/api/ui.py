@@ -29,8 +29,7 @@ from typing import Any
 
 import msgspec
 from litestar import MediaType, Request, Response, Router, get, post
-from litestar.datastructures import Cookie
-from litestar.di import NamedDependency
+from litestar.datastructures import Cookie, State
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import NotAuthorizedException
 from litestar.params import Body
@@ -39,6 +38,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
+from services.api.services import services_of
 from services.api.session_index import RegistryFollower, SessionQuery
 from shared.config import ApiSettings
 from shared.contracts import NodeBeat, SessionRecord, decode_event, decode_node_beat, decode_node_event
@@ -274,15 +274,11 @@ def ui_router(api: ApiSettings) -> Router:
     auth = UiAuth(api)
 
     @get("/", operation_id="uiDashboard", include_in_schema=False)
-    async def dashboard(
-        request: Request[Any, Any, Any],
-        nc: NamedDependency[Client],
-        sessions: NamedDependency[RegistryFollower],
-        error: str | None = None,
-    ) -> Response[str]:
+    async def dashboard(request: Request[Any, Any, Any], state: State, error: str | None = None) -> Response[str]:
         if not auth.allowed(request):
             return _sign_in(failed=error is not None)
-        return _dashboard(await snapshot(nc, sessions))
+        services = services_of(state)
+        return _dashboard(await snapshot(services.nc, services.sessions))
 
     @post("/login", operation_id="uiLogin", include_in_schema=False, status_code=303)
     async def login(
@@ -298,19 +294,18 @@ def ui_router(api: ApiSettings) -> Router:
         return Redirect("/ui", status_code=303, cookies=[auth.cookie(request)], headers=_SECURITY_HEADERS)
 
     @get("/state", operation_id="uiState", include_in_schema=False)
-    async def state(
-        request: Request[Any, Any, Any], nc: NamedDependency[Client], sessions: NamedDependency[RegistryFollower]
-    ) -> Response[bytes]:
+    async def ui_state(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
         auth.require(request)
-        body = msgspec.json.encode(await snapshot(nc, sessions))
+        services = services_of(state)
+        body = msgspec.json.encode(await snapshot(services.nc, services.sessions))
         return Response(body, media_type=MediaType.JSON, headers=_SECURITY_HEADERS)
 
     @get("/feed", operation_id="uiFeed", include_in_schema=False)
-    async def feed(
-        request: Request[Any, Any, Any], nc: NamedDependency[Client], sessions: NamedDependency[RegistryFollower]
-    ) -> ServerSentEvent:
+    async def feed(request: Request[Any, Any, Any], state: State) -> ServerSentEvent:
         auth.require(request)
-        return ServerSentEvent(_feed(nc, sessions), headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        services = services_of(state)
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return ServerSentEvent(_feed(services.nc, services.sessions), headers=headers)
 
     @get("/static/{name:str}", operation_id="uiStatic", include_in_schema=False)
     async def static(name: str) -> Response[bytes]:
@@ -319,7 +314,7 @@ def ui_router(api: ApiSettings) -> Router:
             raise NotAuthorizedException(detail="no such file")  # nothing else is served from here
         return Response((_STATIC / name).read_bytes(), media_type=kinds[name], headers={"Cache-Control": "no-cache"})
 
-    return Router(path="/ui", route_handlers=[dashboard, login, state, feed, static])
+    return Router(path="/ui", route_handlers=[dashboard, login, ui_state, feed, static])
 
 
 async def _feed(nc: Client, follower: RegistryFollower) -> AsyncGenerator[ServerSentEventMessage, None]:
