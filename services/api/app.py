@@ -23,13 +23,11 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Litestar, Request, Response, Router, delete, get, post
-from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotAuthorizedException
-from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.params import HeaderParameter, JSONBody, QueryParameter
-from litestar.types import Guard, Scope
+from litestar.types import ASGIApp, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from services.api.gateway import CommandGateway, OutcomePending, OutcomeWaiter
@@ -234,17 +232,24 @@ def _path_chat(chat_id: str) -> uuid.UUID:
 # --------------------------------------------------------------------------- auth
 
 
-def token_guard(api: ApiSettings) -> Guard:
-    header = api.token_header
+def token_middleware(api: ApiSettings) -> Callable[[ASGIApp], ASGIApp]:
+    """Every request to a protected route carries the API token in `api.token_header`, or it
+    is a 401 (before its body is read). A router middleware, not a Litestar guard: a guard
+    costs a copy of the route handler per request."""
+    name = api.token_header.lower().encode("latin-1")
     expected = (api.token or "").encode()
+    detail = f"missing or invalid API token (header {api.token_header})"
 
-    async def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-        # async: Litestar runs a sync guard in a worker thread, a thread hop per request.
-        given = connection.headers.get(header)
-        if not given or not expected or not hmac.compare_digest(given.encode(), expected):
-            raise NotAuthorizedException(detail=f"missing or invalid API token (header {header})")
+    def wrap(app: ASGIApp) -> ASGIApp:
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            given = next((v for k, v in scope.get("headers", ()) if k == name), b"")  # ASGI: names lower-case
+            if not given or not expected or not hmac.compare_digest(given, expected):
+                raise NotAuthorizedException(detail=detail)
+            await app(scope, receive, send)
 
-    return guard
+        return middleware
+
+    return wrap
 
 
 # --------------------------------------------------------------------------- public
@@ -687,7 +692,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Tel
 
     protected = Router(
         path="/",
-        guards=[token_guard(settings.api)],
+        middleware=[token_middleware(settings.api)],
         route_handlers=[
             create_sandbox,
             create_seed,
