@@ -2,7 +2,7 @@
 
 Controllers only translate: validate and normalise input, send a command through the
 gateway (or read the registry / event stream), and map the outcome to a response. What they
-use (the gateway, registry, event store, clock) is one `ApiServices` (services/api/services.py),
+use (the gateway, event store, session index, clock) is one `ApiServices` (services/api/services.py),
 which the lifespan builds once NATS is connected, under an exit stack. Errors become JSON
 `{status_code, detail}` in one place; an outcome that is late is a 202, raised.
 
@@ -99,7 +99,6 @@ from shared.idempotency import IDEMPOTENCY_HEADER, IdempotencyRecords, InvalidId
 from shared.nats_connection import service_connection
 from shared.nats_roles import Role
 from shared.poison import DECODE_ERRORS, Quarantine
-from shared.registry import Registry
 from shared.subjects import canonical_chat_id
 from shared.telemetry import Telemetry, setup_telemetry
 from shared.topology import IDEMPOTENCY, attach_bucket, attach_topology, topology_missing
@@ -582,8 +581,7 @@ async def sandbox_events(
 async def status(state: State) -> StatusEnvelope:
     """A versioned envelope: NATS, streams, consumers (lag), registry, reapers, runtime nodes."""
     services = services_of(state)
-    nc, registry, clock = services.nc, services.registry, services.clock
-    return await build_status(nc, registry, clock.now())
+    return await build_status(services.nc, services.sessions, services.clock.now())
 
 
 @get("/metrics", operation_id="metrics", tags=["meta"], include_in_schema=False)
@@ -651,7 +649,7 @@ async def _connect(
         service_connection(settings.nats, "sandboxd-api", role=Role.API, on_reconnected=reconnected)
     )
     js = nc.jetstream(timeout=settings.nats.request_timeout_seconds)
-    kv = await attach_topology(js, settings.streams)
+    await attach_topology(js, settings.streams)  # the streams and buckets exist, or this says which not
     idempotency_kv = await attach_bucket(js, IDEMPOTENCY, settings.streams)
     events = EventStore(js, quarantine=quarantine)
     await waiter.start(js, events)
@@ -672,7 +670,6 @@ async def _connect(
         clock=clock,
         gateway=gateway,
         idempotent=IdempotentRequests(records, gateway, clock),
-        registry=Registry(js, kv, quarantine=quarantine),
         events=events,
         reuse=reuse,
         sessions=sessions,

@@ -18,7 +18,6 @@ from services.api.reuse import ReuseShortcut
 from services.api.session_index import RegistryFollower
 from shared.clock import Clock
 from shared.event_store import EventStore
-from shared.registry import Registry
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +26,6 @@ class ApiServices:
     clock: Clock
     gateway: CommandGateway
     idempotent: IdempotentRequests
-    registry: Registry
     events: EventStore
     reuse: ReuseShortcut
     sessions: RegistryFollower

@@ -125,6 +125,20 @@ def test_postings_follow_puts_and_removes_after_the_index_is_built() -> None:
     assert len(index) == 0
 
 
+def test_counts_by_status_follow_puts_and_removes() -> None:
+    """What GET /status reports as the registry's sessions by status."""
+    index = SessionIndex()
+    first = session_record(status=SessionStatus.PROVISIONING)
+    second = session_record(status=SessionStatus.RUNNING)
+    index.put(first)
+    index.put(second)
+    assert index.count_by_status() == {"provisioning": 1, "running": 1}
+    index.put(replace(first, status=SessionStatus.RUNNING))
+    assert index.count_by_status() == {"running": 2}
+    index.remove(second.chat_id)
+    assert index.count_by_status() == {"running": 1}
+
+
 def test_a_bulk_load_then_single_updates_match_a_fresh_build() -> None:
     """The lazily built lists and the incrementally kept ones agree."""
     records = population(500, seed=3)
