@@ -579,7 +579,7 @@ async def main() -> None:
                 chats = [str(uuid.uuid4()) for _ in range(32)]
                 for chat in chats:
                     await http.post("/api/v1/sandboxes", json={"chat_id": chat, "ttl_seconds": 3600})
-            await reuse_section(report, base, root, TOKEN, chats)
+            await reuse_section(report, base, root, TOKEN, chats, server.url)
             await over_nats(report, nc, outcomes, _int("BENCH_NATS", 30))
             await expiry(report, nc, outcomes, _int("BENCH_EXPIRY", 200))
         finally:

@@ -8,7 +8,9 @@ the ratios to /health.
 
 BEFORE_TREE: a source tree of another commit (e.g. `git archive <commit> services shared |
 tar -x -C DIR`): its API is run beside this one, against the same stack, and measured the same
-way (a before/after of the reuse fast path). Nothing is asserted: this reports figures.
+way (a before/after of the reuse fast path). Last, the floor (tests/bench/bare_asgi.py): a bare
+ASGI app under the same server, one direct get per request vs its no-op. Nothing is asserted:
+this reports figures.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -27,7 +30,8 @@ import httpx
 
 from services.runtime.image import ensure_sandbox_image
 from shared.config import StreamSettings
-from tests.bench.harness import Report
+from shared.subjects import event_subject
+from tests.bench.harness import Report, new_report
 from tests.support.nats_server import free_port, nats_server
 from tests.support.processes import (
     HTTP_PORT_ENV,
@@ -87,9 +91,11 @@ def script(root: Path, kind: str, chats: list[str], token: str = TOKEN) -> Path:
     return path
 
 
-async def reuse_section(report: Report, base: str, root: Path, token: str, chats: list[str]) -> None:
+async def reuse_section(report: Report, base: str, root: Path, token: str, chats: list[str], nats_url: str) -> None:
     """`just bench`'s rows: reuse at concurrency 1 (one chat) and 32 (over 32 chats) beside
-    GET /health at the same concurrency, both driven by wrk."""
+    GET /health at the same concurrency, both driven by wrk; then the same two ratios for a
+    bare ASGI app (tests/bench/bare_asgi.py): one direct get per request over its no-op, the
+    floor of a reuse that reads the chat's last event."""
     figures: dict[str, dict[str, float]] = {}
     for connections, over in ((1, chats[:1]), (len(chats), chats)):
         health_p50, health_rate = await asyncio.to_thread(
@@ -119,6 +125,60 @@ async def reuse_section(report: Report, base: str, root: Path, token: str, chats
             ">= 0.5" if connections > 1 else "",
         )
     report.figures["reuse_wrk"] = figures
+    report.figures["reuse_floor_wrk"] = await asyncio.to_thread(floor_rows, report, root, nats_url, chats[0])
+
+
+def _until_answers(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
+
+
+def floor_rows(report: Report, root: Path, nats_url: str, chat: str) -> dict[str, dict[str, float]]:
+    port = free_port()
+    log = root / "bare-asgi.log"
+    with log.open("ab") as out:
+        bare = subprocess.Popen(
+            [sys.executable, "-m", "tests.bench.bare_asgi", nats_url, str(port), event_subject(chat)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    figures: dict[str, dict[str, float]] = {}
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _until_answers(f"{base}/noop")
+        plain = script(root, "plain", [chat])
+        for connections in (1, CHATS):
+            noop_p50, noop_rate = wrk(f"{base}/noop", plain, connections)
+            get_p50, get_rate = wrk(f"{base}/get", plain, connections)
+            figures[f"c{connections}"] = {
+                "get_p50_ms": get_p50,
+                "get_per_s": get_rate,
+                "noop_p50_ms": noop_p50,
+                "noop_per_s": noop_rate,
+            }
+            report.row(
+                f"floor: bare ASGI, one direct get vs no-op, c{connections} p50",
+                f"{get_p50:.2f} ms",
+                f"{noop_p50:.2f} ms",
+                f"{get_p50 / noop_p50:.2f}",
+            )
+            report.row(
+                f"floor: bare ASGI, one direct get vs no-op, c{connections} req/s",
+                f"{get_rate:,.0f}",
+                f"{noop_rate:,.0f}",
+                f"{get_rate / noop_rate:.2f}",
+            )
+    finally:
+        bare.terminate()
+        bare.wait(10)
+    return figures
 
 
 async def measure(name: str, base: str, root: Path, chats: list[str]) -> None:
@@ -173,6 +233,7 @@ async def main(before_tree: Path | None) -> None:
                     created.raise_for_status()
             print(f"{CHATS} chats running; wrk for {SECONDS}s per figure", flush=True)
             await measure("after ", base, root, chats)
+            await asyncio.to_thread(floor_rows, new_report(), root, server.url, chats[0])
             if before_tree is not None:
                 port = free_port()
                 before = spawn_before(before_tree, env, root / "api-before.log", port)
