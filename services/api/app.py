@@ -26,7 +26,7 @@ from litestar import Litestar, Request, Response, Router, delete, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.openapi import OpenAPIConfig
-from litestar.params import HeaderParameter, JSONBody, QueryParameter
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.types import ASGIApp, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
@@ -379,7 +379,7 @@ def _session_answer(s: SessionRecord, result: CreateResult | None, status: int, 
 
 
 @get("/sandboxes/{chat_id:str}", operation_id="getSandbox", tags=["sandboxes"])
-async def get_sandbox(chat_id: str, state: State) -> Response[Any]:
+async def get_sandbox(chat_id: FromPath[str], state: State) -> Response[Any]:
     chat = _path_chat(chat_id)
     events = services_of(state).events
     # The chat's last event is the registry's source and never lags behind an answer this
@@ -430,7 +430,7 @@ async def list_sandboxes(
 
 @delete("/sandboxes/{chat_id:str}", operation_id="stopSandbox", tags=["sandboxes"], status_code=200)
 async def stop_sandbox(
-    chat_id: str,
+    chat_id: FromPath[str],
     state: State,
     idempotency_key: IdempotencyKey = None,
 ) -> Response[Any]:
@@ -464,7 +464,7 @@ def _stop_answer(outcome: AnyEvent) -> Answer:
 )
 async def keepalive_sandbox(  # keyword-only: Litestar passes everything by name
     *,
-    chat_id: str,
+    chat_id: FromPath[str],
     state: State,
     data: JSONBody[KeepaliveRequest | None] = None,
     idempotency_key: IdempotencyKey = None,
@@ -502,7 +502,7 @@ def _keepalive_answer(outcome: AnyEvent) -> Answer:
 )
 async def pause_sandbox(  # keyword-only: Litestar passes everything by name
     *,
-    chat_id: str,
+    chat_id: FromPath[str],
     state: State,
     data: JSONBody[PauseRequest | None] = None,
     idempotency_key: IdempotencyKey = None,
@@ -534,7 +534,7 @@ async def pause_sandbox(  # keyword-only: Litestar passes everything by name
 )
 async def resume_sandbox(  # keyword-only: Litestar passes everything by name
     *,
-    chat_id: str,
+    chat_id: FromPath[str],
     state: State,
     data: JSONBody[ResumeRequest | None] = None,
     idempotency_key: IdempotencyKey = None,
@@ -564,7 +564,7 @@ def _changed_answer(outcome: AnyEvent, wanted: type[AnyEvent]) -> Answer:
 
 @get("/sandboxes/{chat_id:str}/events", operation_id="sandboxEvents", tags=["sandboxes"])
 async def sandbox_events(
-    chat_id: str,
+    chat_id: FromPath[str],
     state: State,
     limit: Annotated[str | None, QueryParameter(required=False, description="1 to 10000")] = None,
 ) -> EventHistory:

@@ -32,7 +32,7 @@ from litestar import MediaType, Request, Response, Router, get, post
 from litestar.datastructures import Cookie, State
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import NotAuthorizedException
-from litestar.params import Body
+from litestar.params import Body, FromPath
 from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -308,7 +308,7 @@ def ui_router(api: ApiSettings) -> Router:
         return ServerSentEvent(_feed(services.nc, services.sessions), headers=headers)
 
     @get("/static/{name:str}", operation_id="uiStatic", include_in_schema=False)
-    async def static(name: str) -> Response[bytes]:
+    async def static(name: FromPath[str]) -> Response[bytes]:
         kinds = {"ui.js": "text/javascript; charset=utf-8", "ui.css": "text/css; charset=utf-8"}
         if name not in kinds:
             raise NotAuthorizedException(detail="no such file")  # nothing else is served from here

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from services.runtime.oci import AUTO
 from shared.config import SandboxSettings
@@ -184,6 +184,26 @@ def _spec(
     )
 
 
+def warm_layout_blocker(settings: SandboxSettings) -> str | None:
+    """Why warm containers cannot have this layout (their slot at the chat mount path's
+    parent, see slots.py); None: they can."""
+    chat = PurePosixPath(settings.chat_mount_path)
+    parent = chat.parent
+    if not chat.is_absolute() or parent == PurePosixPath("/") or chat.name in {"", ".", ".."}:
+        return (
+            f"sandbox.chat_mount_path {settings.chat_mount_path!r} has no directory of its own above it "
+            "(a warm container binds its slot at the chat mount path's parent, e.g. /workspace for /workspace/chat)"
+        )
+    for mount in _shared_mounts(settings):
+        target = PurePosixPath(mount.target)
+        if target == parent or parent in target.parents or target in parent.parents:
+            return (
+                f"{mount.setting.replace('_host_path', '_mount_path')} {mount.target!r} overlaps "
+                f"{parent} (the chat mount path's parent, where a warm container binds its slot)"
+            )
+    return None
+
+
 def warm_spec(session_id: str, node_id: str, owner: str, slot: Path, settings: SandboxSettings) -> ContainerSpec:
     """A warm container for a session to come: every option of a session's container, its
     slot directory where the chat's will be (see slots.py), no chat yet. Its name and session
@@ -196,8 +216,9 @@ def warm_spec(session_id: str, node_id: str, owner: str, slot: Path, settings: S
         LABEL_POOL: "true",
         LABEL_POOL_OWNER: owner,
     }
-    slot_mount = Mount(
-        slot, settings.chat_mount_path, read_only=False, setting="sandbox.slots_root", propagation="rslave"
-    )
+    # The slot at the chat mount path's parent; the claim mounts the chat's directory on the
+    # slot's `<name>` directory (slots.py), so it appears at the chat mount path itself.
+    parent = str(PurePosixPath(settings.chat_mount_path).parent)
+    slot_mount = Mount(slot, parent, read_only=False, setting="sandbox.slots_root", propagation="rslave")
     identity = ContainerIdentity("", session_id, node_id)
     return _spec(identity, labels, [slot_mount, *_shared_mounts(settings)], {}, settings)

@@ -5,11 +5,12 @@ pool can work under it.
 explicit name the engine does not list stops start-up. Pure: the engine's runtime list
 (`docker info`'s `Runtimes` and `DefaultRuntime`) comes in as data.
 
-The warm pool attaches a chat's directory to a running container by a host bind mount that
-propagates into the container's mount namespace (slots.py). Only runtimes whose containers
-are host processes in host mount namespaces see that; gVisor does not (its gofer serves the
-files the container saw when it started: measured, the slot stays empty inside), so under
-any other runtime the pool is off and every create is cold.
+The warm pool attaches a chat's directory to a running container by a host bind mount made
+inside the container's slot, which propagates to it (slots.py). Runtimes whose containers
+are host processes in host mount namespaces (runc, crun, youki) see that, and so does gVisor
+(runsc): its gofer finds the mount when the sandbox looks the name up (measured; a mount
+over the slot itself it would not see, which is why the claim mounts inside it). Under any
+other runtime the pool is off and every create is cold.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from shared.config import ConfigError
 AUTO = "auto"
 GVISOR = "runsc"
 RUNC = "runc"
-# Runtimes whose containers live in host mount namespaces: a mount made on the host under an
-# rslave bind propagates into a running container (what the warm pool needs).
-_HOST_KERNEL_RUNTIMES = frozenset({"runc", "crun", "youki"})
+# Runtimes under which a mount made on the host inside a running container's rslave bind is
+# seen by the container (what the warm pool needs): those whose containers live in host mount
+# namespaces, and gVisor (its gofer looks names up on the host).
+_POOL_RUNTIMES = frozenset({"runc", "crun", "youki", GVISOR})
 SETTING = "sandbox.oci_runtime (SANDBOXD_SANDBOX_OCI_RUNTIME)"
 
 
@@ -84,14 +86,9 @@ def choose_runtime(configured: str, info: Mapping[str, Any] | None) -> RuntimeCh
 def warm_pool_blocker(name: str, binary: str | None) -> str | None:
     """Why a warm container could not get its chat under this runtime; None: it can."""
     program = _program(binary) or name
-    if program in _HOST_KERNEL_RUNTIMES or name in _HOST_KERNEL_RUNTIMES:
+    if program in _POOL_RUNTIMES or name in _POOL_RUNTIMES:
         return None
-    if GVISOR in {program, name}:
-        return (
-            f"runtime {name} (gVisor) does not see a mount made on the host after its container started: "
-            "a warm container's chat directory would stay an empty slot"
-        )
     return (
         f"runtime {name} ({binary or 'unknown program'}) is not known to see a mount made on the host after its "
-        f"container started (only {', '.join(sorted(_HOST_KERNEL_RUNTIMES))} are)"
+        f"container started (only {', '.join(sorted(_POOL_RUNTIMES))} are)"
     )

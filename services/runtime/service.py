@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import PurePosixPath
 from typing import Any
 
 import msgspec
@@ -21,6 +23,7 @@ from nats.js.kv import KeyValue
 
 from services.runtime.capacity import UNLIMITED, NodeCapacity, auto_limit, is_live_state
 from services.runtime.consumer import CommandConsumer
+from services.runtime.containers import warm_layout_blocker
 from services.runtime.deaths import DeathAwareLog, DeathWatch
 from services.runtime.docker_driver import ContainerDriver, DockerDriver, prepare_chats_root
 from services.runtime.handlers import CommandHandlers, HandlerDeps, policy_from
@@ -174,10 +177,12 @@ async def _resolve_runtime(settings: Settings, engine: DockerDriver | None) -> t
     the settings the runtime then uses, and the choice. Logged: which runtime and why."""
     sandbox = settings.sandbox
     choice = choose_runtime(sandbox.oci_runtime, None if engine is None else await engine.info())
+    if choice.warm_pool_blocker is None and (layout := warm_layout_blocker(sandbox)) is not None:
+        choice = dataclasses.replace(choice, warm_pool_blocker=layout)
     pool_size = sandbox.warm_pool_size
     log.info("OCI runtime: %s (%s)", choice.name or "the engine's default", choice.why)
     if choice.warm_pool_blocker is not None and pool_size:
-        # Warm containers left by an earlier runc-configured instance are still removed: the
+        # Warm containers left by an earlier instance that could pool are still removed: the
         # pool runs with size 0.
         log.warning(
             "warm pool off (sandbox.warm_pool_size %d ignored), every create is cold: %s",
@@ -191,7 +196,7 @@ async def _resolve_runtime(settings: Settings, engine: DockerDriver | None) -> t
 
 async def _docker(stack: contextlib.AsyncExitStack, settings: Settings, telemetry: Telemetry) -> DockerDriver:
     """The local Docker engine, answering, closed with the stack; the chats root prepared."""
-    slots = SlotMounts(settings.sandbox.slots_root)
+    slots = SlotMounts(settings.sandbox.slots_root, PurePosixPath(settings.sandbox.chat_mount_path).name)
     why: str | None = "sandbox.warm_pool_size is 0 and no warm container is left"
     if settings.sandbox.warm_pool_size or await asyncio.to_thread(slots.in_use):
         why = await asyncio.to_thread(slots.prepare)

@@ -2,11 +2,20 @@
 directory at claim time without a restart.
 
 Every warm container bind-mounts its own slot directory, `<sandbox.slots_root>/<session_id>`,
-at `sandbox.chat_mount_path` with `rslave` propagation. The slots root is made a shared
-mount point of its own, so a bind mount made on the host over a slot directory propagates
-into the one container that binds it, on top of its (empty, root-owned) slot: the chat's
-directory appears at the chat mount path within a few milliseconds, and nothing else of the
-host does. A claim writes a marker `<session_id>.chat` holding the chat id first, created
+at the *parent* of `sandbox.chat_mount_path` (`/workspace` for `/workspace/chat`) with
+`rslave` propagation. The slot holds one empty, root-owned directory named like the chat
+mount path's last part (`chat`): the mount point. The slots root is made a shared mount
+point of its own, so a bind mount made on the host over `<slot>/chat` propagates into the
+one container that binds the slot: the chat's directory appears at the chat mount path
+within a few milliseconds, and nothing else of the host does.
+
+The claim mounts on a directory *inside* the slot, not on the slot itself, because that is
+what gVisor sees too: its gofer serves the slot from the directory it opened when the
+container started, so a mount over the slot itself stays invisible inside, while a lookup of
+a name within it finds the mount made there (measured; runc sees both). So the pool works
+under runc and runsc alike.
+
+A claim writes a marker `<session_id>.chat` holding the chat id first, created
 exclusively: it records which chat a warm container serves (its labels, fixed at creation,
 cannot), and two claims of one slot for different chats cannot both succeed.
 
@@ -22,6 +31,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -82,8 +92,11 @@ def _is_shared(path: str) -> bool:
 
 
 class SlotMounts:
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, chat_dir_name: str = "chat") -> None:
+        if not chat_dir_name or "/" in chat_dir_name or chat_dir_name in {".", ".."}:
+            raise ValueError(f"not a directory name: {chat_dir_name!r}")
         self.root = Path(root).resolve()
+        self.chat_dir_name = chat_dir_name  # the chat mount path's last part
 
     def prepare(self) -> str | None:
         """Make the slots root a shared mount point; None when done, else why it cannot be
@@ -123,15 +136,20 @@ class SlotMounts:
     def slot(self, session_id: str) -> Path:
         return self.root / canonical_chat_id(session_id)  # a uuid: never a path of its own
 
+    def mount_point(self, session_id: str) -> Path:
+        """Where a claim mounts the chat's directory: `<slot>/<chat dir name>`."""
+        return self.slot(session_id) / self.chat_dir_name
+
     def _marker(self, session_id: str) -> Path:
         return self.root / f"{canonical_chat_id(session_id)}{_MARKER}"
 
     def make(self, session_id: str) -> Path:
-        """A new, empty slot directory (root's, 0755: the sandbox's user cannot write there
-        before its chat is attached)."""
+        """A new slot directory holding only the empty mount point (both root's, 0755: the
+        sandbox's user can write in neither before its chat is attached)."""
         path = self.slot(session_id)
         try:
             path.mkdir(mode=0o755, exist_ok=True)
+            self.mount_point(session_id).mkdir(mode=0o755, exist_ok=True)
         except OSError as exc:
             raise SandboxStartFailed(f"cannot make the warm slot {path} (sandbox.slots_root): {exc}") from exc
         return path
@@ -148,6 +166,7 @@ class SlotMounts:
         is a no-op, for another chat an error (nothing changed)."""
         marker = self._marker(session_id)
         slot = self.slot(session_id)
+        point = self.mount_point(session_id)
         try:
             fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
@@ -162,11 +181,11 @@ class SlotMounts:
             with os.fdopen(fd, "w", encoding="utf-8") as out:
                 out.write(chat_id)
         try:
-            if self._attached(slot, chat_dir):
+            if self._attached(point, chat_dir):
                 return
-            _mount(str(chat_dir), str(slot), _MS_BIND)
+            _mount(str(chat_dir), str(point), _MS_BIND)
         except OSError as exc:
-            raise SandboxStartFailed(f"cannot mount {chat_dir} on the warm slot {slot}: {exc}") from exc
+            raise SandboxStartFailed(f"cannot mount {chat_dir} on the warm slot {point}: {exc}") from exc
 
     @staticmethod
     def _attached(slot: Path, chat_dir: Path) -> bool:
@@ -174,16 +193,27 @@ class SlotMounts:
         return (seen.st_dev, seen.st_ino) == (wanted.st_dev, wanted.st_ino)
 
     def release(self, session_id: str) -> None:
-        """Unmount what is attached, remove the slot and its marker (a missing one is fine)."""
+        """Unmount what is attached, remove the slot and its marker (a missing one is fine).
+        The slot's tree is removed only once no mount is left in it: a chat's directory is
+        never reached through it."""
         slot = self.slot(session_id)
         with contextlib.suppress(FileNotFoundError):
             if slot.exists():
-                # Stacked attaches (never made by us, but cheap to be sure of) come off one by one.
+                inside = f"{slot}/"
+                # Stacked attaches (never made by us, but cheap to be sure of) come off one by
+                # one, deepest first; a slot from before mount points moved inside has its own.
                 for _ in range(8):
-                    if str(slot) not in _mount_points():
+                    points = sorted(
+                        (p for p in _mount_points() if p == str(slot) or p.startswith(inside)), key=len, reverse=True
+                    )
+                    if not points:
                         break
-                    _umount(str(slot))
-                slot.rmdir()
+                    for point in points:
+                        _umount(point)
+                if any(p == str(slot) or p.startswith(inside) for p in _mount_points()):
+                    raise OSError(errno.EBUSY, f"{slot} still has a mount in it; not removed")
+                # Anything else in it was written there by the container (a root sandbox user).
+                shutil.rmtree(slot)
         with contextlib.suppress(FileNotFoundError):
             self._marker(session_id).unlink()
 

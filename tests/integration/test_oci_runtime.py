@@ -1,5 +1,5 @@
 """`sandbox.oci_runtime` against the real engine: `auto` runs sandboxes under gVisor when the
-engine lists runsc (and says so at start-up, with the warm pool off and why), an explicit
+engine lists runsc (and says so at start-up; the warm pool works under it too), an explicit
 runtime the engine lacks stops start-up naming the key, and the pids and memory limits hold
 under runc and under gVisor (under gVisor a sandbox that exceeds one is ended as a whole)."""
 
@@ -15,13 +15,15 @@ import httpx
 import nats
 import pytest
 
+from services.runtime.containers import LABEL_POOL
 from services.runtime.oci import GVISOR, RuntimeUnavailable
 from services.runtime.service import RuntimeHandle, running_runtime
 from shared.config import Settings
 from shared.contracts import SessionStatus
 from shared.event_store import EventStore
 from tests.conftest import missing, settings_for
-from tests.integration.test_container_options import oci_runtime
+from tests.integration.test_container_options import oci_runtime, run_in
+from tests.integration.test_warm_pool import until
 from tests.support.eventually import eventually
 from tests.support.nats_server import NatsServer
 from tests.support.processes import make_sandbox_dirs
@@ -100,13 +102,22 @@ async def test_the_chosen_runtime_is_logged_recorded_and_runs_the_sandbox(
     setup = caplog.get_records("setup")  # the runtime started in a fixture
     logged = [r.getMessage() for r in setup if r.name == "services.runtime.service"]
     assert f"OCI runtime: {expected} ({choice.why})" in logged
-    pool_off = [m for m in logged if m.startswith("warm pool off")]
-    assert bool(pool_off) == under_gvisor, logged
-    if under_gvisor:
-        assert "gVisor" in pool_off[0]
-        assert "empty slot" in pool_off[0]
+    assert not [m for m in logged if m.startswith("warm pool off")], logged
+    # The pool works under gVisor too: a create takes a warm container, whose chat directory
+    # (mounted inside its slot on the host after it started) the sandbox sees and writes.
+    assert runtime.pool is not None
+    pool = runtime.pool
+    await until(lambda: pool.ready == 2, timeout=60)
     chat, container_id = await create(api)
-    assert docker_client.api.inspect_container(container_id)["HostConfig"]["Runtime"] == expected
+    inspected = docker_client.api.inspect_container(container_id)
+    assert inspected["HostConfig"]["Runtime"] == expected
+    assert inspected["Config"]["Labels"][LABEL_POOL] == "true", "served from the warm pool"
+    path = settings.sandbox.chat_mount_path
+    assert run_in(docker_client, container_id, f"echo in-sandbox > {path}/written; ls -A {path}") == (0, "written")
+    assert (Path(settings.sandbox.chats_root) / chat / "written").read_text() == "in-sandbox\n"
+    parent = str(Path(path).parent)  # the slot: only the chat's mount point, not writable
+    assert run_in(docker_client, container_id, f"ls -A {parent}") == (0, Path(path).name)
+    assert run_in(docker_client, container_id, f"touch {parent}/x")[0] != 0
     record = (await store.read(chat)).session
     assert record is not None
     assert record.oci_runtime == expected

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from services.runtime.containers import ContainerIdentity, container_spec
+from services.runtime.containers import ContainerIdentity, container_spec, warm_layout_blocker
 from services.runtime.oci import RuntimeUnavailable, choose_runtime, warm_pool_blocker
 from shared.config import ConfigError, SandboxSettings, load_settings
 from shared.contracts import SessionRecord, SessionStatus
@@ -28,8 +28,7 @@ def test_auto_is_the_default_and_picks_gvisor_when_the_engine_lists_it() -> None
     choice = choose_runtime("auto", info(GVISOR))
     assert (choice.name, choice.binary, choice.is_gvisor) == ("runsc", "/usr/bin/runsc", True)
     assert "lists runsc" in choice.why
-    assert choice.warm_pool_blocker is not None
-    assert "gVisor" in choice.warm_pool_blocker
+    assert choice.warm_pool_blocker is None, "gVisor sees a mount made inside a warm container's slot"
 
 
 def test_auto_falls_back_to_runc_and_keeps_the_pool() -> None:
@@ -74,8 +73,23 @@ def test_the_warm_pool_needs_a_runtime_that_sees_host_mounts() -> None:
     assert warm_pool_blocker("runc", "runc") is None
     assert warm_pool_blocker("io.containerd.runc.v2", "/usr/sbin/runc") is None
     assert warm_pool_blocker("my-crun", "/usr/bin/crun") is None
-    assert warm_pool_blocker("gvisor", "/usr/local/bin/runsc") is not None  # by its program
+    assert warm_pool_blocker("gvisor", "/usr/local/bin/runsc") is None  # by its program
+    assert warm_pool_blocker("runsc", None) is None
     assert warm_pool_blocker("kata", "/usr/bin/kata-runtime") is not None  # unknown: off
+
+
+def test_warm_containers_need_a_chat_mount_path_with_a_parent_of_its_own() -> None:
+    assert warm_layout_blocker(SandboxSettings()) is None  # /workspace/chat: the slot at /workspace
+    why = warm_layout_blocker(SandboxSettings(chat_mount_path="/chat"))
+    assert why is not None
+    assert "sandbox.chat_mount_path" in why
+    overlapping = SandboxSettings(chat_mount_path="/opt/chat", dependencies_mount_path="/opt")
+    why = warm_layout_blocker(overlapping)
+    assert why is not None
+    assert "sandbox.dependencies_mount_path" in why
+    inside = SandboxSettings(lambda_tools_mount_path="/workspace/tools")
+    assert "sandbox.lambda_tools_mount_path" in (warm_layout_blocker(inside) or "")
+    assert warm_layout_blocker(SandboxSettings(chat_mount_path="/home/agent/chat")) is None
 
 
 def test_a_bad_runtime_name_is_a_configuration_error() -> None:
