@@ -30,9 +30,8 @@ from typing import Any
 import msgspec
 from litestar import MediaType, Request, Response, Router, get, post
 from litestar.datastructures import Cookie, State
-from litestar.enums import RequestEncodingType
 from litestar.exceptions import NotAuthorizedException
-from litestar.params import Body, FromPath
+from litestar.params import FromPath, FromQuery, URLEncodedBody
 from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -274,7 +273,9 @@ def ui_router(api: ApiSettings) -> Router:
     auth = UiAuth(api)
 
     @get("/", operation_id="uiDashboard", include_in_schema=False)
-    async def dashboard(request: Request[Any, Any, Any], state: State, error: str | None = None) -> Response[str]:
+    async def dashboard(
+        request: Request[Any, Any, Any], state: State, error: FromQuery[str | None] = None
+    ) -> Response[str]:
         if not auth.allowed(request):
             return _sign_in(failed=error is not None)
         services = services_of(state)
@@ -283,7 +284,7 @@ def ui_router(api: ApiSettings) -> Router:
     @post("/login", operation_id="uiLogin", include_in_schema=False, status_code=303)
     async def login(
         request: Request[Any, Any, Any],
-        data: dict[str, str] = Body(media_type=RequestEncodingType.URL_ENCODED),  # noqa: B008 - Litestar's idiom
+        data: URLEncodedBody[dict[str, str]],
     ) -> Redirect:
         origin = request.headers.get("origin")
         host = request.headers.get("host", "")
