@@ -45,6 +45,9 @@ _CHECK_SECONDS = 10.0
 _RETRY_SECONDS = 2.0
 # A slot without a container is released once this old (one being made has none yet).
 _SLOT_GRACE_SECONDS = 120.0
+# A taken warm container whose claim has not attached it this long after the take: its claim's
+# append failed without landing (NATS gone), or its command is being resumed by another path.
+_TAKEN_GRACE_SECONDS = 120.0
 
 
 class WarmEngine(Protocol):
@@ -70,6 +73,8 @@ class Slots(Protocol):
 
     def retire(self) -> bool: ...
 
+    def chat_of(self, session_id: str) -> str | None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Warm:
@@ -89,6 +94,7 @@ class WarmPool:
         size: int,
         telemetry: Telemetry | None = None,
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
         self._driver = driver
         self._slots = slots
@@ -98,8 +104,9 @@ class WarmPool:
         self.size = size
         self._telemetry = telemetry or telemetry_disabled()
         self._new_id = new_id
+        self._now = now
         self._ready: deque[Warm] = deque()
-        self._taken: dict[str, Warm] = {}  # handed to a claim, not attached yet
+        self._taken: dict[str, tuple[Warm, float]] = {}  # handed to a claim, not attached yet; when
         self._filling = 0
         self._wake = asyncio.Event()
         self._metrics = self._telemetry.metrics
@@ -116,16 +123,16 @@ class WarmPool:
             self._metrics.increment("sandbox.pool.take.total", {"result": "empty"})
             return None
         warm = self._ready.popleft()
-        self._taken[warm.session_id] = warm
+        self._taken[warm.session_id] = (warm, self._now())
         self._publish()
         self._wake.set()
         return warm.session_id
 
     def give_back(self, session_id: str) -> None:
         """A taken id whose claim did not land: ready again (nothing was attached)."""
-        warm = self._taken.pop(session_id, None)
-        if warm is not None:
-            self._ready.appendleft(warm)
+        taken = self._taken.pop(session_id, None)
+        if taken is not None:
+            self._ready.appendleft(taken[0])
             self._publish()
 
     def holds(self, session_id: str) -> bool:
@@ -135,14 +142,16 @@ class WarmPool:
         """Attach the chat of `spec` (a session's spec, for a taken id) to its warm container;
         the container's id. Raises as a start would; the container is then the session's to
         remove."""
-        warm = self._taken.pop(spec.identity.session_id)
+        taken = self._taken.pop(spec.identity.session_id, None)
+        if taken is None:  # given up on by `check` meanwhile: the container by name, or a new one
+            return await self._driver.ensure_running(spec)
         try:
             await self._driver.attach_warm(spec)
         except Exception:
             self._metrics.increment("sandbox.pool.take.total", {"result": "failed"})
             raise
         self._metrics.increment("sandbox.pool.take.total", {"result": "warm"})
-        return warm.container_id
+        return taken[0].container_id
 
     # ------------------------------------------------------------------ upkeep
 
@@ -150,11 +159,11 @@ class WarmPool:
         """Keep `size` warm containers until stopped (and look after them every few
         seconds); then remove the unclaimed ones."""
         try:
-            await self._check()
+            await self.check()
             next_check = time.monotonic() + _CHECK_SECONDS
             while not stopping.is_set():
                 if time.monotonic() >= next_check:
-                    await self._check()
+                    await self.check()
                     next_check = time.monotonic() + _CHECK_SECONDS
                 missing = self.size - len(self._ready) - self._filling
                 if missing > 0:
@@ -201,9 +210,10 @@ class WarmPool:
         except (InfrastructureError, DockerUnavailable):
             log.warning("warm pool: could not remove the container of session %s", session_id, exc_info=True)
 
-    async def _check(self) -> None:
+    async def check(self) -> None:
         """Upkeep: drop ready containers that are no longer running, remove warm containers
-        of instances that are gone, release slots whose container is gone."""
+        of instances that are gone and taken ones no claim attached, release slots whose
+        container is gone."""
         try:
             containers = await self._driver.list_managed(self._node_id)
         except DockerUnavailable as exc:
@@ -219,12 +229,33 @@ class WarmPool:
                 )
                 await self._remove(warm.session_id)
         self._publish()
+        await self._forget_stale_takes(seen)
         for c in containers:
             if await self._abandoned(c):
                 log.info("warm pool: removing %s, left warm by instance %s", c.name, c.pool_owner)
                 await self._remove(c.session_id)
         for session_id in await asyncio.to_thread(self._slots.stale, set(seen), _SLOT_GRACE_SECONDS):
             await asyncio.to_thread(self._slots.release, session_id)
+
+    async def _forget_stale_takes(self, seen: dict[str, ObservedContainer]) -> None:
+        """A take whose claim never attached its container within the grace: the claim's
+        append failed without landing (its command, redelivered, claimed another), or landed
+        and is being resumed, which finds the container by name (or makes a cold one). Either
+        way the pool lets go of it, and removes it while no chat is attached."""
+        cutoff = self._now() - _TAKEN_GRACE_SECONDS
+        for session_id, (_, taken_at) in list(self._taken.items()):
+            if taken_at > cutoff:
+                continue
+            del self._taken[session_id]
+            found = seen.get(session_id)
+            # The marker is read again: a resumed claim may have attached it since the listing.
+            if (
+                found is not None
+                and found.unclaimed_warm
+                and not await asyncio.to_thread(self._slots.chat_of, session_id)
+            ):
+                log.warning("warm pool: container of session %s was taken but never claimed; removed", session_id)
+                await self._remove(session_id)
 
     async def _abandoned(self, c: ObservedContainer) -> bool:
         if not c.unclaimed_warm or c.pool_owner == self._instances.instance_id:

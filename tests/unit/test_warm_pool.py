@@ -4,7 +4,10 @@ mounts: tests/integration/test_warm_pool.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,13 +44,25 @@ class FakeEngine(FakeDriver):
         self.attached.append((spec.identity.session_id, spec.identity.chat_id))
 
     async def list_managed(self, node_id: str) -> list[ObservedContainer]:
-        return [*await super().list_managed(node_id), *self.others]
+        """As the real driver lists them: warm containers with their owner, and the chat of a
+        claimed one (from its marker)."""
+        chats = dict(self.attached)
+        listed = []
+        for found in await super().list_managed(node_id):
+            labels = self.specs[found.name].labels
+            if labels.get("sandboxd.pool") != "true":
+                listed.append(found)
+                continue
+            chat = chats.get(found.session_id, "")
+            listed.append(dataclasses.replace(found, pool=True, pool_owner=labels["sandboxd.pool_owner"], chat_id=chat))
+        return [*listed, *self.others]
 
 
 @dataclass
 class FakeSlots:
     made: set[str] = field(default_factory=set)
     released: list[str] = field(default_factory=list)
+    claimed: dict[str, str] = field(default_factory=dict)  # session -> chat (the marker)
 
     def make(self, session_id: str) -> Path:
         self.made.add(session_id)
@@ -63,14 +78,19 @@ class FakeSlots:
     def retire(self) -> bool:
         return not self.made
 
+    def chat_of(self, session_id: str) -> str | None:
+        return self.claimed.get(session_id)
+
 
 async def no_progress() -> None:
     await asyncio.sleep(0)
 
 
-def pool_of(size: int, engine: FakeEngine, instances: FakeInstances | None = None) -> WarmPool:
+def pool_of(
+    size: int, engine: FakeEngine, instances: FakeInstances | None = None, now: Callable[[], float] = time.monotonic
+) -> WarmPool:
     return WarmPool(
-        engine, FakeSlots(), SandboxSettings(), node_id=NODE, instances=instances or FakeInstances(), size=size
+        engine, FakeSlots(), SandboxSettings(), node_id=NODE, instances=instances or FakeInstances(), size=size, now=now
     )
 
 
@@ -171,3 +191,33 @@ async def test_a_create_takes_a_warm_container_and_a_lost_claim_hands_it_back() 
     assert cold.session_id != warm_session
     assert f"sandboxd-{cold.session_id}" in engine.started
     assert engine.attached == [(warm_session, chat)]
+
+
+async def test_a_take_no_claim_attached_is_let_go_and_its_container_removed_while_unclaimed() -> None:
+    """A claim whose append failed without landing (NATS gone) never attaches its warm
+    container; its command, redelivered, claims another. The pool must not keep the first one
+    taken (and running) forever."""
+    clock = [1000.0]
+    engine = FakeEngine()
+    pool = pool_of(3, engine, now=lambda: clock[0])
+    stopping, task = await running(pool)
+    lost, claimed = pool.take(), pool.take()
+    assert lost is not None
+    assert claimed is not None
+    chat = str(uuid.uuid4())
+    engine.attached.append((claimed, chat))  # a resumed claim found it by name and attached its chat
+    clock[0] += 119
+    recent = pool.take()
+    assert recent is not None
+    await pool.check()
+    assert engine.removed_sessions == [], "within the grace nothing is let go"
+    assert pool.holds(lost)
+
+    clock[0] += 2
+    await pool.check()
+    assert engine.removed_sessions == [lost], "the unclaimed one is removed, the claimed one is the session's"
+    assert not pool.holds(lost)
+    assert not pool.holds(claimed)
+    assert pool.holds(recent), "a take within the grace is kept"
+    stopping.set()
+    await task
