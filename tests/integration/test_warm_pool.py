@@ -2,7 +2,8 @@
 gets its chat's directory attached (a host bind mount into the container's slot); the chat's
 files land in the chat's directory, no other chat's are visible, the pool refills, a stop
 releases the slot, reconciliation and the death watch know claimed warm containers, and a
-runtime that is gone leaves nothing behind once another starts."""
+runtime that is gone leaves nothing behind once another starts. The isolation test runs
+under runc and gVisor (runsc)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from msgspec.structs import replace
 
 from services.runtime.containers import LABEL_POOL, LABEL_POOL_OWNER, ContainerIdentity, container_spec, warm_spec
 from services.runtime.docker_driver import DockerDriver
+from services.runtime.oci import GVISOR
 from services.runtime.service import RuntimeHandle, running_runtime
 from services.runtime.slots import SlotMounts, unmount_all
 from shared.config import Settings
@@ -46,9 +48,21 @@ async def until(condition: Callable[[], bool], timeout: float) -> None:
 
 
 @pytest.fixture
-def settings(nats: NatsServer, tmp_path: Path, node_id: str) -> Settings:
+def oci_runtime_name() -> str:
+    """runc; the isolation test runs under gVisor too (parametrized)."""
+    return "runc"
+
+
+@pytest.fixture
+def settings(nats: NatsServer, tmp_path: Path, node_id: str, oci_runtime_name: str) -> Settings:
     make_sandbox_dirs(tmp_path)
-    return settings_for(nats.url, tmp_path, node_id, SANDBOXD_SANDBOX_WARM_POOL_SIZE=str(POOL))
+    return settings_for(
+        nats.url,
+        tmp_path,
+        node_id,
+        SANDBOXD_SANDBOX_WARM_POOL_SIZE=str(POOL),
+        SANDBOXD_SANDBOX_OCI_RUNTIME=oci_runtime_name,
+    )
 
 
 def warm(docker_client: docker.DockerClient, node_id: str, *, claimed: bool | None = None) -> list[str]:
@@ -73,7 +87,9 @@ async def filled(
     return unclaimed(docker_client, node, tmp_path)
 
 
+@pytest.mark.parametrize("oci_runtime_name", ["runc", GVISOR])
 async def test_a_create_takes_a_warm_container_and_sees_only_its_own_chat(
+    oci_runtime_name: str,
     api: httpx.AsyncClient,
     filled: set[str],
     docker_client: docker.DockerClient,
@@ -93,6 +109,7 @@ async def test_a_create_takes_a_warm_container_and_sees_only_its_own_chat(
     assert {va["session_id"], vb["session_id"]} <= filled, "both sessions were served from the pool"
     container = docker_client.containers.get(va["container_id"])
     assert container.labels[LABEL_POOL] == "true"
+    assert container.attrs["HostConfig"]["Runtime"] == oci_runtime_name
     assert container.name == f"sandboxd-{va['session_id']}"
     assert va["labels"] == {"team": "qa"}, "request labels live in the session record"
     got = await api.get(f"{API}/sandboxes/{a}")
