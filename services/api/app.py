@@ -172,12 +172,12 @@ async def _answer(
     key: str | None,
     request: str,
     fields: dict[str, object],
-    gateway: CommandGateway,
-    idempotent: IdempotentRequests,
+    services: ApiServices,
     shortcut: Callable[[], Awaitable[Answer | None]] | None = None,
 ) -> Response[Any]:
     """Send the command and answer from its outcome, through its idempotency key if any.
     `shortcut` may answer without the command (see services/api/reuse.py)."""
+    gateway = services.gateway
     if key is None:
         gateway.require_connection()
         shortcut_answer = await shortcut() if shortcut is not None else None
@@ -190,7 +190,7 @@ async def _answer(
         raise HTTPException(status_code=400, detail=str(exc)) from None
     keyed = KeyedRequest(key=checked, request=request, chat_id=str(command.chat_id), fields=fields)
     gateway.require_connection()  # before the key is claimed
-    return await idempotent.answer(keyed, command, respond, shortcut)
+    return await services.idempotent.answer(keyed, command, respond, shortcut)
 
 
 def strict_body(
@@ -298,14 +298,13 @@ async def create_sandbox(  # keyword-only: Litestar passes everything by name
     (or resumed: a paused session runs again). A running, unexpired session is reused from the
     chat's last event, without a command (see the README: activity of an idle timeout)."""
     services = services_of(state)
-    gateway, idempotent, reuse, clock = services.gateway, services.idempotent, services.reuse, services.clock
     chat = uuid.UUID(_chat(data.chat_id))
     command = CreateSandbox(
         chat_id=chat,
         ttl_seconds=data.ttl_seconds,
         idle_ttl_seconds=data.idle_ttl_seconds,
         labels=data.labels,
-        **_stamp(clock),
+        **_stamp(services.clock),
     )
     fields: dict[str, object] = {"ttl_seconds": data.ttl_seconds, "labels": data.labels}
     if data.idle_ttl_seconds is not None:  # keys made before idle timeouts existed still match
@@ -316,9 +315,8 @@ async def create_sandbox(  # keyword-only: Litestar passes everything by name
         key=idempotency_key,
         request=f"POST {API_PREFIX}/sandboxes",
         fields=fields,
-        gateway=gateway,
-        idempotent=idempotent,
-        shortcut=lambda: _reused_answer(reuse, chat, data.ttl_seconds, seed=False),
+        services=services,
+        shortcut=lambda: _reused_answer(services.reuse, chat, data.ttl_seconds, seed=False),
     )
 
 
@@ -337,18 +335,16 @@ async def create_seed(  # keyword-only: Litestar passes everything by name
 ) -> Response[Any]:
     """The seed service's create endpoint: same semantics, the seed's response fields."""
     services = services_of(state)
-    gateway, idempotent, reuse, clock = services.gateway, services.idempotent, services.reuse, services.clock
     chat = uuid.UUID(_chat(data.chat_id))
-    command = CreateSandbox(chat_id=chat, **_stamp(clock))
+    command = CreateSandbox(chat_id=chat, **_stamp(services.clock))
     return await _answer(
         command,
         lambda outcome: _create_answer(outcome, seed=True),
         key=idempotency_key,
         request=f"POST {API_PREFIX}/create",
         fields={},
-        gateway=gateway,
-        idempotent=idempotent,
-        shortcut=lambda: _reused_answer(reuse, chat, None, seed=True),
+        services=services,
+        shortcut=lambda: _reused_answer(services.reuse, chat, None, seed=True),
     )
 
 
@@ -437,15 +433,13 @@ async def stop_sandbox(
     """Stop the chat's sandbox: 200 with the final view, 404 when it has none."""
     chat = _path_chat(chat_id)
     services = services_of(state)
-    gateway, idempotent, clock = services.gateway, services.idempotent, services.clock
     return await _answer(
-        StopSandbox(chat_id=chat, reason=StopReason.API, **_stamp(clock)),
+        StopSandbox(chat_id=chat, reason=StopReason.API, **_stamp(services.clock)),
         _stop_answer,
         key=idempotency_key,
         request=f"DELETE {API_PREFIX}/sandboxes/{{chat_id}}",
         fields={},
-        gateway=gateway,
-        idempotent=idempotent,
+        services=services,
     )
 
 
@@ -472,18 +466,18 @@ async def keepalive_sandbox(  # keyword-only: Litestar passes everything by name
     """Move the live session's `expires_at` to now + ttl (default: the configured ttl)."""
     chat = _path_chat(chat_id)
     services = services_of(state)
-    gateway, idempotent, clock = services.gateway, services.idempotent, services.clock
     body = data or KeepaliveRequest()
     session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id is not None else None
-    command = KeepaliveSandbox(chat_id=chat, ttl_seconds=body.ttl_seconds, session_id=session_id, **_stamp(clock))
+    command = KeepaliveSandbox(
+        chat_id=chat, ttl_seconds=body.ttl_seconds, session_id=session_id, **_stamp(services.clock)
+    )
     return await _answer(
         command,
         _keepalive_answer,
         key=idempotency_key,
         request=f"POST {API_PREFIX}/sandboxes/{{chat_id}}/keepalive",
         fields={"ttl_seconds": body.ttl_seconds, "session_id": str(session_id) if session_id else None},
-        gateway=gateway,
-        idempotent=idempotent,
+        services=services,
     )
 
 
@@ -511,17 +505,15 @@ async def pause_sandbox(  # keyword-only: Litestar passes everything by name
     it is not running."""
     chat = _path_chat(chat_id)
     services = services_of(state)
-    gateway, idempotent, clock = services.gateway, services.idempotent, services.clock
     body = data or PauseRequest()
     session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id is not None else None
     return await _answer(
-        PauseSandbox(chat_id=chat, session_id=session_id, reason=PauseReason.API, **_stamp(clock)),
+        PauseSandbox(chat_id=chat, session_id=session_id, reason=PauseReason.API, **_stamp(services.clock)),
         lambda outcome: _changed_answer(outcome, SandboxPaused),
         key=idempotency_key,
         request=f"POST {API_PREFIX}/sandboxes/{{chat_id}}/pause",
         fields={"session_id": str(session_id) if session_id else None},
-        gateway=gateway,
-        idempotent=idempotent,
+        services=services,
     )
 
 
@@ -542,17 +534,15 @@ async def resume_sandbox(  # keyword-only: Litestar passes everything by name
     """Unfreeze the paused session: 200 running; 409 when it is not paused."""
     chat = _path_chat(chat_id)
     services = services_of(state)
-    gateway, idempotent, clock = services.gateway, services.idempotent, services.clock
     body = data or ResumeRequest()
     session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id is not None else None
     return await _answer(
-        ResumeSandbox(chat_id=chat, session_id=session_id, **_stamp(clock)),
+        ResumeSandbox(chat_id=chat, session_id=session_id, **_stamp(services.clock)),
         lambda outcome: _changed_answer(outcome, SandboxResumed),
         key=idempotency_key,
         request=f"POST {API_PREFIX}/sandboxes/{{chat_id}}/resume",
         fields={"session_id": str(session_id) if session_id else None},
-        gateway=gateway,
-        idempotent=idempotent,
+        services=services,
     )
 
 
