@@ -173,7 +173,10 @@ class Instances:
         try:
             yield self
         finally:
+            # A beat in flight is cancelled, not waited for: leave() deletes the heartbeat
+            # anyway, and with NATS gone its retries would hold the stop for many seconds.
             stopping.set()
+            task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await self.leave()
 

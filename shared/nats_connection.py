@@ -177,8 +177,9 @@ async def connect(
 async def service_connection(
     settings: NatsSettings, name: str, *, role: Role, on_reconnected: Callable[[], None] | None = None
 ) -> AsyncIterator[Client]:
-    """A service's connection for the block, drained when it ends; a first connection that
-    fails is a StartupError naming the server."""
+    """A service's connection for the block, drained when it ends (closed when it cannot be:
+    nats-py refuses to drain while reconnecting, and would go on reconnecting); a first
+    connection that fails is a StartupError naming the server."""
     try:
         nc = await connect(settings, name, role=role, on_reconnected=on_reconnected)
     except Exception as exc:
@@ -186,5 +187,8 @@ async def service_connection(
     try:
         yield nc
     finally:
-        with contextlib.suppress(Exception):
+        try:
             await nc.drain()
+        except Exception:  # noqa: BLE001 - reconnecting (NATS gone) or already closed
+            with contextlib.suppress(Exception):
+                await nc.close()

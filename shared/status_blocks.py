@@ -13,15 +13,22 @@ import prometheus_client
 from shared.contracts import encode
 
 log = logging.getLogger(__name__)
+# How long a stopping process spends on its last status block.
+FINAL_WRITE_SECONDS = 2.0
 
 
 async def publish_periodically(
     put: Callable[[bytes], Awaitable[object]], build: Callable[[], object], interval: float, stopping: asyncio.Event
 ) -> None:
-    """Write `build()` every `interval` seconds (and once more on the way out); never raises."""
+    """Write `build()` every `interval` seconds (and once more on the way out, for at most
+    FINAL_WRITE_SECONDS: with NATS gone a stop must not wait out its time-outs); never raises."""
     while True:
+        final = stopping.is_set()
         try:
-            await put(encode(build()))
+            if final:
+                await asyncio.wait_for(put(encode(build())), FINAL_WRITE_SECONDS)
+            else:
+                await put(encode(build()))
         except Exception as exc:  # noqa: BLE001 - a status block is best effort
             log.warning("status block not written: %s", exc)
         if stopping.is_set():

@@ -46,6 +46,8 @@ HOLD_CLAIMS = {
     "SANDBOXD_RUNTIME_CLAIM_TIMEOUT_SECONDS": "600",
     "SANDBOXD_REAPER_REDRIVE_GRACE_SECONDS": "900",
 }
+# A killed instance is known dead 1.5 s after its last heartbeat (not the default 5 s).
+QUICK_LIVENESS = {"SANDBOXD_RUNTIME_INSTANCE_DEAD_AFTER_SECONDS": "1.5"}
 # Far below the claim timeout, far above what the liveness path needs on a busy machine.
 DONE_WITHIN = 60.0
 IN_FLIGHT = 6
@@ -124,8 +126,11 @@ async def test_after_a_claim_crash_the_chats_next_command_completes(
 ) -> None:
     """The issue's reproduction with one runtime: killed right after a create's claim, then a
     keepalive or a second create for the chat, then the runtime restarted. Both commands
-    complete, and the create never replaces the session it claimed itself."""
-    env = sandboxd_env(nats.url, root, node_id, TOKEN, **HOLD_CLAIMS)
+    complete, and the create never replaces the session it claimed itself. (A short ack wait:
+    the killed runtime's create comes back soon; a redelivery of a slow one is harmless.)"""
+    env = sandboxd_env(
+        nats.url, root, node_id, TOKEN, SANDBOXD_RUNTIME_ACK_WAIT_SECONDS="2", **QUICK_LIVENESS, **HOLD_CLAIMS
+    )
     nc = await nats_client.connect(nats.url)
     js = nc.jetstream()
     await ensure_topology(js, StreamSettings())
@@ -162,9 +167,7 @@ async def test_after_a_claim_crash_the_chats_next_command_completes(
         await assert_consistent(js, docker_client, chat)
         assert survivor.poll() is None, survivor.log.read_text()
     finally:
-        stop(victim)
-        if survivor is not None:
-            stop(survivor)
+        stop(victim, survivor)
         await nc.close()
 
 
@@ -188,7 +191,7 @@ async def test_a_dead_instances_claim_is_taken_over_before_its_command_comes_bac
         node_id,
         TOKEN,
         SANDBOXD_RUNTIME_ACK_WAIT_SECONDS="12",
-        SANDBOXD_RUNTIME_INSTANCE_DEAD_AFTER_SECONDS="1.5",
+        **QUICK_LIVENESS,
         **HOLD_CLAIMS,
     )
     nc = await nats_client.connect(nats.url)
@@ -230,9 +233,7 @@ async def test_a_dead_instances_claim_is_taken_over_before_its_command_comes_bac
         await assert_settled(js, [chat], 2)
         await assert_consistent(js, docker_client, chat)
     finally:
-        stop(victim)
-        if survivor is not None:
-            stop(survivor)
+        stop(victim, survivor)
         await nc.close()
 
 
@@ -243,7 +244,7 @@ async def test_kill_9_of_a_runtime_with_another_alive_completes_its_in_flight_co
     of them is redelivered; once it is killed, the runtime alive beside it gets them
     redelivered within the ack wait and finishes each one's own claim: one `running {created}`
     per create, on the session it claimed."""
-    env = sandboxd_env(nats.url, root, node_id, TOKEN, **HOLD_CLAIMS)
+    env = sandboxd_env(nats.url, root, node_id, TOKEN, **QUICK_LIVENESS, **HOLD_CLAIMS)
     nc = await nats_client.connect(nats.url)
     js = nc.jetstream()
     await ensure_topology(js, StreamSettings())
@@ -290,9 +291,7 @@ async def test_kill_9_of_a_runtime_with_another_alive_completes_its_in_flight_co
             await assert_consistent(js, docker_client, chat)
         assert survivor.poll() is None, survivor.log.read_text()
     finally:
-        stop(victim)
-        if survivor is not None:
-            stop(survivor)
+        stop(victim, survivor)
         await nc.close()
 
 

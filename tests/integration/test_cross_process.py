@@ -390,6 +390,5 @@ async def test_three_runtimes_and_two_apis_race_on_the_same_chats(
         claims = [await metric_total(r, APPEND_CONFLICTS, event="provisioning") for r in runtimes]
         assert sum(claims) > 0, f"no runtime lost a claim to another (per runtime: {claims})"
     finally:
-        for child in [*runtimes, *apis]:
-            stop(child)
+        stop(*runtimes, *apis)
         await nc.close()

@@ -192,3 +192,7 @@ async def test_nats_down_gives_503(api: Client, nats: Any) -> None:
     response = await api.post("/api/v1/sandboxes", json={"chat_id": str(uuid.uuid4())})
     assert response.status_code == 503, response.text
     assert "NATS" in response.json()["detail"]
+    # The server comes back on its port and store: the API is ready again (and the runtime
+    # and the API stop on a live connection, not waiting out requests to a dead one).
+    nats.start()
+    await eventually(lambda: api.get("/api/v1/ready"), lambda r: r.status_code == 200, what="the API sees NATS back")

@@ -141,9 +141,7 @@ async def test_a_retry_after_the_api_was_killed_mid_wait_gets_the_same_answer_an
             assert (await http.delete(f"/api/v1/sandboxes/{chat}")).status_code == 404
             assert await outcomes_of(nc, chat, await command_of(nc, stop_key)) == ["stopped"]
     finally:
-        for process in (first_api, second_api, runtime):
-            if process is not None:
-                stop(process)
+        stop(first_api, second_api, runtime)
 
 
 # --------------------------------------------------------------------------- in the test's process

@@ -282,6 +282,5 @@ async def test_a_server_killed_under_load_loses_no_acknowledged_command(
         if running is not None and not running.done():
             running.cancel()
         await http.aclose()
-        stop(api)
-        stop(runtime)
+        stop(api, runtime)
         await nc.close()

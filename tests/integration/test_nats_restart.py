@@ -132,8 +132,7 @@ async def test_http_answers_ride_through_a_nats_server_restart(
         await load.stop()
         reconnected = logged_at(api.log, "nats reconnected", after=killed)
     finally:
-        stop(api)
-        stop(runtime)
+        stop(api, runtime)
         await admin.close()
 
     judge(load.calls, killed=killed, reconnected=reconnected)

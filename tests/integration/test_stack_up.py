@@ -221,7 +221,13 @@ def supervision(stack: Stack, node_id: str) -> dict[str, Any]:
 
 
 async def test_a_killed_runtime_is_restarted_and_status_shows_it(stack: Stack, node_id: str) -> None:
-    runtime = supervision(stack, node_id)["children"]["runtime"]
+    # Read until the supervisor's status block is there (a /status section can fail once
+    # under load; a failed section carries an error and no data).
+    runtime = await eventually(
+        lambda: asyncio.to_thread(supervised_child, stack, node_id, "runtime"),
+        lambda c: c["running"],
+        what="the supervised runtime in /status",
+    )
     os.kill(runtime["pid"], signal.SIGKILL)
 
     restarted = await eventually(

@@ -98,11 +98,16 @@ def spawn(module: str, env: dict[str, str], log: Path) -> Child:
     return child
 
 
-def stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    if proc.poll() is None:
+def stop(*procs: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
+    """SIGTERM every process still running (None: none there), then wait for each, killing
+    one that outlives `timeout`: several stop side by side, not one after another."""
+    running = [p for p in procs if p is not None and p.poll() is None]
+    for proc in running:
         proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in running:
         try:
-            proc.wait(timeout)
+            proc.wait(max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -329,3 +329,29 @@ async def test_a_stop_whose_claim_was_taken_over_never_stops_the_session_made_si
     assert replaced.session is not None
     assert (refused.session.session_id, refused.session.status) == (replaced.session.session_id, "running")
     assert list(node.driver.running.values()) == [replaced.session.container_id]
+
+
+@dataclass
+class UnansweredBucket(FakeBucket):
+    """A bucket whose writes after the first never come back (NATS gone mid-run)."""
+
+    answered: int = 1
+
+    async def put(self, key: str, value: bytes) -> int:
+        if len([w for w in self.writes if w[0] == "put"]) >= self.answered:
+            self.writes.append(("put (unanswered)", key))
+            await asyncio.Event().wait()
+        return await super().put(key, value)
+
+
+async def test_a_stop_does_not_wait_for_a_beat_nats_never_answers() -> None:
+    """Stopping cancels the beat in flight (its retries would hold the stop while NATS is gone)
+    and still deletes the heartbeat."""
+    bucket = UnansweredBucket()
+    me = Instances(cast("KeyValue", bucket), FakeClock(T0), node_id=NODE, dead_after=timedelta(seconds=0.05))
+    heartbeat = me.heartbeating()
+    await heartbeat.__aenter__()
+    await until(lambda: ("put (unanswered)", me.instance_id) in bucket.writes, what="a beat left hanging")
+    stopped = asyncio.create_task(heartbeat.__aexit__(None, None, None))
+    await until(stopped.done, what="the stop, with a beat unanswered")
+    assert bucket.writes[-1] == ("delete", me.instance_id)
