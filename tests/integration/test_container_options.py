@@ -103,10 +103,9 @@ async def test_a_sandbox_has_the_configured_limits_mounts_user_runtime_and_label
     choice = runtime.oci_runtime
     assert choice is not None
     assert choice.name == settings.sandbox.oci_runtime
-    # The pool cannot attach a chat under gVisor (a mount made on the host after the start is
-    # not seen inside): asked for, it is off and says why; every create is cold.
-    warm = settings.sandbox.warm_pool_size > 0 and not gvisor
-    assert (choice.warm_pool_blocker is not None) == gvisor
+    # The pool attaches a chat under runc and gVisor alike (a mount made inside the slot).
+    warm = settings.sandbox.warm_pool_size > 0
+    assert choice.warm_pool_blocker is None
     if warm:
         assert runtime.pool is not None
         pool = runtime.pool
@@ -138,10 +137,13 @@ async def test_a_sandbox_has_the_configured_limits_mounts_user_runtime_and_label
     assert config["User"] == "10007:10009"
     assert config["WorkingDir"] == "/home/chat"
     mounts = {m["Destination"]: (m["Source"], m["RW"], m["Type"]) for m in inspected["Mounts"]}
-    # A warm container binds its slot (where the chat's directory is mounted on the host).
-    chat_source = tmp_path / "slots" / view["session_id"] if warm else tmp_path / "chats" / chat
+    # A warm container binds its slot at the chat mount path's parent (the chat's directory is
+    # mounted on the slot's `chat` on the host); a cold one binds the chat's directory.
+    chat_mount = {"/home": (str(tmp_path / "slots" / view["session_id"]), True, "bind")}
+    if not warm:
+        chat_mount = {"/home/chat": (str(tmp_path / "chats" / chat), True, "bind")}
     assert mounts == {
-        "/home/chat": (str(chat_source), True, "bind"),
+        **chat_mount,
         "/deps": (str(tmp_path / "deps"), False, "bind"),
         "/tools": (str(tmp_path / "tools"), False, "bind"),
     }
@@ -184,7 +186,7 @@ async def test_a_sandbox_has_the_configured_limits_mounts_user_runtime_and_label
     assert got.json()["oci_runtime"] == settings.sandbox.oci_runtime
     node = await eventually(lambda: runtime_block(api, settings), what="the runtime's status block")
     assert node["oci_runtime"] == settings.sandbox.oci_runtime
-    assert (node["warm_pool_off"] is not None) == gvisor
+    assert node["warm_pool_off"] is None
 
 
 def run_in(docker_client: docker.DockerClient, container_id: str, script: str) -> tuple[int, str]:

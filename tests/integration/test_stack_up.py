@@ -111,11 +111,9 @@ def test_up_serves_the_readme_flow_and_stops_cleanly(
     assert (
         httpx.post(f"{base}/api/v1/sandboxes", json={"chat_id": chat}, headers=headers, timeout=30).status_code == 200
     )
-    # The default stack: gVisor where the engine has it (then no warm pool: a mount made on
-    # the host does not reach a running gVisor sandbox), else runc with a warm pool.
-    gvisor = created.json()["oci_runtime"] == "runsc"
+    # The default stack: gVisor where the engine has it, else runc; a warm pool under either.
     assert container.attrs["HostConfig"]["Runtime"] == created.json()["oci_runtime"]
-    assert container.labels.get("sandboxd.pool") == (None if gvisor else "true")
+    assert container.labels.get("sandboxd.pool") == "true"
     assert httpx.delete(f"{base}/api/v1/sandboxes/{chat}", headers=headers, timeout=30).status_code == 200
     with pytest.raises(docker.errors.NotFound):
         docker_client.containers.get(created.json()["container_id"])
@@ -128,14 +126,10 @@ def test_up_serves_the_readme_flow_and_stops_cleanly(
     assert runtime[("sandbox_create_total", "result=created")] == 1
     assert ("sandbox_create_total", "result=reused") not in runtime
     docker_creates = runtime[("sandbox_runtime_create_duration_ms_count", "operation=create,result=created")]
-    if gvisor:
-        assert docker_creates == 1
-        assert ("sandbox_pool_take_total", "result=warm") not in runtime
-    else:
-        assert runtime[("sandbox_pool_take_total", "result=warm")] == 1
-        # Docker creates: the pool's (4 by default, then one refill), none for the session itself.
-        assert docker_creates >= 4
-        assert runtime[("sandbox_pool_made_total", "")] == docker_creates
+    assert runtime[("sandbox_pool_take_total", "result=warm")] == 1
+    # Docker creates: the pool's (4 by default, then one refill), none for the session itself.
+    assert docker_creates >= 4
+    assert runtime[("sandbox_pool_made_total", "")] == docker_creates
     assert runtime[("sandbox_runtime_stop_duration_ms_count", "operation=stop,result=stopped")] == 1
     assert runtime[("sandbox_active_count", "")] == 0
     reaper = scrape(f"http://127.0.0.1:{stack.reaper_metrics}/metrics")
