@@ -1,8 +1,8 @@
 """The container a session gets carries the configured options: a runtime configured with
 values other than the defaults, a sandbox created through the API, and Docker's own view of
 the container (`inspect`) compared with the settings and the session record. Each under
-runc and under gVisor (`runsc`), cold and from the warm pool (which is off under gVisor: a
-session there still sees its chat's files)."""
+runc and under gVisor (`runsc`), cold and from the warm pool (whose chat directory is
+mounted inside the container's slot after it started, seen both ways under either)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def settings(
     request: pytest.FixtureRequest, nats: NatsServer, tmp_path: Path, node_id: str, docker_client: docker.DockerClient
 ) -> Settings:
     """Every option, under each runtime, on a container made for the session (cold) and on a
-    warm one (asked for; under gVisor the runtime turns the pool off)."""
+    warm one."""
     runtime, mode = request.param
     make_sandbox_dirs(tmp_path)
     return settings_for(
