@@ -1,0 +1,157 @@
+"""Requests over one reply subscription per connection: JetStream publishes (appends, KV
+writes), direct gets and pulls, without nats-py's per-request costs.
+
+nats-py's `request` pays for a `wait_for` (a second future, a timer and callbacks) and a
+random token per request, and its `JetStreamContext.publish` parses the PubAck into a
+dataclass; a subscription of its own (a batched direct get, a pull) costs a SUB, an UNSUB
+and a task. Under load — every command is three or four of these — that is most of the
+runtime's time. Here one wildcard subscription (`<inbox>.*`) per connection takes every
+answer, and each request waits on one future with one timer.
+
+Errors are nats-py's, as its own calls raise them: `nats.errors.TimeoutError` when no
+answer came in time, `NoRespondersError` (`NoStreamResponseError` for a JetStream
+publish) when nothing listens, `APIError` subclasses (with `err_code`) when JetStream
+refused the publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import weakref
+from collections.abc import Callable
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import Header
+from nats.js.errors import APIError, NoStreamResponseError
+
+_NO_RESPONDERS = "503"
+
+# Takes each message of a request's answer; True when the answer is complete.
+Collector = Callable[[Msg], bool]
+
+
+class PubAck(msgspec.Struct):
+    """What JetStream answers a publish: its stream sequence, or why it was refused."""
+
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, object] | None = None
+
+
+_PUB_ACK = msgspec.json.Decoder(PubAck)
+
+
+class Requests:
+    """The requests of one connection; `requests_of(nc)` gives the connection's one."""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._prefix = f"{nc.new_inbox()}."
+        self._tokens = itertools.count(1)
+        self._waiting: dict[str, Collector] = {}
+        self._subscribed: asyncio.Future[None] | None = None
+
+    async def _subscribe(self) -> None:
+        if self._subscribed is None:
+            self._subscribed = asyncio.get_running_loop().create_future()
+            try:
+                await self._nc.subscribe(f"{self._prefix}*", cb=self._on_msg, pending_msgs_limit=-1)
+            except BaseException as exc:
+                self._subscribed.set_exception(exc)
+                self._subscribed.exception()  # retrieved: the next request subscribes again
+                self._subscribed = None
+                raise
+            self._subscribed.set_result(None)
+        await self._subscribed
+
+    async def _on_msg(self, msg: Msg) -> None:
+        token = msg.subject[len(self._prefix) :]
+        collect = self._waiting.get(token)
+        if collect is not None and collect(msg):
+            del self._waiting[token]
+
+    async def collect(
+        self, subject: str, payload: bytes, collect: Collector, done: asyncio.Future[None], timeout: float
+    ) -> None:
+        """Publish a request whose answer may be many messages: `collect` takes each (it
+        returns True at the message that ends the answer, and settles `done` by then); until
+        `done` is settled. NatsTimeoutError when it is not within `timeout`."""
+        await self._subscribe()
+        token = str(next(self._tokens))
+        self._waiting[token] = collect
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, done)
+        try:
+            await self._nc.publish(subject, payload, reply=self._prefix + token)
+            await done
+        finally:
+            timer.cancel()
+            self._waiting.pop(token, None)
+
+    async def request(
+        self, subject: str, payload: bytes, *, headers: dict[str, str] | None = None, timeout: float
+    ) -> Msg:
+        """One answer; NoRespondersError when nothing listens on `subject`."""
+        await self._subscribe()
+        token = str(next(self._tokens))
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Msg] = loop.create_future()
+
+        def take(msg: Msg) -> bool:
+            if not answer.done():
+                answer.set_result(msg)
+            return True
+
+        self._waiting[token] = take
+        timer = loop.call_later(timeout, _expire, answer)
+        try:
+            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            msg = await answer
+        finally:
+            timer.cancel()
+            self._waiting.pop(token, None)
+        if not msg.data and msg.headers and msg.headers.get(Header.STATUS.value) == _NO_RESPONDERS:
+            raise NoRespondersError
+        return msg
+
+    async def publish(
+        self, subject: str, payload: bytes, *, headers: dict[str, str] | None = None, timeout: float
+    ) -> PubAck:
+        """A JetStream publish, acknowledged: as `JetStreamContext.publish` (which see)."""
+        try:
+            msg = await self.request(subject, payload, headers=headers, timeout=timeout)
+        except NoRespondersError:
+            raise NoStreamResponseError from None
+        ack = _PUB_ACK.decode(msg.data)
+        if ack.error is not None:
+            raise APIError.from_error(ack.error)
+        return ack
+
+
+def _expire(answer: asyncio.Future[Msg] | asyncio.Future[None]) -> None:
+    if not answer.done():
+        answer.set_exception(NatsTimeoutError())
+
+
+_KEY = re.compile(r"^[-/_=\.a-zA-Z0-9]+$")  # nats-py's own rule for a KV key
+
+
+def valid_key(key: str) -> bool:
+    """A KV key nats-py would write (it refuses others with InvalidKeyError)."""
+    return _KEY.match(key) is not None and not key.startswith(".") and not key.endswith(".")
+
+
+_OF: weakref.WeakKeyDictionary[Client, Requests] = weakref.WeakKeyDictionary()
+
+
+def requests_of(nc: Client) -> Requests:
+    """The connection's Requests (made on first use; its subscription on the first request)."""
+    requests = _OF.get(nc)
+    if requests is None:
+        requests = _OF[nc] = Requests(nc)
+    return requests
