@@ -6,7 +6,7 @@ random token per request, and its `JetStreamContext.publish` parses the PubAck i
 dataclass; a subscription of its own (a batched direct get, a pull) costs a SUB, an UNSUB
 and a task. Under load — every command is three or four of these — that is most of the
 runtime's time. Here one wildcard subscription (`<inbox>.*`) per connection takes every
-answer, and each request waits on one future with one timer.
+answer, and each request waits on one future (timeouts: one sweep for all).
 
 Errors are nats-py's, as its own calls raise them: `nats.errors.TimeoutError` when no
 answer came in time, `NoRespondersError` (`NoStreamResponseError` for a JetStream
@@ -21,6 +21,8 @@ import itertools
 import re
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -31,6 +33,7 @@ from nats.js.api import Header
 from nats.js.errors import APIError, NoStreamResponseError
 
 _NO_RESPONDERS = "503"
+T = TypeVar("T")
 
 # Takes each message of a request's answer; True when the answer is complete.
 Collector = Callable[[Msg], bool]
@@ -47,15 +50,28 @@ class PubAck(msgspec.Struct):
 _PUB_ACK = msgspec.json.Decoder(PubAck)
 
 
+@dataclass(slots=True)
+class _Waiter:
+    collect: Collector
+    done: asyncio.Future[Any]
+    deadline: float  # on the loop's clock
+
+
 class Requests:
-    """The requests of one connection; `requests_of(nc)` gives the connection's one."""
+    """The requests of one connection; `requests_of(nc)` gives the connection's one.
+
+    Requests time out by a sweep of the waiting ones every SWEEP_SECONDS (while there are
+    any), not by a timer each: a timeout comes up to that much late."""
+
+    SWEEP_SECONDS = 0.1
 
     def __init__(self, nc: Client) -> None:
         self._nc = nc
         self._prefix = f"{nc.new_inbox()}."
         self._tokens = itertools.count(1)
-        self._waiting: dict[str, Collector] = {}
+        self._waiting: dict[str, _Waiter] = {}
         self._subscribed: asyncio.Future[None] | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def _subscribe(self) -> None:
         if self._subscribed is None:
@@ -72,9 +88,44 @@ class Requests:
 
     async def _on_msg(self, msg: Msg) -> None:
         token = msg.subject[len(self._prefix) :]
-        collect = self._waiting.get(token)
-        if collect is not None and collect(msg):
+        waiter = self._waiting.get(token)
+        if waiter is not None and waiter.collect(msg):
             del self._waiting[token]
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for token, waiter in list(self._waiting.items()):
+            if waiter.deadline <= now:
+                del self._waiting[token]
+                if not waiter.done.done():
+                    waiter.done.set_exception(NatsTimeoutError())
+        if self._waiting:
+            self._sweeper = loop.call_later(self.SWEEP_SECONDS, self._sweep)
+
+    async def _ask(
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str] | None,
+        *,
+        collect: Collector,
+        done: asyncio.Future[T],
+        timeout: float,
+    ) -> T:
+        """Publish with a reply token; `collect` takes the answers until it returns True."""
+        await self._subscribe()
+        token = str(next(self._tokens))
+        loop = asyncio.get_running_loop()
+        self._waiting[token] = _Waiter(collect, done, loop.time() + timeout)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.SWEEP_SECONDS, self._sweep)
+        try:
+            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            return await done
+        finally:
+            self._waiting.pop(token, None)
 
     async def collect(
         self, subject: str, payload: bytes, collect: Collector, done: asyncio.Future[None], timeout: float
@@ -82,39 +133,20 @@ class Requests:
         """Publish a request whose answer may be many messages: `collect` takes each (it
         returns True at the message that ends the answer, and settles `done` by then); until
         `done` is settled. NatsTimeoutError when it is not within `timeout`."""
-        await self._subscribe()
-        token = str(next(self._tokens))
-        self._waiting[token] = collect
-        timer = asyncio.get_running_loop().call_later(timeout, _expire, done)
-        try:
-            await self._nc.publish(subject, payload, reply=self._prefix + token)
-            await done
-        finally:
-            timer.cancel()
-            self._waiting.pop(token, None)
+        await self._ask(subject, payload, None, collect=collect, done=done, timeout=timeout)
 
     async def request(
         self, subject: str, payload: bytes, *, headers: dict[str, str] | None = None, timeout: float
     ) -> Msg:
         """One answer; NoRespondersError when nothing listens on `subject`."""
-        await self._subscribe()
-        token = str(next(self._tokens))
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Msg] = loop.create_future()
+        answer: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
 
         def take(msg: Msg) -> bool:
             if not answer.done():
                 answer.set_result(msg)
             return True
 
-        self._waiting[token] = take
-        timer = loop.call_later(timeout, _expire, answer)
-        try:
-            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
-            msg = await answer
-        finally:
-            timer.cancel()
-            self._waiting.pop(token, None)
+        msg = await self._ask(subject, payload, headers, collect=take, done=answer, timeout=timeout)
         if not msg.data and msg.headers and msg.headers.get(Header.STATUS.value) == _NO_RESPONDERS:
             raise NoRespondersError
         return msg
@@ -131,11 +163,6 @@ class Requests:
         if ack.error is not None:
             raise APIError.from_error(ack.error)
         return ack
-
-
-def _expire(answer: asyncio.Future[Msg] | asyncio.Future[None]) -> None:
-    if not answer.done():
-        answer.set_exception(NatsTimeoutError())
 
 
 _KEY = re.compile(r"^[-/_=\.a-zA-Z0-9]+$")  # nats-py's own rule for a KV key

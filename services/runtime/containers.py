@@ -107,9 +107,8 @@ def sandbox_user(settings: SandboxSettings) -> tuple[int, int]:
 
 
 def container_spec(identity: ContainerIdentity, session: SessionRecord, settings: SandboxSettings) -> ContainerSpec:
-    """The container of `session`, for the chat and node of `identity` (never the record's)."""
-    if canonical_chat_id(identity.chat_id) != identity.chat_id:
-        raise ValueError(f"not a canonical chat id: {identity.chat_id!r}")  # a host path is built from it
+    """The container of `session`, for the chat and node of `identity` (never the record's;
+    chat_mount refuses a chat id that is not canonical)."""
     labels = {
         LABEL_MANAGED: "true",
         LABEL_NODE: identity.node_id,
