@@ -11,7 +11,8 @@ answer, and each request waits on one future (timeouts: one sweep for all).
 Errors are nats-py's, as its own calls raise them: `nats.errors.TimeoutError` when no
 answer came in time, `NoRespondersError` (`NoStreamResponseError` for a JetStream
 publish) when nothing listens, `APIError` subclasses (with `err_code`) when JetStream
-refused the publish.
+refused the publish, and ConnectionReconnectingError for a request that was waiting when
+the connection dropped (failed when it is back, see nats_connection.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, TypeVar
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import ConnectionReconnectingError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import Header
 from nats.js.errors import APIError, NoStreamResponseError
@@ -72,6 +73,7 @@ class Requests:
         self._waiting: dict[str, _Waiter] = {}
         self._subscribed: asyncio.Future[None] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._lost: list[str] = []  # tokens waiting when the connection dropped
 
     async def _subscribe(self) -> None:
         if self._subscribed is None:
@@ -85,6 +87,23 @@ class Requests:
                 raise
             self._subscribed.set_result(None)
         await self._subscribed
+
+    def disconnected(self) -> None:
+        """The connection dropped: the replies of requests waiting now will never come."""
+        self._lost = list(self._waiting)
+
+    def reconnected(self) -> int:
+        """Fail the requests that were waiting when the connection dropped (their callers
+        retry at once instead of waiting out their time-out); requests made while it was
+        down were buffered and sent on reconnect: not touched. How many failed."""
+        failed = 0
+        for token in self._lost:
+            waiter = self._waiting.pop(token, None)
+            if waiter is not None and not waiter.done.done():
+                waiter.done.set_exception(ConnectionReconnectingError())
+                failed += 1
+        self._lost = []
+        return failed
 
     async def _on_msg(self, msg: Msg) -> None:
         token = msg.subject[len(self._prefix) :]
