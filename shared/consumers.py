@@ -1,8 +1,8 @@
 """Durable pull consumers, declared with the configuration the code needs.
 
 nats-py's `pull_subscribe` keeps an existing consumer's configuration as it finds it; here
-the durable is created or updated first (a new bound on deliveries reaches consumers that
-older versions created), then bound to.
+the durable is created or updated (a new bound on deliveries reaches consumers that older
+versions created), then read with `pull_batch`.
 
 `pull_batch` reads a durable in whole batches. nats-py's `fetch` awaits every message of a
 batch on its own, so on a busy event loop a batch of 256 costs 256 turns of every other
@@ -36,11 +36,6 @@ async def declare_durable(js: JetStreamContext, stream: str, config: ConsumerCon
         await js.add_consumer(stream, config=config)
 
     await with_nats_retry(declare, what=f"declare consumer {durable} on {stream}")
-
-
-async def bind_durable(js: JetStreamContext, stream: str, config: ConsumerConfig) -> JetStreamContext.PullSubscription:
-    await declare_durable(js, stream, config)
-    return await js.pull_subscribe_bind(durable=config.durable_name or "", stream=stream)
 
 
 async def pull_batch(nc: Client, stream: str, durable: str, batch: int, expires: float) -> list[Msg]:

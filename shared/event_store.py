@@ -27,6 +27,7 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, Servi
 
 from shared.contracts import AnyEvent, SessionRecord, decode_event, encode
 from shared.errors import AppendConflict, NatsUnavailable
+from shared.nats_requests import requests_of
 from shared.poison import DECODE_ERRORS, PoisonSource, Quarantine
 from shared.subjects import (
     EVENT_TYPE_HEADER,
@@ -109,21 +110,28 @@ def connection_of(js: JetStreamContext) -> Client:
     return nc
 
 
+def timeout_of(js: JetStreamContext) -> float:
+    """The JetStream context's request timeout (nats-py keeps it private)."""
+    timeout: float = js._timeout  # noqa: SLF001 - no public accessor; our own requests honour it
+    return timeout
+
+
 async def direct_batch(nc: Client, stream: str, request: dict[str, object], timeout: float) -> list[Msg]:
     """The messages a batched direct get answers (nats-server 2.11+: `batch` with `seq` and
     `next_by_subj`, or `multi_last`). Any replica answers and no consumer is made, so a
     clustered server that is down costs nothing. NatsTimeoutError when the whole answer did
     not come within `timeout`, NatsUnavailable on an error status.
 
-    The answer is gathered by the subscription's callback and awaited once: a read of a
-    thousand messages costs one wait on the event loop, not one per message (which, on a
-    busy loop, is one turn of every other task each)."""
+    The answer is gathered as it comes (on the connection's one reply subscription, see
+    nats_requests.py) and awaited once: a read of a thousand messages costs one wait on the
+    event loop, not one per message (which, on a busy loop, is one turn of every other task
+    each)."""
     found: list[Msg] = []
     answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    async def on_msg(msg: Msg) -> None:
+    def on_msg(msg: Msg) -> bool:
         if answered.done():
-            return
+            return True
         headers = msg.headers or {}
         status = headers.get(Header.STATUS.value)
         if status in _END_OF_BATCH:
@@ -133,17 +141,12 @@ async def direct_batch(nc: Client, stream: str, request: dict[str, object], time
             answered.set_exception(NatsUnavailable(f"direct get on {stream} answered {status} {description}"))
         else:
             found.append(msg)
+            return False
+        return True
 
-    sub = await nc.subscribe(nc.new_inbox(), cb=on_msg)
-    try:
-        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=sub.subject)
-        try:
-            await asyncio.wait_for(answered, timeout)
-        except TimeoutError as exc:
-            raise NatsTimeoutError from exc
-        return found
-    finally:
-        await sub.unsubscribe()
+    subject = f"$JS.API.DIRECT.GET.{stream}"
+    await requests_of(nc).collect(subject, json.dumps(request).encode(), on_msg, answered, timeout)
+    return found
 
 
 def stream_seq(msg: Msg) -> int:
@@ -220,7 +223,7 @@ class LastMessages:
         if len(subjects) > 1:
             return await last_of_subjects(nc, self._stream, subjects, self._timeout, retry=False)
         request = json.dumps({"last_by_subj": subjects[0]}).encode()
-        msg = await nc.request(f"$JS.API.DIRECT.GET.{self._stream}", request, timeout=self._timeout)
+        msg = await requests_of(nc).request(f"$JS.API.DIRECT.GET.{self._stream}", request, timeout=self._timeout)
         headers = msg.headers or {}
         status = headers.get(Header.STATUS.value)
         if status == "404":
@@ -342,16 +345,19 @@ class EventStore:
         headers = inject({MSG_ID_HEADER: msg_id, EVENT_TYPE_HEADER: event.type})
         if expected_seq is not None:
             headers[EXPECTED_LAST_SUBJECT_SEQ_HEADER] = str(expected_seq)
+        headers[Header.EXPECTED_STREAM.value] = self._stream
         payload = encode(event)
+        requests = requests_of(connection_of(self._js))
+        timeout = timeout_of(self._js)
 
         async def publish() -> Appended:
             try:
-                ack = await self._js.publish(subject, payload, stream=self._stream, headers=headers)
+                ack = await requests.publish(subject, payload, headers=headers, timeout=timeout)
             except APIError as exc:
                 if exc.err_code in CONFLICT_CODES:
                     raise AppendConflict(f"{subject}: last sequence is not {expected_seq}") from exc
                 raise
-            return Appended(ack.seq, bool(ack.duplicate))
+            return Appended(ack.seq, ack.duplicate)
 
         return await with_nats_retry(publish, what=f"append to {subject}")
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 from typing import Protocol
 
 from nats.js import JetStreamContext
+from nats.js.errors import InvalidKeyError
 from nats.js.kv import KeyValue
 
 from shared.contracts import HandledCommand, decode_handled, encode
-from shared.event_store import LastMessages, stream_seq, with_nats_retry
+from shared.event_store import LastMessages, connection_of, stream_seq, timeout_of, with_nats_retry
+from shared.nats_requests import requests_of, valid_key
 from shared.poison import DECODE_ERRORS, PoisonSource, Quarantine
 from shared.subjects import HANDLED_BUCKET
 
@@ -70,5 +72,13 @@ class HandledCommands:
         return await with_nats_retry(read, what=f"handled lookup {key}")
 
     async def record(self, handled: HandledCommand) -> None:
+        """A KV put (as nats-py's) on the connection's shared reply subscription."""
         key = handled_key(handled.chat_id, handled.command_id)
-        await with_nats_retry(lambda: self._kv.put(key, encode(handled)), what=f"handled record {key}")
+        if not valid_key(key):
+            raise InvalidKeyError(key)
+        requests, value, timeout = requests_of(connection_of(self._js)), encode(handled), timeout_of(self._js)
+
+        async def put() -> None:
+            await requests.publish(self._prefix + key, value, timeout=timeout)
+
+        await with_nats_retry(put, what=f"handled record {key}")

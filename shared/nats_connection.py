@@ -13,6 +13,7 @@ from nats.errors import AuthorizationError, ConnectionReconnectingError
 
 from shared.config import NKEY_FILE_KEY, ConfigError, NatsSettings
 from shared.nats_credentials import NkeyFileError, read_user_seed
+from shared.nats_requests import requests_of
 from shared.nats_roles import OUTSIDE_INBOX, Role, inbox_prefix
 from shared.service import StartupError
 
@@ -62,7 +63,8 @@ class _LostRequests:
     """Requests (JetStream publishes, API calls, direct gets) sent over a connection that then
     dropped: their replies will never come, yet nats-py would wait out each one's whole
     time-out (`nats.request_timeout_seconds`) after the connection is back. They are failed
-    with ConnectionReconnectingError the moment it is back, so the caller's retry
+    with ConnectionReconnectingError the moment it is back (nats-py's own and those on our
+    shared reply subscription, nats_requests.py), so the caller's retry
     (`with_nats_retry`; a publish keeps its `Nats-Msg-Id`) runs at once on the new connection.
     Requests made while disconnected are buffered and sent on reconnect: not touched."""
 
@@ -77,10 +79,11 @@ class _LostRequests:
 
     def disconnected(self) -> None:
         self._tokens = list(self._pending())
+        requests_of(self._nc).disconnected()
 
     def reconnected(self) -> None:
         pending = self._pending()
-        failed = 0
+        failed = requests_of(self._nc).reconnected()  # ours, on the shared reply subscription
         for token in self._tokens:
             future = pending.get(token)
             if future is not None and not future.done():

@@ -10,13 +10,21 @@ from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import APIError, InvalidKeyError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from shared.contracts import SessionRecord, decode_record, encode
-from shared.event_store import CONFLICT_CODES, connection_of, last_of_subjects, stream_seq, with_nats_retry
+from shared.event_store import (
+    CONFLICT_CODES,
+    connection_of,
+    last_of_subjects,
+    stream_seq,
+    timeout_of,
+    with_nats_retry,
+)
+from shared.nats_requests import requests_of, valid_key
 from shared.poison import DECODE_ERRORS, PoisonSource, Quarantine
-from shared.subjects import SESSIONS_BUCKET
+from shared.subjects import EXPECTED_LAST_SUBJECT_SEQ_HEADER, SESSIONS_BUCKET
 
 _KV_OPERATION = "KV-Operation"
 
@@ -134,13 +142,26 @@ class Registry:
 
     async def put(self, record: SessionRecord, *, last_revision: int) -> int:
         """Write if the key is still at `last_revision`; KeyWrongLastSequenceError if not."""
-        return await self._kv.update(record.chat_id, encode(record), last=last_revision)
+        headers = {EXPECTED_LAST_SUBJECT_SEQ_HEADER: str(last_revision)}
+        return await self._write(record.chat_id, encode(record), headers)
 
     async def delete(self, chat_id: str, *, last_revision: int) -> None:
         """Delete if the key is still at `last_revision`; KeyWrongLastSequenceError if not."""
+        headers = {_KV_OPERATION: "DEL"}
+        if last_revision > 0:
+            headers[EXPECTED_LAST_SUBJECT_SEQ_HEADER] = str(last_revision)
+        await self._write(chat_id, b"", headers)
+
+    async def _write(self, chat_id: str, value: bytes, headers: dict[str, str]) -> int:
+        """A KV write as nats-py's `update` / `delete` make it, on the connection's shared
+        reply subscription (see nats_requests.py)."""
+        if not valid_key(chat_id):
+            raise InvalidKeyError(chat_id)
+        requests = requests_of(connection_of(self._js))
         try:
-            await self._kv.delete(chat_id, last=last_revision)
+            ack = await requests.publish(self._prefix + chat_id, value, headers=headers, timeout=timeout_of(self._js))
         except APIError as exc:
             if exc.err_code in CONFLICT_CODES:
                 raise KeyWrongLastSequenceError(description=exc.description) from exc
             raise
+        return ack.seq

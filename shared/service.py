@@ -1,8 +1,10 @@
-"""What every process's entry point shares: logging, config errors, signal handling."""
+"""What every process's entry point shares: logging, config errors, signal handling, the
+garbage collector's tuning."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -22,6 +24,22 @@ def setup_logging(level: str = "INFO") -> None:
     )
 
 
+# Young-generation collections after this many allocations (CPython's default: 700). Under
+# load a runtime holds hundreds of commands in flight, so every young collection walks
+# thousands of live objects; at the default that was a fifth of its CPU.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_garbage_collector() -> None:
+    """Freeze what start-up made (modules, classes, settings: never garbage, but walked by
+    every full collection otherwise) and collect young objects less often. Memory is still
+    reclaimed by reference counting as before; only cycles wait a little longer."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 def run_service(name: str, main: Callable[[Settings, asyncio.Event], Awaitable[None]]) -> int:
     """Load settings, run `main` until SIGINT/SIGTERM sets its stop event; an exit code."""
     try:
@@ -31,6 +49,7 @@ def run_service(name: str, main: Callable[[Settings, asyncio.Event], Awaitable[N
         log.error("configuration error: %s", exc)  # noqa: TRY400 - the message is the whole story
         return 2
     setup_json_logging(name, settings.telemetry.log_level)
+    tune_garbage_collector()
 
     async def runner() -> None:
         stopping = asyncio.Event()

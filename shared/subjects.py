@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 import uuid
 
 COMMANDS_STREAM = "SANDBOX_COMMANDS"
@@ -86,8 +87,13 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ_HEADER = "Nats-Expected-Last-Subject-Sequence"
 
 
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def canonical_chat_id(raw: str) -> str:
     """The canonical (lowercase, hyphenated) spelling of a UUID; ValueError if it is none."""
+    if _CANONICAL_UUID.fullmatch(raw):  # already canonical (nearly always): no parse
+        return raw
     return str(uuid.UUID(raw.strip()))
 
 

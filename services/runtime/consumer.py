@@ -18,21 +18,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Self
 
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry.trace import SpanKind
 
-from services.runtime.handlers import CommandHandlers, Delivery
+from services.runtime.handlers import CommandHandlers, Delivery, Progress
 from services.runtime.routing import MAX_HOPS, delivery_of, forward
 from shared.commands import MalformedCommand, decode_command
-from shared.consumers import bind_durable
+from shared.consumers import declare_durable, pull_batch
 from shared.contracts import COMMAND_TYPES, AnyCommand
 from shared.errors import Forward, TransientError, WrongNode
+from shared.event_store import connection_of
 from shared.logs import bound_log_context
 from shared.subjects import (
     COMMAND_SUBJECTS,
@@ -113,7 +113,8 @@ class CommandConsumer:
         config = runtime_consumer_config(
             self._durable, self._max_in_flight, self._ack_wait, self._max_deliveries, self._filter
         )
-        sub = await bind_durable(self._js, self._stream, config)
+        await declare_durable(self._js, self._stream, config)
+        nc = connection_of(self._js)
         log.info("consuming %s as %s", self._stream, self._durable)
         try:
             while not stopping.is_set():
@@ -122,9 +123,7 @@ class CommandConsumer:
                     await asyncio.sleep(0.005)
                     continue
                 try:
-                    msgs = await sub.fetch(batch=free, timeout=0.5)
-                except (NatsTimeoutError, TimeoutError):  # nats-py raises either when nothing came
-                    continue
+                    msgs = await pull_batch(nc, self._stream, self._durable, free, expires=0.5)
                 except Exception:
                     log.exception("fetch from %s failed; retrying", self._stream)
                     await asyncio.sleep(0.5)
@@ -136,7 +135,6 @@ class CommandConsumer:
                     task.add_done_callback(self._done)
         finally:
             await self.drain()
-            await sub.unsubscribe()
 
     @property
     def in_flight(self) -> int:
@@ -176,27 +174,49 @@ class CommandConsumer:
             log.exception("settling %s failed", msg.subject)
 
 
-@contextlib.asynccontextmanager
-async def kept_in_progress(msg: Msg, every: float | None) -> AsyncIterator[None]:
-    """Report the message in progress every `every` seconds until the block exits (None:
-    not at all): whatever the handler awaits, the server does not redeliver the message."""
-    if every is None:
-        yield
-        return
+class InProgress:
+    """Reports a message in progress every `every` seconds while it is handled (None: not
+    at all), on a timer of the event loop rather than a task of its own: whatever the
+    handler awaits, the server does not redeliver the message. `report` is the handler's
+    own call after a slow step; it is skipped when a report (or the delivery) is recent."""
 
-    async def report() -> None:
-        while True:
-            await asyncio.sleep(every)
-            # Best effort: a lost in-progress only risks an early redelivery, which is harmless.
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
+    def __init__(self, msg: Msg, every: float | None) -> None:
+        self._msg = msg
+        self._every = every
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task[None]] = set()
 
-    reporter = asyncio.create_task(report(), name=f"in-progress {msg.subject}")
-    try:
-        yield
-    finally:
-        reporter.cancel()
-        await asyncio.gather(reporter, return_exceptions=True)
+    def __enter__(self) -> Self:
+        if self._every is not None:
+            self._timer = self._loop.call_later(self._every, self._tick)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in self._sending:  # nothing is reported once the message is settled
+            task.cancel()
+
+    def _tick(self) -> None:
+        assert self._every is not None  # noqa: S101 - only scheduled with an interval
+        self._timer = self._loop.call_later(self._every, self._tick)
+        task = self._loop.create_task(self._send())
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self) -> None:
+        self._last = self._loop.time()
+        # Best effort: a lost in-progress only risks an early redelivery, which is harmless.
+        with contextlib.suppress(Exception):
+            await self._msg.in_progress()
+
+    async def report(self) -> None:
+        if self._every is not None and self._loop.time() - self._last < self._every:
+            return  # reported (or delivered) within the interval: the timer reports next
+        await self._send()
 
 
 async def settle(
@@ -211,21 +231,25 @@ async def settle(
     """Handle one command message, in the trace its publisher started, keeping it in
     progress every `progress_every` seconds meanwhile (`js`: where to forward it)."""
     kind = metric_kind(msg.subject)
-    with telemetry.tracer.span(
-        "runtime.handle_command",
-        {"messaging.destination": msg.subject},
-        kind=SpanKind.CONSUMER,
-        parent=extract(msg.headers),
+    with (
+        telemetry.tracer.span(
+            "runtime.handle_command",
+            {"messaging.destination": msg.subject},
+            kind=SpanKind.CONSUMER,
+            parent=extract(msg.headers),
+        ),
+        InProgress(msg, progress_every) as in_progress,
     ):
-        async with kept_in_progress(msg, progress_every):
-            outcome = await _settle(msg, handlers, max_deliveries, js)
+        outcome = await _settle(msg, handlers, max_deliveries, js, in_progress.report)
     queued_at = msg.metadata.timestamp
     if queued_at is not None:
         latency_ms = (datetime.now(UTC) - queued_at).total_seconds() * 1000.0
         telemetry.metrics.record("sandbox.command.duration_ms", latency_ms, {"kind": kind, "outcome": outcome})
 
 
-async def _settle(msg: Msg, handlers: CommandHandlers, max_deliveries: int, js: JetStreamContext | None) -> str:
+async def _settle(
+    msg: Msg, handlers: CommandHandlers, max_deliveries: int, js: JetStreamContext | None, progress: Progress
+) -> str:
     """Decide the message's ack, nak or term; what became of it, for the latency metric."""
     deliveries = msg.metadata.num_delivered
     last_try = deliveries >= max_deliveries
@@ -233,11 +257,6 @@ async def _settle(msg: Msg, handlers: CommandHandlers, max_deliveries: int, js: 
         command = decode_command(public_command_subject(msg.subject), msg.data)
     except MalformedCommand as bad:
         return await _reject(msg, handlers, bad, last_try=last_try)
-
-    async def progress() -> None:
-        # Best effort: a lost in-progress only risks an early redelivery, which is harmless.
-        with contextlib.suppress(Exception):
-            await msg.in_progress()
 
     with bound_log_context(chat_id=str(command.chat_id), command_id=str(command.command_id)):
         delivery = delivery_of(msg)

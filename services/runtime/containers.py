@@ -8,6 +8,8 @@ touched only when its labels say it is the session's (`ContainerIdentity.matches
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -105,9 +107,8 @@ def sandbox_user(settings: SandboxSettings) -> tuple[int, int]:
 
 
 def container_spec(identity: ContainerIdentity, session: SessionRecord, settings: SandboxSettings) -> ContainerSpec:
-    """The container of `session`, for the chat and node of `identity` (never the record's)."""
-    if canonical_chat_id(identity.chat_id) != identity.chat_id:
-        raise ValueError(f"not a canonical chat id: {identity.chat_id!r}")  # a host path is built from it
+    """The container of `session`, for the chat and node of `identity` (never the record's;
+    chat_mount refuses a chat id that is not canonical)."""
     labels = {
         LABEL_MANAGED: "true",
         LABEL_NODE: identity.node_id,
@@ -125,7 +126,7 @@ def chat_mount(identity: ContainerIdentity, settings: SandboxSettings) -> Mount:
     if canonical_chat_id(identity.chat_id) != identity.chat_id:
         raise ValueError(f"not a canonical chat id: {identity.chat_id!r}")  # a host path is built from it
     return Mount(
-        Path(settings.chats_root).resolve() / identity.chat_id,
+        resolved(settings.chats_root) / identity.chat_id,
         settings.chat_mount_path,
         read_only=False,
         setting="sandbox.chats_root",
@@ -134,16 +135,28 @@ def chat_mount(identity: ContainerIdentity, settings: SandboxSettings) -> Mount:
     )
 
 
+def resolved(path: str) -> Path:
+    """A configured host directory as an absolute, resolved path. A resolve is a syscall
+    per path component: it is done once per directory (a relative one: per working
+    directory), not on every create."""
+    return _resolved(os.path.join(os.getcwd(), path))  # noqa: PTH109, PTH118 - a str key, one syscall
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved(absolute: str) -> Path:
+    return Path(absolute).resolve()
+
+
 def _shared_mounts(settings: SandboxSettings) -> list[Mount]:
     return [
         Mount(
-            Path(settings.dependencies_host_path).resolve(),
+            resolved(settings.dependencies_host_path),
             settings.dependencies_mount_path,
             read_only=True,
             setting="sandbox.dependencies_host_path",
         ),
         Mount(
-            Path(settings.lambda_tools_host_path).resolve(),
+            resolved(settings.lambda_tools_host_path),
             settings.lambda_tools_mount_path,
             read_only=True,
             setting="sandbox.lambda_tools_host_path",

@@ -200,6 +200,10 @@ class _ChatTurn:
 
     async def take(self) -> None:
         """Wait for the turn, keeping the message in progress meanwhile."""
+        if not self._lock.locked():  # free: taken at once, without a timeout's task and timer
+            await self._lock.acquire()
+            self.held = True
+            return
         while True:
             try:
                 await asyncio.wait_for(self._lock.acquire(), _TURN_PROGRESS_SECONDS)

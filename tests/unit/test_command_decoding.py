@@ -9,6 +9,7 @@ import pytest
 
 from shared.commands import MalformedCommand, decode_command
 from shared.contracts import CreateSandbox, KeepaliveSandbox, StopSandbox
+from shared.subjects import canonical_chat_id
 
 CHAT = "6f1c2a9e-4b7d-4e8a-9c3f-2d5e8b1a7c40"
 CMD = "0d9c1c62-5f0e-4a8e-9d55-3b8f0f2f6a11"
@@ -31,6 +32,14 @@ def test_non_canonical_uuids_are_normalised() -> None:
     command = decode_command(f"sandbox.cmd.create.{upper}", body(chat_id=uuid.UUID(CHAT).hex))
     assert str(command.chat_id) == CHAT
     assert str(command.command_id) == CMD
+
+
+def test_a_chat_id_has_one_canonical_spelling() -> None:
+    for spelling in (CHAT, CHAT.upper(), uuid.UUID(CHAT).hex, f"{{{CHAT}}}", f"urn:uuid:{CHAT}", f" {CHAT}\n"):
+        assert canonical_chat_id(spelling) == CHAT, spelling
+    for bad in (CHAT[:-1] + "g", CHAT + "0", CHAT[:-1], CHAT.replace("-", "_"), ""):
+        with pytest.raises(ValueError):  # noqa: PT011 - uuid.UUID says only "badly formed"
+            canonical_chat_id(bad)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,6 @@ made while disconnected (buffered, sent on reconnect) and answered ones are left
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -14,12 +13,30 @@ from nats.errors import ConnectionReconnectingError
 
 from shared.event_store import with_nats_retry
 from shared.nats_connection import _LostRequests
+from shared.nats_requests import requests_of
 from tests.support.eventually import until
+
+
+class FakeClient:
+    """What _LostRequests and our shared reply subscription touch of a connection."""
+
+    def __init__(self) -> None:
+        self._resp_map: dict[str, asyncio.Future[Any]] = {}
+        self.published: list[str] = []
+
+    def new_inbox(self) -> str:
+        return "_INBOX.test"
+
+    async def subscribe(self, subject: str, **_: Any) -> None:
+        pass
+
+    async def publish(self, subject: str, *_: Any, **__: Any) -> None:
+        self.published.append(subject)
 
 
 async def test_only_requests_sent_before_the_drop_fail_at_reconnect() -> None:
     loop = asyncio.get_running_loop()
-    nc = SimpleNamespace(_resp_map={})
+    nc = FakeClient()
     lost = _LostRequests(cast("Client", nc))
     sent, answered = loop.create_future(), loop.create_future()
     nc._resp_map.update({"sent": sent, "answered": answered})
@@ -38,7 +55,7 @@ async def test_only_requests_sent_before_the_drop_fail_at_reconnect() -> None:
 
 async def test_a_failed_request_is_retried_at_once() -> None:
     loop = asyncio.get_running_loop()
-    nc = SimpleNamespace(_resp_map={})
+    nc = FakeClient()
     lost = _LostRequests(cast("Client", nc))
     attempts: list[asyncio.Future[Any]] = []
 
@@ -58,3 +75,22 @@ async def test_a_failed_request_is_retried_at_once() -> None:
         assert await call == "reply"
     finally:
         call.cancel()
+
+
+async def test_so_do_those_on_the_shared_reply_subscription() -> None:
+    nc = FakeClient()
+    lost = _LostRequests(cast("Client", nc))
+    requests = requests_of(cast("Client", nc))
+    sent = asyncio.create_task(requests.request("a", b"", timeout=60))
+    await until(lambda: nc.published == ["a"], what="the request sent")
+    lost.disconnected()
+    buffered = asyncio.create_task(requests.request("b", b"", timeout=60))
+    await until(lambda: nc.published == ["a", "b"], what="the request buffered")
+    lost.reconnected()
+    with pytest.raises(ConnectionReconnectingError):
+        await asyncio.wait_for(sent, 10)  # the bound only keeps a regression from hanging
+    assert not buffered.done()
+    lost.reconnected()  # a later reconnect fails nothing twice
+    await asyncio.sleep(0)
+    assert not buffered.done()
+    buffered.cancel()
