@@ -38,19 +38,31 @@ async def declare_durable(js: JetStreamContext, stream: str, config: ConsumerCon
     await with_nats_retry(declare, what=f"declare consumer {durable} on {stream}")
 
 
-async def pull_batch(nc: Client, stream: str, durable: str, batch: int, expires: float) -> list[Msg]:
+async def pull_batch(
+    nc: Client, stream: str, durable: str, batch: int, *, expires: float, stopping: asyncio.Event | None = None
+) -> list[Msg]:
     """Up to `batch` messages of the durable: what is there now, or else the first that
-    comes within `expires` seconds (then the next call takes the rest); [] when none came."""
+    comes within `expires` seconds (then the next call takes the rest); [] when none came,
+    or at once when `stopping` is set meanwhile (a message delivered to the abandoned pull
+    is redelivered after the consumer's ack wait)."""
     subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
     now: dict[str, object] = {"batch": batch, "no_wait": True}
     msgs = await _pull(nc, subject, now, batch, _NO_WAIT_TIMEOUT_SECONDS)
     if msgs:
         return msgs
     first: dict[str, object] = {"batch": 1, "expires": int(expires * 1_000_000_000)}
-    return await _pull(nc, subject, first, 1, expires + _PULL_GRACE_SECONDS)
+    return await _pull(nc, subject, first, 1, expires + _PULL_GRACE_SECONDS, stopping=stopping)
 
 
-async def _pull(nc: Client, subject: str, request: dict[str, object], batch: int, timeout: float) -> list[Msg]:
+async def _pull(
+    nc: Client,
+    subject: str,
+    request: dict[str, object],
+    batch: int,
+    timeout: float,
+    *,
+    stopping: asyncio.Event | None = None,
+) -> list[Msg]:
     """One pull request on an inbox of its own: its messages, until `batch` came or the
     server ended the request with a status (no messages, expired, ...)."""
     found: list[Msg] = []
@@ -69,8 +81,15 @@ async def _pull(nc: Client, subject: str, request: dict[str, object], batch: int
     try:
         await nc.publish(subject, json.dumps(request).encode(), reply=sub.subject)
         # On a timeout what came is returned; the rest is redelivered after the ack_wait.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ended, timeout)
+        if stopping is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended, timeout)
+            return found
+        stopped = asyncio.ensure_future(stopping.wait())
+        try:
+            await asyncio.wait((ended, stopped), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
         return found
     finally:
         await sub.unsubscribe()

@@ -123,7 +123,7 @@ class CommandConsumer:
                     await asyncio.sleep(0.005)
                     continue
                 try:
-                    msgs = await pull_batch(nc, self._stream, self._durable, free, expires=0.5)
+                    msgs = await pull_batch(nc, self._stream, self._durable, free, expires=0.5, stopping=stopping)
                 except Exception:
                     log.exception("fetch from %s failed; retrying", self._stream)
                     await asyncio.sleep(0.5)

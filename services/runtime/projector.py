@@ -135,7 +135,7 @@ class Projector:
         nc = connection_of(self._js)
         while not stopping.is_set():
             try:
-                msgs = await pull_batch(nc, EVENTS_STREAM, self._durable, batch, expires=0.5)
+                msgs = await pull_batch(nc, EVENTS_STREAM, self._durable, batch, expires=0.5, stopping=stopping)
             except Exception:
                 log.exception("fetch from %s failed; retrying", EVENTS_STREAM)
                 await asyncio.sleep(0.5)

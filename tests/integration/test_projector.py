@@ -230,3 +230,10 @@ async def test_pull_batch_takes_what_is_there_then_waits_for_the_first(
     waited = await pull_batch(nc, EVENTS_STREAM, "pull-batch-test", 8, expires=30.0)
     await appending
     assert len(waited) == 1
+    await waited[0].ack()
+
+    # A stop does not wait out a waiting pull (a runtime's stop would take `expires` longer).
+    stopping = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.2, stopping.set)
+    pulling = pull_batch(nc, EVENTS_STREAM, "pull-batch-test", 8, expires=60.0, stopping=stopping)
+    assert await asyncio.wait_for(pulling, 20) == []
