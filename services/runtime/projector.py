@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 
 import msgspec
 from nats.aio.msg import Msg
@@ -127,7 +128,6 @@ class Projector:
         ) as span:
             result = await self.project_chat(chat_id, read)
             span.set_attribute("sandbox.result", result)
-            self._telemetry.metrics.increment("sandbox.projector.projection.total", {"result": result})
             return result
 
     async def run(self, stopping: asyncio.Event, batch: int = 256) -> None:
@@ -160,11 +160,16 @@ class Projector:
             *(self._traced_project(c, last_of[c].headers, reads.get(c)) for c in chats), return_exceptions=True
         )
         failed: set[str] = set()
+        counted: Counter[str] = Counter()  # counted once per batch: a counter's add is not free
         for chat, result in zip(chats, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("projecting chat %s failed: %s", chat, result)
+            else:
+                counted[result] += 1
             if isinstance(result, BaseException) or result == "contended":
                 failed.add(chat)
+        for result, n in counted.items():
+            self._telemetry.metrics.increment("sandbox.projector.projection.total", {"result": result}, n)
         for m in msgs:
             try:
                 await _settle(m, failed)

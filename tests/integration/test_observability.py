@@ -173,6 +173,8 @@ async def test_one_create_is_one_trace_and_the_seed_metrics_follow_their_paths(
     assert points(runtime_metrics, "sandbox.active.count")
     assert total(runtime_metrics, "sandbox.command.duration_ms", kind="create") >= 5
     assert total(reaper_metrics, "sandbox.reaper.action.total", reason="expired") >= 2
+    # The projector counts what it did to the registry (per batch, by result).
+    assert total(runtime_metrics, "sandbox.projector.projection.total", result="written") >= 3
     span = next(
         s
         for s in named(spans.get_finished_spans(), "usecase.create_sandbox")
