@@ -45,7 +45,7 @@ from nats.js.errors import NoKeysError, NotFoundError
 from services.runtime.image import ensure_sandbox_image
 from services.runtime.projector import Projector
 from services.runtime.replay import replay
-from shared.config import StreamSettings
+from shared.config import SandboxSettings, StreamSettings
 from shared.contracts import OUTCOME_TYPES, SandboxRunning, SandboxStopped, SessionRecord, SessionStatus, encode
 from shared.event_store import EventStore
 from shared.nodes import NODE_KEY_PREFIX
@@ -183,7 +183,7 @@ def bare_run(client: docker.DockerClient, root: Path, runtime: str | None = None
         init=True,
         read_only=True,
         tmpfs={"/tmp": "rw,noexec,nosuid,size=64m"},
-        pids_limit=256,
+        pids_limit=SandboxSettings().pids_limit,
         mem_limit="512m",
         nano_cpus=10**9,
         user="10001:10001",
