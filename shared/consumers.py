@@ -47,7 +47,7 @@ async def pull_batch(
     is redelivered after the consumer's ack wait)."""
     subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
     now: dict[str, object] = {"batch": batch, "no_wait": True}
-    msgs = await _pull(nc, subject, now, batch, _NO_WAIT_TIMEOUT_SECONDS)
+    msgs = await _pull(nc, subject, now, batch, _NO_WAIT_TIMEOUT_SECONDS, stopping=stopping)
     if msgs:
         return msgs
     first: dict[str, object] = {"batch": 1, "expires": int(expires * 1_000_000_000)}

@@ -23,7 +23,7 @@ import enum
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -162,10 +162,11 @@ class Instances:
             log.warning("heartbeat of instance %s not deleted: %s", self._instance_id, exc)
 
     @contextlib.asynccontextmanager
-    async def heartbeating(self) -> AsyncIterator[Instances]:
+    async def heartbeating(self, connected: Callable[[], bool] = lambda: True) -> AsyncIterator[Instances]:
         """Beat once (before anything can be claimed), keep beating until the block exits,
-        then delete the heartbeat. Enter it before the loops that claim, so that it outlives
-        their drain."""
+        then delete the heartbeat — unless NATS is not `connected` then: peers judge the
+        instance dead once its heartbeat ages, and the stop does not wait for a write that
+        cannot happen. Enter it before the loops that claim, so that it outlives their drain."""
         await self.beat()
         stopping = asyncio.Event()
         task = asyncio.create_task(self._beat_until(stopping), name="heartbeat")
@@ -178,7 +179,10 @@ class Instances:
             stopping.set()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            await self.leave()
+            if connected():
+                await self.leave()
+            else:
+                log.warning("heartbeat of instance %s not deleted: NATS is not connected", self._instance_id)
 
     async def _beat_until(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():

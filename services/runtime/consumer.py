@@ -147,12 +147,15 @@ class CommandConsumer:
         self._tasks.discard(task)
         self._slots.release()
 
-    async def drain(self, timeout: float = 10.0) -> None:
+    async def drain(self, timeout: float = 10.0, offline_timeout: float = 1.0) -> None:
         """Let handlers in flight finish (each ends with an ack, nak or term); cancel what is
-        still running after `timeout` (a command waiting on another's claim, say): its
+        still running after `timeout` (a command waiting on another's claim, say), or after
+        `offline_timeout` when NATS is not connected (nothing in flight can finish then): its
         message stays unacknowledged and is redelivered, and its claim, if any, is resumed."""
         if not self._tasks:
             return
+        if not connection_of(self._js).is_connected:
+            timeout = min(timeout, offline_timeout)
         _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
         for task in pending:
             task.cancel()

@@ -200,7 +200,7 @@ class NodeWatch:
                 if stopping.is_set():
                     return
                 try:
-                    await self.tick()
+                    await _unless_stopped(self.tick(), stopping)
                 except (NatsError, TimeoutError, AppendConflict, TransientError) as exc:
                     log.warning("node watch: %s; trying again next beat", exc)
                 except Exception:
@@ -294,3 +294,30 @@ class NodeWatch:
         stop.set()
         await asyncio.gather(task, return_exceptions=True)
         log.info("node %s is back: its queue is its own again", node)
+
+
+# How long a pass in flight may go on once the runtime stops (with NATS gone it would wait out
+# its requests' time-outs and retries); then it is cancelled, as a crash would end it.
+_STOP_GRACE_SECONDS = 1.0
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, None], stopping: asyncio.Event) -> None:
+    """Run a pass; once `stopping` is set it has _STOP_GRACE_SECONDS to end, then it is
+    cancelled. The pass's own error is raised."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait((task,), timeout=_STOP_GRACE_SECONDS)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            log.warning("node watch: a pass still running at the stop was cancelled")
+            return
+        task.result()
+    finally:
+        stopped.cancel()
+        if not task.done():  # this loop itself was cancelled
+            task.cancel()

@@ -159,10 +159,14 @@ async def running_runtime(
         )
         if settings.runtime.replay_on_start:
             await _replay(js, runtime, telemetry)
+
         # Entered before the loops start, so the heartbeat outlives their drain.
-        await stack.enter_async_context(instances.heartbeating())
+        def connected() -> bool:
+            return nc.is_connected
+
+        await stack.enter_async_context(instances.heartbeating(connected))
         await runtime.nodes.start()  # this node's beat, before any placement reads it
-        stack.push_async_callback(runtime.nodes.leave)  # after the loops below have stopped
+        stack.push_async_callback(_leave_node, runtime.nodes, connected)  # after the loops below have stopped
         writer = _status_writer(settings, js, status_bucket, telemetry)
         tasks = _start_tasks(stack, settings, runtime, writer, clock, choice=choice)
         log.info("runtime %s started", settings.runtime.node_id)
@@ -353,6 +357,14 @@ def _status_writer(settings: Settings, js: JetStreamContext, bucket: KeyValue, t
         await observe_consumer_lag(js, telemetry, settings.runtime.node_id)
 
     return put_status
+
+
+async def _leave_node(nodes: NodeWatch, connected: Callable[[], bool]) -> None:
+    """Mark the node draining on the way out, unless NATS is gone (its beat then ages)."""
+    if connected():
+        await nodes.leave()
+    else:
+        log.warning("node beat not marked draining: NATS is not connected")
 
 
 def _start_tasks(

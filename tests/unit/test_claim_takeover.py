@@ -355,3 +355,15 @@ async def test_a_stop_does_not_wait_for_a_beat_nats_never_answers() -> None:
     stopped = asyncio.create_task(heartbeat.__aexit__(None, None, None))
     await until(stopped.done, what="the stop, with a beat unanswered")
     assert bucket.writes[-1] == ("delete", me.instance_id)
+
+
+async def test_a_stop_with_nats_gone_leaves_the_heartbeat_to_age() -> None:
+    """With the connection down the delete cannot happen: the stop does not try (peers judge
+    the instance dead once its heartbeat is older than `instance_dead_after_seconds`)."""
+    bucket = FakeBucket()
+    me = Instances(cast("KeyValue", bucket), FakeClock(T0), node_id=NODE, dead_after=timedelta(seconds=0.05))
+    connected = [True]
+    async with me.heartbeating(lambda: connected[0]):
+        connected[0] = False
+    assert ("delete", me.instance_id) not in bucket.writes
+    assert me.instance_id in bucket.values
