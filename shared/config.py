@@ -115,9 +115,9 @@ class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     init: bool = True
     read_only_root: bool = True
     tmpfs_size: str = "64m"
-    # The container's pids limit. Under gVisor it counts the sandbox's host threads (about 80
-    # with nothing running, some 7 more per process), and reaching it ends the whole sandbox:
-    # 1024 leaves room for about 120 processes there (under runc: 1024 tasks).
+    # The container's pids limit. Under gVisor it counts the sandbox's host threads (about 45
+    # idle, some 7 to 10 more per process), and reaching it ends the whole sandbox: 1024
+    # leaves room for about 120 processes there (under runc: 1024 tasks).
     pids_limit: PositiveInt = 1024
     memory_limit: Annotated[str, msgspec.Meta(pattern=r"^[0-9]+[bkmgBKMG]?$")] = "512m"
     cpus: Annotated[float, msgspec.Meta(gt=0)] = 1.0
