@@ -97,11 +97,20 @@ def stack(tmp_path: Path, docker_client: docker.DockerClient, node_id: str, node
         yield running
 
 
+def warm_ready(stack: Stack) -> int:
+    """Warm containers ready to be claimed, by the runtimes' status blocks in /status."""
+    status = httpx.get(f"{stack.base}/api/v1/status", headers={"X-API-Token": stack.token}, timeout=10).json()
+    blocks: dict[str, dict[str, Any]] = status["sections"]["runtime_nodes"].get("data") or {}
+    return sum(int(block.get("warm_ready", 0)) for block in blocks.values())
+
+
 def test_up_serves_the_readme_flow_and_stops_cleanly(
     stack: Stack, tmp_path: Path, docker_client: docker.DockerClient, node_id: str
 ) -> None:
     base, token, proc = stack.base, stack.token, stack.proc
     headers = {"X-API-Token": token}
+    # The pool fills in the background after start-up (under gVisor a container takes ~0.4 s).
+    asyncio.run(eventually(lambda: asyncio.to_thread(warm_ready, stack), lambda n: n > 0, what="a warm container"))
     chat = str(uuid.uuid4())
     created = httpx.post(f"{base}/api/v1/sandboxes", json={"chat_id": chat}, headers=headers, timeout=30)
     assert created.status_code == 201, created.text
