@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from services.runtime.containers import ContainerIdentity, ContainerSpec
+from services.runtime.containers import ContainerIdentity, ContainerSpec, container_spec
 from services.runtime.docker_driver import ObservedContainer
 from services.runtime.handlers import CommandHandlers, HandlerDeps
 from services.runtime.pool import WarmPool
@@ -22,6 +22,7 @@ from shared.contracts import CreateSandbox, SandboxRunning
 from shared.errors import AppendConflict
 from shared.instances import Liveness
 from tests.support.eventually import until
+from tests.support.records import session_record
 from tests.unit.fakes_runtime import FakeClock, FakeDriver, FakeHandled, FakeStore
 from tests.unit.test_claim_takeover import FakeInstances
 from tests.unit.test_command_handlers import POLICY
@@ -219,5 +220,13 @@ async def test_a_take_no_claim_attached_is_let_go_and_its_container_removed_whil
     assert not pool.holds(lost)
     assert not pool.holds(claimed)
     assert pool.holds(recent), "a take within the grace is kept"
+
+    # A claim that comes after its take was let go makes its container as a cold create would.
+    chat_of_lost = str(uuid.uuid4())
+    session = session_record(chat_id=chat_of_lost, session_id=lost, node_id=NODE)
+    spec = container_spec(ContainerIdentity(chat_of_lost, lost, NODE), session, SandboxSettings())
+    assert await pool.claim(spec) == f"id-sandboxd-{lost}"
+    assert (lost, chat_of_lost) not in engine.attached, "not attached as a warm container"
+    assert engine.specs[f"sandboxd-{lost}"] is spec
     stopping.set()
     await task
