@@ -17,9 +17,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
 from opentelemetry import metrics as otel_metrics
-from opentelemetry import propagate, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -63,14 +63,55 @@ class _OtelSpan:
         self._span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
 
 
-class OtelTracer:
-    def __init__(self, tracer: trace.Tracer) -> None:
-        self._tracer = tracer
+class _NoSpan:
+    """The span of work no trace records or carries on (see OtelTracer.span)."""
 
-    @contextlib.contextmanager
+    def set_attribute(self, key: str, value: str | float | bool) -> None:
+        pass
+
+    def record_error(self, error: BaseException) -> None:
+        pass
+
+
+class _NoSpanContext:
+    def __enter__(self) -> Span:
+        return _NO_SPAN
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+_NO_SPAN = _NoSpan()
+_NO_SPAN_CONTEXT = _NoSpanContext()
+
+
+def _carries_trace(parent: otel_context.Context | None) -> bool:
+    """Whether `parent` (None: the current context) holds a span context to carry on."""
+    return trace.get_current_span(parent).get_span_context().is_valid
+
+
+class OtelTracer:
+    """`starts_traces`: whether a span with no trace to join starts a trace. Without an
+    exporter such a trace is not recorded, and the runtime and reaper do not start it at
+    all: the SDK's sampler, context attach and span objects cost a busy runtime about a
+    twentieth of its CPU per command for nothing (a command's log lines are tied together by
+    its `command_id`). The API does start it, unrecorded, so the lines one HTTP request logs
+    share a `trace_id`. A span joining a trace (one that arrived in a request's or message's
+    headers) is always started, sampled or not, so the trace goes on into what it causes."""
+
+    def __init__(self, tracer: trace.Tracer, *, starts_traces: bool = True) -> None:
+        self._tracer = tracer
+        self._starts_traces = starts_traces
+
     def span(
         self, name: str, attributes: Attributes | None = None, *, kind: SpanKind = SpanKind.INTERNAL, parent: Any = None
-    ) -> Iterator[Span]:
+    ) -> contextlib.AbstractContextManager[Span]:
+        if not self._starts_traces and not _carries_trace(parent):
+            return _NO_SPAN_CONTEXT
+        return self._started(name, attributes, kind, parent)
+
+    @contextlib.contextmanager
+    def _started(self, name: str, attributes: Attributes | None, kind: SpanKind, parent: Any) -> Iterator[Span]:
         with self._tracer.start_as_current_span(
             name, context=parent, kind=kind, attributes=dict(attributes or {}), record_exception=False
         ) as span:
@@ -130,8 +171,10 @@ def setup_telemetry(
     span_processors: list[SpanProcessor] | None = None,
     metric_readers: list[MetricReader] | None = None,
     prometheus: bool = True,
+    always_start_traces: bool = False,
 ) -> Telemetry:
-    """Build this process's providers (once, in its composition root)."""
+    """Build this process's providers (once, in its composition root). A span with no trace
+    to join starts one when traces are exported, or `always_start_traces` (see OtelTracer)."""
     resource = Resource.create({"service.name": service})
     readers: list[MetricReader] = list(metric_readers or [])
     if prometheus:
@@ -154,7 +197,9 @@ def setup_telemetry(
     for processor in processors:
         tracer_provider.add_span_processor(processor)
     return Telemetry(
-        tracer=OtelTracer(tracer_provider.get_tracer("sandboxd")),
+        tracer=OtelTracer(
+            tracer_provider.get_tracer("sandboxd"), starts_traces=bool(processors) or always_start_traces
+        ),
         metrics=OtelMetrics(meter_provider.get_meter("sandboxd")),
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
@@ -163,20 +208,27 @@ def setup_telemetry(
 
 def disabled() -> Telemetry:
     """For code paths and tests that want no telemetry at all."""
-    return Telemetry(tracer=OtelTracer(trace.NoOpTracer()), metrics=OtelMetrics(otel_metrics.NoOpMeter("sandboxd")))
+    tracer = OtelTracer(trace.NoOpTracer(), starts_traces=False)
+    return Telemetry(tracer=tracer, metrics=OtelMetrics(otel_metrics.NoOpMeter("sandboxd")))
 
 
 # --------------------------------------------------------------------------- propagation
 
 
 def inject(headers: dict[str, str]) -> dict[str, str]:
-    """Add the current W3C trace context (`traceparent`, `tracestate`) to NATS headers."""
-    propagate.inject(headers)
+    """Add the current W3C trace context (`traceparent`, `tracestate`) to NATS headers.
+    With no span context and no baggage current, the propagators add nothing: skipped."""
+    if trace.get_current_span().get_span_context() != trace.INVALID_SPAN_CONTEXT or baggage.get_all():
+        propagate.inject(headers)
     return headers
 
 
 def extract(headers: Mapping[str, str] | None) -> otel_context.Context:
-    return propagate.extract(dict(headers or {}))
+    """The trace context NATS headers carry. Headers with none of the names the propagators
+    read give an empty context, as the propagators would, without running them."""
+    if not headers or propagate.get_global_textmap().fields.isdisjoint(headers):
+        return otel_context.Context()
+    return propagate.extract(dict(headers))
 
 
 def elapsed_ms(started: float) -> float:

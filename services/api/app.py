@@ -667,7 +667,9 @@ async def _connect(
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None, telemetry: Telemetry | None = None) -> Litestar:
-    telemetry = telemetry or setup_telemetry("sandboxd-api", otlp_endpoint=settings.telemetry.otlp_endpoint)
+    telemetry = telemetry or setup_telemetry(
+        "sandboxd-api", otlp_endpoint=settings.telemetry.otlp_endpoint, always_start_traces=True
+    )
     clock = clock or SystemClock()
 
     @contextlib.asynccontextmanager
