@@ -165,10 +165,13 @@ class HandlerDeps:
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """How the command reached this runtime: `placement` when another runtime placed the new
-    session here and forwarded the create, `hops` how often it was forwarded."""
+    session here and forwarded the create, `hops` how often it was forwarded. `first`: this
+    is the first delivery of a message a client published (not a redelivery, not a forwarded
+    copy), so no handling of it can have been under way before (see `_look_back`)."""
 
     placement: Placement | None = None
     hops: int = 0
+    first: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +288,7 @@ class CommandHandlers:
                 case CreateSandbox():
                     return await self.create(command, progress, turn, delivery)
                 case StopSandbox():
-                    return await self.stop(command, turn)
+                    return await self.stop(command, turn, delivery)
                 case KeepaliveSandbox():
                     return await self.keepalive(command, turn)
                 case PauseSandbox() | ResumeSandbox():
@@ -316,16 +319,22 @@ class CommandHandlers:
             self._metrics.increment("sandbox.claim.dead_instance.total", {"event": claim.type})
         return OpenClaim(claim, liveness)
 
-    async def _look_back(self, command: AnyCommand, state: ChatState) -> _LookBack:
+    async def _look_back(self, command: AnyCommand, state: ChatState, delivery: Delivery) -> _LookBack:
         """What the chat's history says of the command: whether it already has its outcome,
         and the session its last claim named (a claim taken over while it was away).
 
-        Asked once, before a command's first claim, on chats with history. An outcome append
-        is de-duplicated by its message id, but a claim is not: without this, a command seen
-        again (a redelivery after a lost ack, or a client resending it) whose outcome is no
-        longer the chat's last event would claim and start a container whose `running` the
-        stream then drops as a duplicate."""
-        if state.seq == 0:
+        Asked once, before a command's first claim, on chats with history, of a command that
+        may have been handled before: a redelivery (a lost ack, a runtime that died while
+        handling it) or a forwarded copy. An outcome append is de-duplicated by its message
+        id, but a claim is not: without this, such a command whose outcome is no longer the
+        chat's last event would claim and start a container whose `running` the stream then
+        drops as a duplicate. A message's first delivery skips it (a read of up to the
+        chat's last 1,000 events saved on most commands): nothing handled it before. A
+        client that sends the same command id again gets a new message only after the
+        commands stream's duplicate window (2 min at least); by then the first one was
+        recorded in `sandbox_handled` before its ack (`_run` finds it there), or, unacked,
+        it is redelivered (`runtime.ack_wait_seconds`, 4 s by default) and looks back."""
+        if state.seq == 0 or delivery.first:
             return _LookBack()
         command_id = str(command.command_id)
         history = await self._d.store.history(str(command.chat_id), through=state.seq)
@@ -497,7 +506,7 @@ class CommandHandlers:
             decision = decide_create(state.last, command, now, self._d.policy, self._new_id(), claim=claim)
             if isinstance(decision, ClaimProvision | ClaimReplace) and not checked:
                 checked = True
-                if (await self._look_back(command, state)).handled:
+                if (await self._look_back(command, state, delivery or Delivery())).handled:
                     return None
             if isinstance(decision, Wait):
                 await turn.wait_aside(backoff)
@@ -663,7 +672,7 @@ class CommandHandlers:
 
     # ------------------------------------------------------------------ stop
 
-    async def stop(self, command: StopSandbox, turn: _ChatTurn) -> AnyEvent | None:
+    async def stop(self, command: StopSandbox, turn: _ChatTurn, delivery: Delivery | None = None) -> AnyEvent | None:
         backoff = _Backoff()
         chat_id = str(command.chat_id)
         pinned: str | None = None
@@ -675,7 +684,7 @@ class CommandHandlers:
             decision = decide_stop(state.last, command, now, self._d.policy, pinned, claim=claim)
             if isinstance(decision, ClaimStop) and not checked:
                 checked = True
-                before = await self._look_back(command, state)
+                before = await self._look_back(command, state, delivery or Delivery())
                 if before.handled:
                     return None
                 # A claim of its own that was taken over while it was away (its runtime died)

@@ -25,7 +25,7 @@ from services.runtime.handlers import Delivery
 from shared.contracts import AnyCommand, Placement, encode
 from shared.errors import Forward
 from shared.event_store import with_nats_retry
-from shared.subjects import MSG_ID_HEADER, node_command_subject, node_token
+from shared.subjects import MSG_ID_HEADER, NODE_COMMAND_PREFIX, node_command_subject, node_token
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,10 @@ _placement_decoder = msgspec.json.Decoder(Placement)
 
 
 def delivery_of(msg: Msg) -> Delivery:
-    """What the forwarding runtime said with the command (nothing for a public command).
-    Only runtimes may publish on node subjects; a header that does not parse is ignored."""
+    """What the forwarding runtime said with the command (nothing for a public command), and
+    whether this is a client's message delivered for the first time. Only runtimes may
+    publish on node subjects; a header that does not parse is ignored (a copy on a node
+    subject is never taken for a first delivery)."""
     headers = msg.headers or {}
     try:
         hops = max(int(headers.get(HOPS_HEADER, "0")), 0)
@@ -51,7 +53,8 @@ def delivery_of(msg: Msg) -> Delivery:
             placement = _placement_decoder.decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError):
             log.warning("ignoring a placement header that does not decode on %s", msg.subject)
-    return Delivery(placement=placement, hops=hops)
+    first = msg.metadata.num_delivered == 1 and hops == 0 and not msg.subject.startswith(NODE_COMMAND_PREFIX + ".")
+    return Delivery(placement=placement, hops=hops, first=first)
 
 
 def forwarded_headers(msg: Msg, command: AnyCommand, to: Forward, hops: int) -> dict[str, str]:

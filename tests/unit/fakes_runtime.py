@@ -44,6 +44,7 @@ class FakeStore:
     msg_ids: dict[str, tuple[int, datetime]] = field(default_factory=dict)  # msg id -> (seq, stored at)
     # event type -> errors to raise on the next appends of that type
     fail_next: dict[str, list[Exception]] = field(default_factory=lambda: defaultdict(list))
+    history_reads: int = 0
 
     async def read(self, chat_id: str) -> ChatState:
         await asyncio.sleep(0)
@@ -77,6 +78,7 @@ class FakeStore:
         limit: int | None = None,
         through: int | None = None,  # noqa: ARG002 - the fake never lags
     ) -> list[StoredEvent]:
+        self.history_reads += 1
         events = list(self.subjects[event_subject(chat_id)])
         return events[-limit:] if limit else events
 

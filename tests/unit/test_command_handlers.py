@@ -461,6 +461,37 @@ async def test_handle_returns_none_when_the_outcome_was_given_before(world: Worl
     assert await world.handlers.handle(create, world.progress) is None  # found in the chat's history
 
 
+async def test_only_a_command_that_may_have_been_handled_before_reads_the_chats_history(world: World) -> None:
+    chat = uuid.uuid4()
+    await world.handlers.handle(new_command(CreateSandbox, chat), world.progress)
+    reads = world.store.history_reads
+    # A client's message delivered for the first time: nothing handled it before.
+    stopped = await world.handlers.handle(new_command(StopSandbox, chat), world.progress, Delivery(first=True))
+    assert stopped is not None
+    assert stopped.type == "stopped"
+    created = await world.handlers.handle(new_command(CreateSandbox, chat), world.progress, Delivery(first=True))
+    assert created is not None
+    assert created.type == "running"
+    assert world.store.history_reads == reads
+    # A redelivery or a forwarded copy looks back before its claim.
+    await world.handlers.handle(new_command(StopSandbox, chat), world.progress, Delivery())
+    assert world.store.history_reads == reads + 1
+    await world.handlers.handle(new_command(CreateSandbox, chat), world.progress, Delivery(hops=1))
+    assert world.store.history_reads == reads + 2
+
+
+async def test_a_command_sent_again_as_a_new_message_is_not_handled_twice(world: World) -> None:
+    """Its first message was recorded as handled before its ack: a second message with the
+    same command id (past the commands stream's duplicate window) finds it, history unread."""
+    chat = uuid.uuid4()
+    create = new_command(CreateSandbox, chat)
+    await world.handlers.handle(create, world.progress, Delivery(first=True))
+    await world.handlers.handle(new_command(StopSandbox, chat), world.progress, Delivery(first=True))
+    events = len(world.store.events(str(chat)))
+    assert await world.handlers.handle(create, world.progress, Delivery(first=True)) is None
+    assert len(world.store.events(str(chat))) == events
+
+
 class StubNodes:
     """Nodes as the handlers see them: fixed states, a fixed placement."""
 
