@@ -76,11 +76,11 @@ def decode_command(subject: str, data: bytes) -> AnyCommand:
     except DECODE_ERRORS as exc:  # not JSON, invalid UTF-8, nested too deep
         detail = f"{exc}" if isinstance(exc, msgspec.DecodeError) else f"not valid JSON: {exc}"
         raise MalformedCommand(RejectReason.INVALID_JSON, detail, chat_id=subject_chat, command_id=None) from exc
-    if str(command.chat_id) != subject_chat:
+    if command.chat_key != subject_chat:
         raise MalformedCommand(
             RejectReason.SUBJECT_MISMATCH,
             f"payload chat_id {command.chat_id} does not match the subject's chat id {subject_chat}",
             chat_id=subject_chat,
-            command_id=str(command.command_id),
+            command_id=command.command_key,
         )
     return command

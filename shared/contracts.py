@@ -8,6 +8,7 @@ not the payload); events are one tagged union on the `type` field.
 from __future__ import annotations
 
 import enum
+import functools
 import uuid
 from datetime import datetime, timedelta
 from typing import Annotated, ClassVar, Literal
@@ -155,17 +156,26 @@ class ErrorType(enum.StrEnum):
 # --------------------------------------------------------------------------- commands
 
 
-class Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, dict=True):
     """Fields every command carries; an agent typing one by hand needs only the ids.
 
     Unknown fields are refused: a misspelt `ttl_seconds` must not silently start a sandbox
-    with the default TTL."""
+    with the default TTL. `chat_key` / `command_key` are the ids as text (subjects, keys and
+    events use them), made once per command (`dict=True` lets them be cached)."""
 
     kind: ClassVar[str]
     command_id: uuid.UUID
     chat_id: uuid.UUID
     requested_at: datetime | None = None
     requested_by: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+
+    @functools.cached_property
+    def chat_key(self) -> str:
+        return str(self.chat_id)
+
+    @functools.cached_property
+    def command_key(self) -> str:
+        return str(self.command_id)
 
 
 class CreateSandbox(Command, frozen=True, kw_only=True):

@@ -188,7 +188,7 @@ async def _answer(
         checked = check_key(key)
     except InvalidIdempotencyKey as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from None
-    keyed = KeyedRequest(key=checked, request=request, chat_id=str(command.chat_id), fields=fields)
+    keyed = KeyedRequest(key=checked, request=request, chat_id=command.chat_key, fields=fields)
     gateway.require_connection()  # before the key is claimed
     return await services.idempotent.answer(keyed, command, respond, shortcut)
 

@@ -299,12 +299,12 @@ class CommandGateway:
 
     async def _publish_and_wait(self, command: AnyCommand, wait_seconds: float, *, again: bool) -> AnyEvent | None:
         self.require_connection()
-        command_id = str(command.command_id)
-        chat_id = str(command.chat_id)
+        command_id = command.command_key
+        chat_id = command.chat_key
         fut, first = self._waiter.expect(chat_id, command_id)
         try:
-            subject = command_subject(command.kind, str(command.chat_id))
-            attributes = {"chat.id": str(command.chat_id), "command.id": command_id, "messaging.destination": subject}
+            subject = command_subject(command.kind, command.chat_key)
+            attributes = {"chat.id": command.chat_key, "command.id": command_id, "messaging.destination": subject}
             started = time.perf_counter()
             with self._telemetry.tracer.span("api.send_command", attributes, kind=SpanKind.PRODUCER) as span:
                 # Waiting already (above), so an outcome stored after this read is delivered.

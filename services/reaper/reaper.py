@@ -261,7 +261,7 @@ class Reaper:
 
     async def _send(self, command: StopSandbox | PauseSandbox | WarnSandbox, reason: str) -> None:
         """Publish one of the reaper's commands (its id as the message id, with trace context)."""
-        chat_id, command_id = str(command.chat_id), str(command.command_id)
+        chat_id, command_id = command.chat_key, command.command_key
         subject = command_subject(command.kind, chat_id)
         attributes = {"chat.id": chat_id, "session.id": str(command.session_id), "sandbox.reason": reason}
         with self.telemetry.tracer.span(f"reaper.publish_{command.kind}", attributes, kind=SpanKind.PRODUCER):

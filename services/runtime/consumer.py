@@ -261,7 +261,7 @@ async def _settle(
     except MalformedCommand as bad:
         return await _reject(msg, handlers, bad, last_try=last_try)
 
-    with bound_log_context(chat_id=str(command.chat_id), command_id=str(command.command_id)):
+    with bound_log_context(chat_id=command.chat_key, command_id=command.command_key):
         delivery = delivery_of(msg)
         try:
             outcome = await handlers.handle(command, progress, delivery)

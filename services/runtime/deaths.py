@@ -28,7 +28,6 @@ import contextlib
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
@@ -41,6 +40,7 @@ from shared.clock import Clock
 from shared.contracts import AnyEvent, LostReason, SandboxProvisioning, SandboxRunning, SessionStatus
 from shared.errors import AppendConflict, DockerUnavailable, SandboxdError
 from shared.event_store import Appended, ChatState, EventLog, StoredEvent
+from shared.ids import random_uuid
 from shared.telemetry import Telemetry
 from shared.telemetry import disabled as telemetry_disabled
 
@@ -141,7 +141,7 @@ class DeathWatch:
         active: ActiveSandboxes | None = None,
         first_backoff: float = 0.1,
         max_backoff: float = 5.0,
-        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        new_id: Callable[[], str] = random_uuid,
     ) -> None:
         self._store = store
         self._engine = engine

@@ -276,7 +276,7 @@ def new_session(
     return SessionRecord(
         idle_ttl_seconds=int(policy.default_idle_ttl.total_seconds()) if idle is None else idle,
         session_id=session_id,
-        chat_id=str(command.chat_id),
+        chat_id=command.chat_key,
         node_id=policy.node_id,
         container_id=None,
         image=policy.image,
@@ -312,7 +312,7 @@ def decide_create(
     claim: OpenClaim | None = None,
 ) -> CreateDecision:
     """`claim`: the chat's open claim (see `find_open_claim`), None when it has none."""
-    command_id = str(command.command_id)
+    command_id = command.command_key
     if last is not None and last.causation_id == command_id and is_outcome(last):
         return AlreadyHandled()
     own = _own_claim(claim, command_id)
@@ -345,7 +345,7 @@ def decide_stop(
     *,
     claim: OpenClaim | None = None,
 ) -> StopDecision:
-    command_id = str(command.command_id)
+    command_id = command.command_key
     if last is not None and last.causation_id == command_id and is_outcome(last):
         return AlreadyHandled()
     own = _own_claim(claim, command_id)
@@ -392,7 +392,7 @@ def decide_keepalive(
     session = _targeted(last, command)
     if not isinstance(session, SessionRecord):
         return session
-    if _claim_in_flight(claim, str(command.command_id), now, policy) and session.status == SessionStatus.PROVISIONING:
+    if _claim_in_flight(claim, command.command_key, now, policy) and session.status == SessionStatus.PROVISIONING:
         return Wait(_waiting(session, claim))
     if session.status not in (SessionStatus.RUNNING, SessionStatus.PAUSED):
         return Reject(RejectReason.NOT_RUNNING, f"session {session.session_id} is {session.status}")
@@ -417,7 +417,7 @@ def _targeted(
 ) -> SessionRecord | AlreadyHandled | Reject:
     """The live session a command on an existing session acts on (the one it names, if it
     names one), or what to do instead: nothing (its outcome is the last event), or a refusal."""
-    if last is not None and last.causation_id == str(command.command_id) and is_outcome(last):
+    if last is not None and last.causation_id == command.command_key and is_outcome(last):
         return AlreadyHandled()
     session = _live(last)
     if session is None:
@@ -446,7 +446,7 @@ def _settled(
     session = _targeted(last, command)
     if not isinstance(session, SessionRecord):
         return session
-    if _claim_in_flight(claim, str(command.command_id), now, policy):
+    if _claim_in_flight(claim, command.command_key, now, policy):
         return Wait(_waiting(session, claim))
     if session.is_expired(now):
         return Reject(RejectReason.EXPIRED, f"session {session.session_id} expired at {session.expires_at.isoformat()}")

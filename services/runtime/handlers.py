@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -101,6 +100,7 @@ from shared.errors import AppendConflict, DockerUnavailable, Forward, Infrastruc
 from shared.event_store import ChatState, EventLog
 from shared.failpoints import failpoint, hang_point
 from shared.handled import HandledIndex
+from shared.ids import random_uuid
 from shared.instances import InstanceLiveness, Liveness, Unmonitored
 from shared.nodes import Nodes, NodeState, SingleNode
 from shared.subjects import INVALID_EVENTS_SUBJECT
@@ -231,7 +231,7 @@ class _ChatTurn:
 
 
 class CommandHandlers:
-    def __init__(self, deps: HandlerDeps, new_id: Callable[[], str] = lambda: str(uuid.uuid4())) -> None:
+    def __init__(self, deps: HandlerDeps, new_id: Callable[[], str] = random_uuid) -> None:
         self._d = deps
         self._new_id = new_id
         self._metrics = deps.telemetry.metrics
@@ -264,7 +264,7 @@ class CommandHandlers:
     ) -> AnyEvent | None:
         """Carry the command out; its outcome event (None when it had one already). Forward
         when the command is another node's to carry out."""
-        attributes = {"chat.id": str(command.chat_id), "command.id": str(command.command_id)}
+        attributes = {"chat.id": command.chat_key, "command.id": command.command_key}
         with self._d.telemetry.tracer.span(f"usecase.{command.kind}_sandbox", attributes) as span:
             try:
                 outcome = await self._run(command, progress, delivery or Delivery())
@@ -277,8 +277,8 @@ class CommandHandlers:
         raise forwarded
 
     async def _run(self, command: AnyCommand, progress: Progress, delivery: Delivery) -> AnyEvent | None:
-        async with self._chat_turn(str(command.chat_id), progress) as turn:
-            if await self._d.handled.lookup(str(command.chat_id), str(command.command_id)) is not None:
+        async with self._chat_turn(command.chat_key, progress) as turn:
+            if await self._d.handled.lookup(command.chat_key, command.command_key) is not None:
                 # Seen again after its outcome (a re-send, or a redelivery after a lost ack):
                 # never decided afresh, whatever the chat's state is now.
                 log.info("command %s was handled before; not handling it again", command.command_id)
@@ -304,12 +304,12 @@ class CommandHandlers:
         claim = state.last
         if not isinstance(claim, SandboxProvisioning | SandboxStopping):
             # Buried under other commands' answers: found in the chat's history (rare).
-            history = await self._d.store.history(str(command.chat_id), through=state.seq)
+            history = await self._d.store.history(command.chat_key, through=state.seq)
             claim = find_open_claim([s.event for s in history if s.seq <= state.seq])
         if claim is None:
             return None
         instance = claim.instance_id
-        if claim.causation_id == str(command.command_id) or instance is None:
+        if claim.causation_id == command.command_key or instance is None:
             return OpenClaim(claim)  # our own (liveness does not matter), or an old claim naming none
         if instance == self._d.instances.instance_id:
             return OpenClaim(claim, Liveness.ALIVE)
@@ -336,8 +336,8 @@ class CommandHandlers:
         it is redelivered (`runtime.ack_wait_seconds`, 4 s by default) and looks back."""
         if state.seq == 0 or delivery.first:
             return _LookBack()
-        command_id = str(command.command_id)
-        history = await self._d.store.history(str(command.chat_id), through=state.seq)
+        command_id = command.command_key
+        history = await self._d.store.history(command.chat_key, through=state.seq)
         mine = [s for s in history if s.event.causation_id == command_id]
         found = next((s for s in mine if is_outcome(s.event)), None)
         if found is not None:
@@ -351,8 +351,8 @@ class CommandHandlers:
         """Remember that the command had its outcome (before it is acknowledged)."""
         await self._d.handled.record(
             HandledCommand(
-                chat_id=str(command.chat_id),
-                command_id=str(command.command_id),
+                chat_id=command.chat_key,
+                command_id=command.command_key,
                 kind=command.kind,
                 outcome_seq=outcome_seq,
                 recorded_at=self._d.clock.now(),
@@ -381,7 +381,7 @@ class CommandHandlers:
             case NodeState.DEAD:
                 lost = await mark_node_lost(
                     self._d.store,
-                    str(command.chat_id),
+                    command.chat_key,
                     owner,
                     here=here,
                     now=self._d.clock.now(),
@@ -416,7 +416,7 @@ class CommandHandlers:
 
     def _identity(self, command: AnyCommand, session: SessionRecord) -> ContainerIdentity:
         """The container a session of this command's chat has on this node."""
-        return ContainerIdentity(str(command.chat_id), session.session_id, self._d.policy.node_id)
+        return ContainerIdentity(command.chat_key, session.session_id, self._d.policy.node_id)
 
     # ------------------------------------------------------------------ appends
 
@@ -452,7 +452,7 @@ class CommandHandlers:
         there first."""
         instance_id = self._d.instances.instance_id
         event = self._event(
-            cls, session.chat_id, str(command.command_id), session, expected, instance_id=instance_id, **fields
+            cls, session.chat_id, command.command_key, session, expected, instance_id=instance_id, **fields
         )
         try:
             seq = (await self._d.store.append(event, expected_seq=expected, msg_id=event.event_id)).seq
@@ -467,10 +467,10 @@ class CommandHandlers:
         self, cls: type[AnyEvent], command: AnyCommand, session: SessionRecord | None, expected: int, **fields: Any
     ) -> Step:
         """Append the command's one outcome; None when another writer got there first."""
-        command_id = str(command.command_id)
-        event = self._event(cls, str(command.chat_id), command_id, session, expected, **fields)
+        command_id = command.command_key
+        event = self._event(cls, command.chat_key, command_id, session, expected, **fields)
         try:
-            msg_id = outcome_msg_id(str(command.chat_id), command_id)
+            msg_id = outcome_msg_id(command.chat_key, command_id)
             appended = await self._d.store.append(event, expected_seq=expected, msg_id=msg_id)
         except AppendConflict:
             self._metrics.increment("sandbox.append.conflict.total", {"event": event.type})
@@ -497,7 +497,7 @@ class CommandHandlers:
         self, command: CreateSandbox, progress: Progress, turn: _ChatTurn, delivery: Delivery | None = None
     ) -> AnyEvent | None:
         backoff = _Backoff()
-        chat_id = str(command.chat_id)
+        chat_id = command.chat_key
         checked = False
         while True:
             state = await self._d.store.read(chat_id)
@@ -654,10 +654,10 @@ class CommandHandlers:
         if finished is not None:
             return finished
         now_state = await self._d.store.read(identity.chat_id)
-        if isinstance(now_state.last, SandboxRunning) and now_state.last.causation_id == str(command.command_id):
+        if isinstance(now_state.last, SandboxRunning) and now_state.last.causation_id == command.command_key:
             return Finished()  # node reconciliation adopted our container for this very command
         still = await self._open_claim(now_state, command)
-        if still is not None and still.command_id == str(command.command_id):
+        if still is not None and still.command_id == command.command_key:
             return None  # another command's answer landed on our claim: resume it, the container stays
         # Our claim was overtaken: the container must not outlive the record it never got.
         log.warning("chat %s: running append lost its claim; removing container %s", identity.chat_id, container_id)
@@ -674,7 +674,7 @@ class CommandHandlers:
 
     async def stop(self, command: StopSandbox, turn: _ChatTurn, delivery: Delivery | None = None) -> AnyEvent | None:
         backoff = _Backoff()
-        chat_id = str(command.chat_id)
+        chat_id = command.chat_key
         pinned: str | None = None
         checked = False
         while True:
@@ -735,7 +735,7 @@ class CommandHandlers:
     async def keepalive(self, command: KeepaliveSandbox, turn: _ChatTurn) -> AnyEvent | None:
         backoff = _Backoff()
         while True:
-            state = await self._d.store.read(str(command.chat_id))
+            state = await self._d.store.read(command.chat_key)
             claim = await self._open_claim(state, command)
             decision = decide_keepalive(state.last, command, self._d.clock.now(), self._d.policy, claim=claim)
             match decision:
@@ -760,7 +760,7 @@ class CommandHandlers:
     async def pause_or_resume(self, command: PauseSandbox | ResumeSandbox, turn: _ChatTurn) -> AnyEvent | None:
         backoff = _Backoff()
         while True:
-            state = await self._d.store.read(str(command.chat_id))
+            state = await self._d.store.read(command.chat_key)
             claim = await self._open_claim(state, command)
             now, policy = self._d.clock.now(), self._d.policy
             decision: PauseDecision | ResumeDecision = (
@@ -790,7 +790,7 @@ class CommandHandlers:
 
     async def warn(self, command: WarnSandbox) -> AnyEvent | None:
         while True:
-            state = await self._d.store.read(str(command.chat_id))
+            state = await self._d.store.read(command.chat_key)
             decision = decide_warn(state.last, command, self._d.policy)
             match decision:
                 case AlreadyHandled():
@@ -870,7 +870,7 @@ class CommandHandlers:
     async def _fail(self, command: AnyCommand, error: ErrorInfo) -> None:
         """A `failed` outcome that leaves the chat's session as it is."""
         while True:
-            state = await self._d.store.read(str(command.chat_id))
+            state = await self._d.store.read(command.chat_key)
             live = state.session if state.session is not None and state.session.is_live else None
             if await self._outcome(SandboxFailed, command, live, state.seq, error=error) is not None:
                 return

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,6 +39,7 @@ from shared.clock import Clock
 from shared.contracts import AnyNodeEvent, NodeDead, NodeReturned, decode_node_event, encode
 from shared.errors import AppendConflict, TransientError
 from shared.event_store import CONFLICT_CODES, EventLog, with_nats_retry
+from shared.ids import random_uuid
 from shared.nodes import NodeDirectory, NodeState
 from shared.poison import DECODE_ERRORS, PoisonSource, Quarantine
 from shared.registry import Registry
@@ -126,7 +126,7 @@ class NodeWatch:
         consume_queue: QueueConsumer | None = None,
         queue_pending: Callable[[str], Awaitable[int]] | None = None,
         telemetry: Telemetry | None = None,
-        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        new_id: Callable[[], str] = random_uuid,
     ) -> None:
         self._directory = directory
         self._capacity = capacity

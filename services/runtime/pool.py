@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from services.runtime.containers import ContainerIdentity, ContainerSpec, warm_s
 from services.runtime.docker_driver import ObservedContainer
 from shared.config import SandboxSettings
 from shared.errors import DockerUnavailable, InfrastructureError
+from shared.ids import random_uuid
 from shared.instances import InstanceLiveness, Liveness
 from shared.telemetry import Telemetry
 from shared.telemetry import disabled as telemetry_disabled
@@ -93,7 +93,7 @@ class WarmPool:
         instances: InstanceLiveness,
         size: int,
         telemetry: Telemetry | None = None,
-        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        new_id: Callable[[], str] = random_uuid,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
         self._driver = driver

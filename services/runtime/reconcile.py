@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from shared.contracts import (
 )
 from shared.errors import AppendConflict
 from shared.event_store import ChatState, EventStore
+from shared.ids import random_uuid
 from shared.registry import Registry
 from shared.subjects import canonical_chat_id
 from shared.telemetry import Telemetry
@@ -180,7 +180,7 @@ class NodeReconciler:
         claim_timeout: timedelta,
         confirmations: int = 2,
         stop_timeout_seconds: int = 2,
-        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        new_id: Callable[[], str] = random_uuid,
         telemetry: Telemetry | None = None,
         active: ActiveSandboxes | None = None,
     ) -> None:

@@ -72,7 +72,7 @@ async def forward(js: JetStreamContext, msg: Msg, command: AnyCommand, to: Forwa
     """Publish the command on its node's subject and wait for the stream to store it
     (NatsUnavailable when it did not: the original is then handed back, not acked)."""
     hops = delivery.hops + 1
-    subject = node_command_subject(to.node_id, command.kind, str(command.chat_id))
+    subject = node_command_subject(to.node_id, command.kind, command.chat_key)
     headers = forwarded_headers(msg, command, to, hops)
     await with_nats_retry(lambda: js.publish(subject, msg.data, headers=headers), what=f"forward to {subject}")
     log.info("command %s forwarded to node %s (hop %d)", command.command_id, to.node_id, hops)
