@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, Header
 
 from shared.event_store import with_nats_retry
+from shared.nats_client import Client as HandlerClient
 
 _HEARTBEAT = "100"
 # The client waits this much longer than a pull's own expiry, so that the server, not the
@@ -68,7 +69,7 @@ async def _pull(
     found: list[Msg] = []
     ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    async def on_msg(msg: Msg) -> None:
+    def take(msg: Msg) -> None:
         status = (msg.headers or {}).get(Header.STATUS.value) if not msg.data else None
         if status is None:
             found.append(msg)
@@ -77,7 +78,13 @@ async def _pull(
         elif status != _HEARTBEAT and not ended.done():
             ended.set_result(None)
 
-    sub = await nc.subscribe(nc.new_inbox(), cb=on_msg)
+    async def on_msg(msg: Msg) -> None:
+        take(msg)
+
+    if isinstance(nc, HandlerClient):  # the messages are taken in the read loop (nats_client.py)
+        sub = await nc.subscribe_handler(nc.new_inbox(), take)
+    else:
+        sub = await nc.subscribe(nc.new_inbox(), cb=on_msg)
     try:
         await nc.publish(subject, json.dumps(request).encode(), reply=sub.subject)
         # On a timeout what came is returned; the rest is redelivered after the ack_wait.

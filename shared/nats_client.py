@@ -1,4 +1,5 @@
-"""nats-py's client, with a faster parser of message headers (the same result).
+"""nats-py's client, with a faster parser of message headers (the same result) and
+subscriptions whose messages a handler takes right in the read loop.
 
 A busy runtime receives several messages with headers per command (the command, each direct
 get's answer carries ~9); nats-py parses each header line with a per-character generator to
@@ -7,16 +8,58 @@ runtime's CPU under load. `Client._parse_header_lines` here gives the same dicti
 every input (tests/unit/test_nats_client.py compares the two on generated input) in a
 fraction of the time: `key.split() != [key]` is "some character of `key` is whitespace"
 (`str.split` splits on exactly the characters `str.isspace` names).
+
+A subscription made with `subscribe_handler` has no queue and no task: nats-py puts each
+message of a subscription with a callback on an asyncio queue, and a task of the
+subscription awaits the callback for it, a queue round and a task switch per message. The
+runtime's answers all come on one such subscription (nats_requests.py), several per command.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+log = logging.getLogger(__name__)
 
 _CRLF = b"\r\n"
 
+# Takes a message in the read loop: quick, never awaiting (what it raises is logged).
+Handler = Callable[[Msg], None]
+
 
 class Client(NatsClient):
+    def __init__(self) -> None:
+        super().__init__()
+        self._handlers: dict[int, Handler] = {}
+
+    async def subscribe_handler(self, subject: str, handler: Handler) -> Subscription:
+        """Subscribe with `handler` taking each message in the read loop, in order."""
+        sub = await self.subscribe(subject)  # no callback: nats-py starts no task for it
+        self._handlers[sub._id] = handler  # noqa: SLF001 - the sid: nats-py has no public accessor
+        return sub
+
+    def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
+        self._handlers.pop(sid, None)
+        super()._remove_sub(sid, max_msgs)
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        handler = self._handlers.get(sid)
+        if handler is None:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        msg = self._build_message(sid, subject, reply, data, await self._process_headers(headers))
+        try:
+            handler(msg)
+        except Exception:  # a handler's bug must not end the connection (the read loop's error)
+            log.exception("handling a message on %s failed", msg.subject)
+
     @staticmethod
     def _parse_header_lines(raw: bytes) -> dict[str, str]:
         out: dict[str, str] = {}

@@ -33,6 +33,8 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import Header
 from nats.js.errors import APIError, NoStreamResponseError
 
+from shared.nats_client import Client as HandlerClient
+
 _NO_RESPONDERS = "503"
 T = TypeVar("T")
 
@@ -79,7 +81,10 @@ class Requests:
         if self._subscribed is None:
             self._subscribed = asyncio.get_running_loop().create_future()
             try:
-                await self._nc.subscribe(f"{self._prefix}*", cb=self._on_msg, pending_msgs_limit=-1)
+                if isinstance(self._nc, HandlerClient):  # answers taken in the read loop
+                    await self._nc.subscribe_handler(f"{self._prefix}*", self._take)
+                else:
+                    await self._nc.subscribe(f"{self._prefix}*", cb=self._on_msg, pending_msgs_limit=-1)
             except BaseException as exc:
                 self._subscribed.set_exception(exc)
                 self._subscribed.exception()  # retrieved: the next request subscribes again
@@ -106,6 +111,9 @@ class Requests:
         return failed
 
     async def _on_msg(self, msg: Msg) -> None:
+        self._take(msg)
+
+    def _take(self, msg: Msg) -> None:
         token = msg.subject[len(self._prefix) :]
         waiter = self._waiting.get(token)
         if waiter is not None and waiter.collect(msg):

@@ -16,15 +16,51 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import StreamConfig
 from nats.js.errors import BadRequestError, NoStreamResponseError
 
+from shared.nats_client import Client as HandlerClient
 from shared.nats_requests import requests_of, valid_key
+from tests.support.eventually import eventually
 from tests.support.nats_server import NatsServer
 
 
-@pytest.fixture
-async def nc(nats: NatsServer) -> AsyncIterator[Client]:
-    client = await nats_client.connect(nats.url)
+@pytest.fixture(params=["nats-py", "handlers"])
+async def nc(nats: NatsServer, request: pytest.FixtureRequest) -> AsyncIterator[Client]:
+    """nats-py's client (answers through a callback's queue and task) and ours (answers
+    taken in the read loop, shared/nats_client.py): Requests works the same on both."""
+    if request.param == "nats-py":
+        client = await nats_client.connect(nats.url)
+    else:
+        client = HandlerClient()
+        await client.connect(nats.url)
     yield client
     await client.close()
+
+
+async def test_a_handler_takes_each_message_in_order_in_the_read_loop(nats: NatsServer) -> None:
+    nc = HandlerClient()
+    await nc.connect(nats.url)
+    try:
+        taken: list[bytes] = []
+
+        def take(msg: Msg) -> None:
+            if msg.data == b"bad":
+                raise ValueError("a handler's bug")
+            taken.append(msg.data)
+
+        sub = await nc.subscribe_handler("in.order", take)
+        assert sub._wait_for_msgs_task is None  # no task of the subscription's own
+        for i in range(200):
+            await nc.publish("in.order", b"bad" if i == 100 else str(i).encode())
+        await nc.flush()
+        await eventually(lambda: asyncio.sleep(0, len(taken)), lambda n: n == 199, what="all taken")
+        assert taken == [str(i).encode() for i in range(200) if i != 100]
+        assert nc.is_connected, "a handler that raised does not end the connection"
+        await sub.unsubscribe()
+        await nc.publish("in.order", b"late")
+        await nc.flush()
+        assert taken[-1] == b"199"
+        assert not nc._handlers  # the handler went with its subscription
+    finally:
+        await nc.close()
 
 
 async def test_each_answer_reaches_the_request_that_asked(nc: Client) -> None:
