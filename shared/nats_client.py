@@ -9,6 +9,10 @@ every input (tests/unit/test_nats_client.py compares the two on generated input)
 fraction of the time: `key.split() != [key]` is "some character of `key` is whitespace"
 (`str.split` splits on exactly the characters `str.isspace` names).
 
+A publish with headers builds its header block as one string (nats-py extends a bytearray
+piece by piece and checks each name against a regex every time; here a name is checked once
+per process), the same bytes (tests/unit/test_nats_client.py compares them).
+
 A subscription made with `subscribe_handler` has no queue and no task: nats-py puts each
 message of a subscription with a callback on an asyncio queue, and a task of the
 subscription awaits the callback for it, a queue round and a task switch per message. The
@@ -19,7 +23,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
+from nats import errors
+from nats.aio.client import _HEADER_KEY_RE, _HEADER_VALUE_NEWLINES
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -30,6 +37,27 @@ _CRLF = b"\r\n"
 
 # Takes a message in the read loop: quick, never awaiting (what it raises is logged).
 Handler = Callable[[Msg], None]
+
+_CHECKED_NAMES: set[str] = set()  # header names found valid (a process uses a handful)
+_CHECKED_NAMES_KEPT = 1024
+
+
+def header_block(headers: dict[str, Any]) -> bytes:
+    """The header block nats-py sends for `headers`: names stripped (empty ones skipped,
+    invalid ones refused with BadHeaderError), values stripped with CR and LF made spaces."""
+    lines = ["NATS/1.0\r\n"]
+    for name, value in headers.items():
+        key = name.strip()
+        if not key:
+            continue
+        if key not in _CHECKED_NAMES:
+            if not _HEADER_KEY_RE.fullmatch(key):
+                raise errors.BadHeaderError(key)
+            if len(_CHECKED_NAMES) < _CHECKED_NAMES_KEPT:
+                _CHECKED_NAMES.add(key)
+        lines.append(f"{key}: {value.strip().translate(_HEADER_VALUE_NEWLINES)}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode()
 
 
 class Client(NatsClient):
@@ -42,6 +70,20 @@ class Client(NatsClient):
         sub = await self.subscribe(subject)  # no callback: nats-py starts no task for it
         self._handlers[sub._id] = handler  # noqa: SLF001 - the sid: nats-py has no public accessor
         return sub
+
+    async def _send_publish(
+        self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, Any] | None
+    ) -> None:
+        if headers is None or not subject:  # nats-py's own (it refuses an empty subject)
+            await super()._send_publish(subject, reply, payload, payload_size, headers)
+            return
+        block = header_block(headers)
+        line = f"HPUB {subject} {reply} {len(block)} {len(block) + len(payload)}\r\n".encode()
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += payload_size
+        await self._send_command(line + block + payload + _CRLF)
+        if self._flush_queue is not None and self._flush_queue.empty():
+            await self._flush_pending()
 
     def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
         self._handlers.pop(sid, None)

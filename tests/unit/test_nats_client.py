@@ -1,8 +1,9 @@
-"""Our client's header parser gives what nats-py's gives, for any header block."""
+"""Our client parses and sends message headers as nats-py does, for any headers."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -60,3 +61,48 @@ def test_a_direct_get_answer_and_a_status_line() -> None:
         "": "empty",
         "Name": "value",
     }
+
+
+async def _sent(send: Any, headers: dict[str, Any] | None, subject: str = "s.x", reply: str = "_INBOX.r.1") -> object:
+    """What a publish puts on the wire (or the error it raises), through `send`."""
+    client = Client()
+    wire: list[bytes] = []
+
+    async def capture(cmd: bytes, priority: bool = False) -> None:
+        wire.append(cmd)
+
+    client._send_command = capture  # type: ignore[method-assign]
+    try:
+        await send(client, subject, reply, b'{"a":1}', 7, headers)
+    except Exception as exc:  # noqa: BLE001 - the error is the result compared
+        return type(exc)
+    return wire, client.stats["out_msgs"], client.stats["out_bytes"]
+
+
+_NAMES = st.one_of(
+    st.sampled_from(["Nats-Msg-Id", "traceparent", " Sandbox-Event ", "", " ", "Bad Name", "a:b", "é"]),
+    st.text(max_size=6),
+)
+_VALUES = st.one_of(st.sampled_from(["1", " v ", "a\r\nPUB x 1", "é", ""]), st.text(max_size=8))
+
+
+@settings(max_examples=1000)
+@given(st.dictionaries(_NAMES, _VALUES, max_size=5))
+def test_a_publish_with_headers_sends_the_bytes_nats_py_sends(headers: dict[str, str]) -> None:
+    async def both() -> tuple[object, object]:
+        return await _sent(Client._send_publish, headers), await _sent(NatsClient._send_publish, headers)
+
+    ours, theirs = asyncio.run(both())
+    assert ours == theirs
+
+
+def test_a_publish_without_headers_or_subject_is_nats_py_s_own() -> None:
+    async def both(headers: dict[str, str] | None, subject: str) -> tuple[object, object]:
+        return (
+            await _sent(Client._send_publish, headers, subject),
+            await _sent(NatsClient._send_publish, headers, subject),
+        )
+
+    for headers, subject in ((None, "s.x"), ({"a": "b"}, "")):
+        ours, theirs = asyncio.run(both(headers, subject))
+        assert ours == theirs
