@@ -7,7 +7,9 @@ refuse a name with whitespace in it, ~23 µs for a direct get's headers, about a
 runtime's CPU under load. `Client._parse_header_lines` here gives the same dictionary for
 every input (tests/unit/test_nats_client.py compares the two on generated input) in a
 fraction of the time: `key.split() != [key]` is "some character of `key` is whitespace"
-(`str.split` splits on exactly the characters `str.isspace` names).
+(`str.split` splits on exactly the characters `str.isspace` names); a block that is all
+ASCII (nearly every one) is decoded once rather than twice per line, and a name seen before
+is not checked again: ~3.3 µs for a direct get's headers.
 
 A publish with headers builds its header block as one string (nats-py extends a bytearray
 piece by piece and checks each name against a regex every time; here a name is checked once
@@ -34,6 +36,11 @@ from nats.aio.subscription import Subscription
 log = logging.getLogger(__name__)
 
 _CRLF = b"\r\n"
+# Header names as they came, and as a key (a process sees a handful of names).
+_NAMES_SEEN: dict[str, str] = {}
+_NAMES_SEEN_KEPT = 1024
+# What bytes.strip() strips (str.strip() also strips \x1c-\x1f, which it must not here).
+_BYTES_WHITESPACE = " \t\n\r\x0b\x0c"
 
 # Takes a message in the read loop: quick, never awaiting (what it raises is logged).
 Handler = Callable[[Msg], None]
@@ -104,6 +111,27 @@ class Client(NatsClient):
 
     @staticmethod
     def _parse_header_lines(raw: bytes) -> dict[str, str]:
+        try:
+            text = raw.decode("ascii")  # nearly always: then one decode, not two per line
+        except UnicodeDecodeError:
+            return Client._parse_byte_lines(raw)
+        out: dict[str, str] = {}
+        for line in text.split("\r\n"):
+            name, sep, value = line.partition(":")
+            if not sep:
+                continue
+            key = _NAMES_SEEN.get(name)
+            if key is None:
+                key = name.strip(_BYTES_WHITESPACE)
+                if key and key.split() != [key]:
+                    continue
+                if len(_NAMES_SEEN) < _NAMES_SEEN_KEPT:
+                    _NAMES_SEEN[name] = key
+            out[key] = value.strip(_BYTES_WHITESPACE)
+        return out
+
+    @staticmethod
+    def _parse_byte_lines(raw: bytes) -> dict[str, str]:
         out: dict[str, str] = {}
         for line in raw.split(_CRLF):
             name, sep, value = line.partition(b":")
