@@ -197,8 +197,9 @@ async def cluster_section(report: Report, root: Path) -> None:
             streams = StreamSettings(replicas=3)
             await ensure_topology(js, streams)
             await ensure_bucket(js, STATUS, streams)
-            rates = {n: await control_plane(report, cluster.url, root, n, count) for n in RUNTIMES}
-            raw_async, raw_sequential = await raw_publish(cluster.url, 20000, replicas=3)
+            rates = {n: (await control_plane(report, cluster.url, root, n, count)).per_s for n in RUNTIMES}
+            raw = await raw_publish(cluster.url, 20000, replicas=3)
+            raw_async, raw_sequential = raw.async_per_s, raw.sequential_per_s
             report.figures["cluster"] = {
                 "servers": len(cluster.servers),
                 "replicas": 3,

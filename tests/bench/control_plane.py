@@ -1,8 +1,11 @@
 """BENCH ONLY: the control plane on one nats-server (the bench-only BenchNullDriver: no
 Docker), as a section of `just bench` or alone: `uv run python -m tests.bench.control_plane`.
 
-- Throughput: creates+stops per second through 1 and 2 runtime processes, beside the raw
-  JetStream publish_async rate on the same server.
+- Throughput: creates+stops per second through 1 and 2 runtime processes, each beside the
+  mean of the raw JetStream publish_async rates on the same server measured right before and
+  right after it (this machine's speed drifts from minute to minute), and the CPU one command
+  costs the runtime and the nats-server beside what one raw publish costs the publishing
+  client and the server.
 - Projector lag: a burst of BENCH_LAG_SESSIONS creates (default 10,000) published at once
   to one runtime. The registry (`sandbox_sessions`, read through a watch of the bucket's
   subjects) is sampled beside the outcomes (an ordered consumer on the event stream) every
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import statistics
 import tempfile
 import time
 import uuid
@@ -179,33 +183,69 @@ async def projector_lag(report: Report, nats_url: str, root: Path, sessions: int
     return figures
 
 
-async def control_plane_section(report: Report, nats_url: str, root: Path) -> None:
-    """Throughput with 1 and 2 runtimes beside raw publish_async, then the projector lag."""
+async def control_plane_section(report: Report, nats_url: str, root: Path, server_pid: int | None = None) -> None:
+    """Throughput with 1 and 2 runtimes, each beside the mean of the raw publish_async rates
+    measured right before and right after it (the machine's speed drifts between minutes),
+    and what a command costs in CPU beside what a raw publish does; then the projector lag."""
     count = _int("BENCH_CP", 2000)
-    one = await control_plane(report, nats_url, root, 1, count)
-    two = await control_plane(report, nats_url, root, 2, count)
-    raw_async, raw_sequential = await raw_publish(nats_url, 20000)
+    raws = [await raw_publish(nats_url, 20000, server_pid=server_pid)]
+    one = await control_plane(report, nats_url, root, 1, count, server_pid)
+    raws.append(await raw_publish(nats_url, 20000, server_pid=server_pid))
+    two = await control_plane(report, nats_url, root, 2, count, server_pid)
+    raws.append(await raw_publish(nats_url, 20000, server_pid=server_pid))
+    floor_one = (raws[0].async_per_s + raws[1].async_per_s) / 2
+    floor_two = (raws[1].async_per_s + raws[2].async_per_s) / 2
+    raw_client_ms = statistics.median(r.client_cpu_ms for r in raws)
+    server_ms = [r.server_cpu_ms for r in raws if r.server_cpu_ms is not None]
+    raw_server_ms = statistics.median(server_ms) if server_ms else None
     report.figures["control_plane"] = {
         "commands": 2 * count,
-        "one_runtime_per_s": one,
-        "two_runtimes_per_s": two,
-        "raw_publish_async_per_s": raw_async,
-        "raw_publish_sequential_per_s": raw_sequential,
+        "one_runtime_per_s": one.per_s,
+        "two_runtimes_per_s": two.per_s,
+        "raw_publish_async_per_s": [r.async_per_s for r in raws],
+        "raw_publish_sequential_per_s": [r.sequential_per_s for r in raws],
+        "floor_one_per_s": floor_one,
+        "floor_two_per_s": floor_two,
+        "cpu_ms_per_command": {
+            "one_runtime": {"runtime": one.runtime_cpu_ms, "nats_server": one.server_cpu_ms},
+            "two_runtimes": {"runtimes": two.runtime_cpu_ms, "nats_server": two.server_cpu_ms},
+        },
+        "raw_publish_cpu_ms_per_message": {"client": raw_client_ms, "nats_server": raw_server_ms},
     }
     report.row(
         "control plane creates+stops/s, 1 runtime (no Docker)",
-        f"{one:,.0f}",
-        f"{raw_async:,.0f}",
-        f"{one / raw_async:.3f}",
+        f"{one.per_s:,.0f}",
+        f"{floor_one:,.0f}",
+        f"{one.per_s / floor_one:.3f}",
         ">= 0.08x",
     )
     report.row(
         "control plane creates+stops/s, 2 runtimes (no Docker)",
-        f"{two:,.0f}",
-        f"{raw_async:,.0f}",
-        f"{two / raw_async:.3f}",
+        f"{two.per_s:,.0f}",
+        f"{floor_two:,.0f}",
+        f"{two.per_s / floor_two:.3f}",
     )
-    report.row("  floor: JetStream publish+ack, sequential", "", f"{raw_sequential:,.0f}/s")
+    report.row(
+        "  floor: raw publish_async before / between / after", "", " / ".join(f"{r.async_per_s:,.0f}" for r in raws)
+    )
+    report.row(
+        "  floor: JetStream publish+ack, sequential",
+        "",
+        f"{statistics.median(r.sequential_per_s for r in raws):,.0f}/s",
+    )
+    report.row(
+        "  CPU per command, 1 runtime: the runtime vs a raw publish's client",
+        f"{one.runtime_cpu_ms:.3f} ms",
+        f"{raw_client_ms:.3f} ms",
+        f"{one.runtime_cpu_ms / raw_client_ms:.1f}",
+    )
+    if one.server_cpu_ms is not None and raw_server_ms:
+        report.row(
+            "  CPU per command, 1 runtime: nats-server vs a raw publish",
+            f"{one.server_cpu_ms:.3f} ms",
+            f"{raw_server_ms:.3f} ms",
+            f"{one.server_cpu_ms / raw_server_ms:.1f}",
+        )
     report.figures["projector_lag"] = await projector_lag(report, nats_url, root, _int("BENCH_LAG_SESSIONS", 10000))
 
 
@@ -216,7 +256,7 @@ async def main() -> None:
         nc = await nats.connect(server.url)
         await ensure_topology(nc.jetstream(), StreamSettings())
         await nc.close()
-        await control_plane_section(report, server.url, root)
+        await control_plane_section(report, server.url, root, server.process.pid if server.process else None)
     out = Path(os.environ.get("BENCH_OUT", "bench-results")) / f"control-plane-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(msgspec.to_builtins(report.figures), indent=2) + "\n")

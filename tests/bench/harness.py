@@ -344,7 +344,30 @@ async def expiry(report: Report, nc: Client, outcomes: Outcomes, n: int) -> None
     report.row("expiry lateness: worst", f"{s['max']:.1f} ms")
 
 
-async def control_plane(report: Report, nats_url: str, root: Path, runtimes: int, count: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds process `pid` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Creates+stops per second, and the CPU each command cost the runtimes (all of them)
+    and the nats-server (None when not measured, e.g. a cluster)."""
+
+    per_s: float
+    runtime_cpu_ms: float
+    server_cpu_ms: float | None
+
+
+async def control_plane(
+    report: Report,
+    nats_url: str,
+    root: Path,
+    runtimes: int,
+    count: int,
+    server_pid: int | None = None,
+) -> Throughput:
     env = sandboxd_env(
         nats_url,
         root,
@@ -364,6 +387,8 @@ async def control_plane(report: Report, nats_url: str, root: Path, runtimes: int
         await runtimes_alive(nc, f"bench-null-{runtimes}", runtimes)
         await asyncio.sleep(0.5)  # their consumers attach right after the first heartbeat
         chats = [str(uuid.uuid4()) for _ in range(count)]
+        runtime_cpu = sum(cpu_seconds(p.pid) for p in procs)
+        server_cpu = cpu_seconds(server_pid) if server_pid is not None else 0.0
         started = time.perf_counter()
         for kind in ("create", "stop"):
             for i, chat in enumerate(chats):
@@ -374,12 +399,18 @@ async def control_plane(report: Report, nats_url: str, root: Path, runtimes: int
                     await js.publish_async_completed()
             await js.publish_async_completed()
             await outcomes.wait_count(count if kind == "create" else 2 * count)
-        rate = 2 * count / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        runtime_cpu = sum(cpu_seconds(p.pid) for p in procs) - runtime_cpu
+        server_cpu = cpu_seconds(server_pid) - server_cpu if server_pid is not None else 0.0
     finally:
         await nc.close()
-        for proc in procs:
-            stop(proc)
-    return rate
+        stop(*procs)
+    commands = 2 * count
+    return Throughput(
+        per_s=commands / elapsed,
+        runtime_cpu_ms=runtime_cpu * 1000 / commands,
+        server_cpu_ms=server_cpu * 1000 / commands if server_pid is not None else None,
+    )
 
 
 async def runtimes_alive(nc: Client, node_id: str, count: int, timeout: float = 120.0) -> None:
@@ -403,13 +434,27 @@ async def runtimes_alive(nc: Client, node_id: str, count: int, timeout: float = 
         await asyncio.sleep(0.1)
 
 
-async def raw_publish(nats_url: str, count: int, replicas: int = 1) -> tuple[float, float]:
+@dataclass(frozen=True)
+class RawPublish:
+    """JetStream publish+ack rates, and the CPU each message cost this (the publishing)
+    process and the nats-server (None when not measured)."""
+
+    async_per_s: float
+    sequential_per_s: float
+    client_cpu_ms: float
+    server_cpu_ms: float | None
+
+
+async def raw_publish(nats_url: str, count: int, replicas: int = 1, server_pid: int | None = None) -> RawPublish:
     """JetStream publish+ack rates (publish_async in windows of 500, then sequential) into a
-    stream of `replicas` replicas: the floor of the control plane on that server or cluster."""
+    stream of `replicas` replicas: the floor of the control plane on that server or cluster.
+    The CPU figures are those of the publish_async part."""
     nc = await nats.connect(servers=nats_url.split(","))
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name="BENCH_RAW", subjects=["bench.raw.>"], num_replicas=replicas))
     payload = b"x" * 600
+    client_cpu = time.process_time()
+    server_cpu = cpu_seconds(server_pid) if server_pid is not None else 0.0
     started = time.perf_counter()
     for i in range(count):
         _ = await js.publish_async(f"bench.raw.{i % 1000}", payload)
@@ -417,13 +462,20 @@ async def raw_publish(nats_url: str, count: int, replicas: int = 1) -> tuple[flo
             await js.publish_async_completed()
     await js.publish_async_completed()
     async_rate = count / (time.perf_counter() - started)
+    client_cpu = time.process_time() - client_cpu
+    server_cpu = cpu_seconds(server_pid) - server_cpu if server_pid is not None else 0.0
     started = time.perf_counter()
     for i in range(2000):
         await js.publish(f"bench.raw.{i % 1000}", payload)
     sequential_rate = 2000 / (time.perf_counter() - started)
     await js.delete_stream("BENCH_RAW")
     await nc.close()
-    return async_rate, sequential_rate
+    return RawPublish(
+        async_per_s=async_rate,
+        sequential_per_s=sequential_rate,
+        client_cpu_ms=client_cpu * 1000 / count,
+        server_cpu_ms=server_cpu * 1000 / count if server_pid is not None else None,
+    )
 
 
 async def memory(report: Report, nats_url: str, root: Path, sessions: int) -> None:
@@ -590,7 +642,7 @@ async def main() -> None:
                 container.remove(force=True)
         from tests.bench.control_plane import control_plane_section  # noqa: PLC0415 - it imports this module
 
-        await control_plane_section(report, server.url, root)
+        await control_plane_section(report, server.url, root, server.process.pid if server.process else None)
         from tests.bench.cluster import cluster_section  # noqa: PLC0415 - it imports this module
 
         await cluster_section(report, root / "cluster")
