@@ -142,5 +142,7 @@ async def test_the_dashboard_is_behind_the_token(settings: Settings, runtime: Ru
         state = await anonymous.get("/ui/state")  # the cookie jar sends it now
         assert state.status_code == 200, state.text
         assert state.json()["total"] == 0
-        header = await anonymous.get("/ui/state", headers={"X-API-Token": TEST_TOKEN}, cookies={})
+        anonymous.cookies.clear()  # the header alone, no cookie
+        assert (await anonymous.get("/ui/state")).status_code == 401
+        header = await anonymous.get("/ui/state", headers={"X-API-Token": TEST_TOKEN})
         assert header.status_code == 200
