@@ -1,8 +1,13 @@
-"""Spans nobody records or carries on are not started; a trace that arrives is carried on."""
+"""Spans nobody records or carries on are not started; a trace that arrives is carried on.
+Counters and gauges read as the SDK's own instruments would."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from opentelemetry import baggage, propagate, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -77,3 +82,51 @@ def test_extract_gives_what_the_propagators_give() -> None:
         ours, theirs = extract(headers), propagate.extract(dict(headers or {}))
         assert trace.get_current_span(ours).get_span_context() == trace.get_current_span(theirs).get_span_context()
         assert baggage.get_all(ours) == baggage.get_all(theirs), headers
+
+
+def _points(reader: InMemoryMetricReader) -> dict[str, dict[frozenset[tuple[str, object]], float]]:
+    """name -> {attributes: value} of every counter and gauge the reader collects."""
+    found: dict[str, dict[frozenset[tuple[str, object]], float]] = {}
+    data = reader.get_metrics_data()
+    assert data is not None
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                points = found.setdefault(metric.name, {})
+                for point in metric.data.data_points:
+                    value = getattr(point, "value", None)
+                    if value is not None:
+                        points[frozenset(dict(point.attributes or {}).items())] = value
+    return found
+
+
+def test_counters_and_gauges_read_as_the_sdks_own_instruments_would() -> None:
+    ours_reader, sdk_reader = InMemoryMetricReader(), InMemoryMetricReader()
+    ours = setup_telemetry("t", metric_readers=[ours_reader], prometheus=False).metrics
+    meter = MeterProvider(metric_readers=[sdk_reader]).get_meter("sandboxd")
+    counters: dict[str, Any] = {}
+    gauges: dict[str, Any] = {}
+    calls: list[tuple[str, str, dict[str, Any], float]] = [
+        ("increment", "sandbox.create.total", {"result": "created", "node": "a"}, 1),
+        ("increment", "sandbox.create.total", {"node": "a", "result": "created"}, 1),  # the same series
+        ("increment", "sandbox.create.total", {"result": "reused"}, 3),
+        ("increment", "sandbox.cleanup.total", {}, 1),
+        ("set", "sandbox.active.count", {}, 3),
+        ("set", "sandbox.active.count", {}, 5),
+        ("set", "sandbox.lag", {"consumer": "a"}, 7),
+        ("set", "sandbox.lag", {"consumer": "b"}, 0),
+    ]
+    for rounds in range(2):  # counters keep adding up across collections; gauges keep their last value
+        for kind, name, attrs, value in calls:
+            if kind == "increment":
+                ours.increment(name, attrs, int(value))
+                if name not in counters:
+                    counters[name] = meter.create_counter(name)
+                counters[name].add(value, attrs)
+            else:
+                ours.set(name, value + rounds, attrs)
+                if name not in gauges:
+                    gauges[name] = meter.create_gauge(name)
+                gauges[name].set(value + rounds, attrs)
+        assert _points(ours_reader) == _points(sdk_reader)
+    assert _points(ours_reader)["sandbox.create.total"][frozenset({"result": "created", "node": "a"}.items())] == 4
