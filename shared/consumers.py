@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, Header
 
 from shared.event_store import with_nats_retry
-from shared.nats_client import Client as HandlerClient
+from shared.nats_client import subscribe_taking
 
 _HEARTBEAT = "100"
 # The client waits this much longer than a pull's own expiry, so that the server, not the
@@ -78,13 +78,7 @@ async def _pull(
         elif status != _HEARTBEAT and not ended.done():
             ended.set_result(None)
 
-    async def on_msg(msg: Msg) -> None:
-        take(msg)
-
-    if isinstance(nc, HandlerClient):  # the messages are taken in the read loop (nats_client.py)
-        sub = await nc.subscribe_handler(nc.new_inbox(), take)
-    else:
-        sub = await nc.subscribe(nc.new_inbox(), cb=on_msg)
+    sub = await subscribe_taking(nc, nc.new_inbox(), take)
     try:
         await nc.publish(subject, json.dumps(request).encode(), reply=sub.subject)
         # On a timeout what came is returned; the rest is redelivered after the ack_wait.

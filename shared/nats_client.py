@@ -67,6 +67,18 @@ def header_block(headers: dict[str, Any]) -> bytes:
     return "".join(lines).encode()
 
 
+async def subscribe_taking(nc: NatsClient, subject: str, handler: Handler) -> Subscription:
+    """Subscribe with `handler` taking each message: in the read loop on our client, through
+    nats-py's callback (its queue and task) on any other."""
+    if isinstance(nc, Client):
+        return await nc.subscribe_handler(subject, handler)
+
+    async def callback(msg: Msg) -> None:
+        handler(msg)
+
+    return await nc.subscribe(subject, cb=callback, pending_msgs_limit=-1)
+
+
 class Client(NatsClient):
     def __init__(self) -> None:
         super().__init__()

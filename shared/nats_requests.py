@@ -33,7 +33,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import Header
 from nats.js.errors import APIError, NoStreamResponseError
 
-from shared.nats_client import Client as HandlerClient
+from shared.nats_client import subscribe_taking
 
 _NO_RESPONDERS = "503"
 T = TypeVar("T")
@@ -81,10 +81,7 @@ class Requests:
         if self._subscribed is None:
             self._subscribed = asyncio.get_running_loop().create_future()
             try:
-                if isinstance(self._nc, HandlerClient):  # answers taken in the read loop
-                    await self._nc.subscribe_handler(f"{self._prefix}*", self._take)
-                else:
-                    await self._nc.subscribe(f"{self._prefix}*", cb=self._on_msg, pending_msgs_limit=-1)
+                await subscribe_taking(self._nc, f"{self._prefix}*", self._take)
             except BaseException as exc:
                 self._subscribed.set_exception(exc)
                 self._subscribed.exception()  # retrieved: the next request subscribes again
@@ -109,9 +106,6 @@ class Requests:
                 failed += 1
         self._lost = []
         return failed
-
-    async def _on_msg(self, msg: Msg) -> None:
-        self._take(msg)
 
     def _take(self, msg: Msg) -> None:
         token = msg.subject[len(self._prefix) :]
