@@ -166,7 +166,7 @@ IdempotencyKey = Annotated[
 
 
 async def _answer(
-    command: AnyCommand,
+    make_command: Callable[[], AnyCommand],
     respond: Callable[[AnyEvent], Answer],
     *,
     key: str | None,
@@ -176,18 +176,20 @@ async def _answer(
     shortcut: Callable[[], Awaitable[Answer | None]] | None = None,
 ) -> Response[Any]:
     """Send the command and answer from its outcome, through its idempotency key if any.
-    `shortcut` may answer without the command (see services/api/reuse.py)."""
+    `shortcut` may answer without the command (see services/api/reuse.py); the command (its
+    id, its time) is made only when it is sent or its key is claimed."""
     gateway = services.gateway
     if key is None:
         gateway.require_connection()
         shortcut_answer = await shortcut() if shortcut is not None else None
         if shortcut_answer is not None:
             return shortcut_answer.response()
-        return respond(await gateway.send(command)).response()
+        return respond(await gateway.send(make_command())).response()
     try:
         checked = check_key(key)
     except InvalidIdempotencyKey as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from None
+    command = make_command()
     keyed = KeyedRequest(key=checked, request=request, chat_id=command.chat_key, fields=fields)
     gateway.require_connection()  # before the key is claimed
     return await services.idempotent.answer(keyed, command, respond, shortcut)
@@ -299,13 +301,16 @@ async def create_sandbox(  # keyword-only: Litestar passes everything by name
     chat's last event, without a command (see the README: activity of an idle timeout)."""
     services = services_of(state)
     chat = uuid.UUID(_chat(data.chat_id))
-    command = CreateSandbox(
-        chat_id=chat,
-        ttl_seconds=data.ttl_seconds,
-        idle_ttl_seconds=data.idle_ttl_seconds,
-        labels=data.labels,
-        **_stamp(services.clock),
-    )
+
+    def command() -> CreateSandbox:
+        return CreateSandbox(
+            chat_id=chat,
+            ttl_seconds=data.ttl_seconds,
+            idle_ttl_seconds=data.idle_ttl_seconds,
+            labels=data.labels,
+            **_stamp(services.clock),
+        )
+
     fields: dict[str, object] = {"ttl_seconds": data.ttl_seconds, "labels": data.labels}
     if data.idle_ttl_seconds is not None:  # keys made before idle timeouts existed still match
         fields["idle_ttl_seconds"] = data.idle_ttl_seconds
@@ -336,9 +341,8 @@ async def create_seed(  # keyword-only: Litestar passes everything by name
     """The seed service's create endpoint: same semantics, the seed's response fields."""
     services = services_of(state)
     chat = uuid.UUID(_chat(data.chat_id))
-    command = CreateSandbox(chat_id=chat, **_stamp(services.clock))
     return await _answer(
-        command,
+        lambda: CreateSandbox(chat_id=chat, **_stamp(services.clock)),
         lambda outcome: _create_answer(outcome, seed=True),
         key=idempotency_key,
         request=f"POST {API_PREFIX}/create",
@@ -434,7 +438,7 @@ async def stop_sandbox(
     chat = _path_chat(chat_id)
     services = services_of(state)
     return await _answer(
-        StopSandbox(chat_id=chat, reason=StopReason.API, **_stamp(services.clock)),
+        lambda: StopSandbox(chat_id=chat, reason=StopReason.API, **_stamp(services.clock)),
         _stop_answer,
         key=idempotency_key,
         request=f"DELETE {API_PREFIX}/sandboxes/{{chat_id}}",
@@ -468,11 +472,10 @@ async def keepalive_sandbox(  # keyword-only: Litestar passes everything by name
     services = services_of(state)
     body = data or KeepaliveRequest()
     session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id is not None else None
-    command = KeepaliveSandbox(
-        chat_id=chat, ttl_seconds=body.ttl_seconds, session_id=session_id, **_stamp(services.clock)
-    )
     return await _answer(
-        command,
+        lambda: KeepaliveSandbox(
+            chat_id=chat, ttl_seconds=body.ttl_seconds, session_id=session_id, **_stamp(services.clock)
+        ),
         _keepalive_answer,
         key=idempotency_key,
         request=f"POST {API_PREFIX}/sandboxes/{{chat_id}}/keepalive",
@@ -508,7 +511,7 @@ async def pause_sandbox(  # keyword-only: Litestar passes everything by name
     body = data or PauseRequest()
     session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id is not None else None
     return await _answer(
-        PauseSandbox(chat_id=chat, session_id=session_id, reason=PauseReason.API, **_stamp(services.clock)),
+        lambda: PauseSandbox(chat_id=chat, session_id=session_id, reason=PauseReason.API, **_stamp(services.clock)),
         lambda outcome: _changed_answer(outcome, SandboxPaused),
         key=idempotency_key,
         request=f"POST {API_PREFIX}/sandboxes/{{chat_id}}/pause",
@@ -537,7 +540,7 @@ async def resume_sandbox(  # keyword-only: Litestar passes everything by name
     body = data or ResumeRequest()
     session_id = uuid.UUID(_uuid(body.session_id, "session_id")) if body.session_id is not None else None
     return await _answer(
-        ResumeSandbox(chat_id=chat, session_id=session_id, **_stamp(services.clock)),
+        lambda: ResumeSandbox(chat_id=chat, session_id=session_id, **_stamp(services.clock)),
         lambda outcome: _changed_answer(outcome, SandboxResumed),
         key=idempotency_key,
         request=f"POST {API_PREFIX}/sandboxes/{{chat_id}}/resume",
