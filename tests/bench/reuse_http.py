@@ -1,7 +1,8 @@
 """Reuse over HTTP, measured with wrk: `uv run python -m tests.bench.reuse_http [BEFORE_TREE]`.
 
 A real nats-server, one runtime and the API as OS processes; 32 chats created first. Then, with
-Debian's `wrk` (a Python client saturates first), for BENCH_REUSE_SECONDS (default 5) each:
+Debian's `wrk` (a Python client saturates first), for BENCH_REUSE_SECONDS (default 6) each, in
+three windows interleaved with the figures beside it (`interleaved`: the median window):
 `POST /api/v1/sandboxes` on a running chat at concurrency 1 (one chat) and 32 (over the 32
 chats), beside `GET /api/v1/health` at the same concurrency. Prints p50 and requests/s, and
 the ratios to /health.
@@ -19,6 +20,7 @@ import asyncio
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,7 +49,8 @@ from tests.support.processes import (
 TOKEN = "bench-reuse-token"
 NODE = "bench-reuse"
 CHATS = 32
-SECONDS = int(os.environ.get("BENCH_REUSE_SECONDS", "5"))
+SECONDS = int(os.environ.get("BENCH_REUSE_SECONDS", "6"))  # per figure, over ROUNDS windows
+ROUNDS = 3
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 
 LUA = """
@@ -68,11 +71,11 @@ end
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def wrk(url: str, script: Path, connections: int) -> tuple[float, float]:
+def wrk(url: str, script: Path, connections: int, seconds: int = SECONDS) -> tuple[float, float]:
     """(p50 in ms, requests/s) of a wrk run."""
     threads = min(connections, 2)
     out = subprocess.run(
-        [WRK, f"-t{threads}", f"-c{connections}", f"-d{SECONDS}s", "--latency", "-s", str(script), url],
+        [WRK, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
         check=True,
         capture_output=True,
         text=True,
@@ -82,6 +85,20 @@ def wrk(url: str, script: Path, connections: int) -> tuple[float, float]:
     if p50 is None or rate is None or "Non-2xx" in out:
         raise RuntimeError(f"unexpected wrk output:\n{out}")
     return float(p50.group(1)) * _UNITS[p50.group(2)], float(rate.group(1))
+
+
+def interleaved(runs: list[tuple[str, Path]], connections: int) -> list[tuple[float, float]]:
+    """(p50 in ms, requests/s) of each (url, script), measured in ROUNDS alternating windows
+    (a, b, a, b, ...) of SECONDS / ROUNDS each, rounded up: the median window of each. A
+    figure and its floor are then measured over the same stretch of time: this machine's
+    speed drifts between minutes (GET /health ran at 4,450-5,400 requests/s in one quarter
+    of an hour), and two windows one after the other put that drift into their ratio."""
+    seconds = max(1, -(-SECONDS // ROUNDS))
+    windows: list[list[tuple[float, float]]] = [[] for _ in runs]
+    for _ in range(ROUNDS):
+        for i, (url, lua) in enumerate(runs):
+            windows[i].append(wrk(url, lua, connections, seconds))
+    return [(statistics.median(p for p, _ in w), statistics.median(r for _, r in w)) for w in windows]
 
 
 def script(root: Path, kind: str, chats: list[str], token: str = TOKEN) -> Path:
@@ -98,12 +115,11 @@ async def reuse_section(report: Report, base: str, root: Path, token: str, chats
     floor of a reuse that reads the chat's last event."""
     figures: dict[str, dict[str, float]] = {}
     for connections, over in ((1, chats[:1]), (len(chats), chats)):
-        health_p50, health_rate = await asyncio.to_thread(
-            wrk, f"{base}/api/v1/health", script(root, "health", over, token), connections
-        )
-        reuse_p50, reuse_rate = await asyncio.to_thread(
-            wrk, f"{base}/api/v1/sandboxes", script(root, "reuse", over, token), connections
-        )
+        runs = [
+            (f"{base}/api/v1/health", script(root, "health", over, token)),
+            (f"{base}/api/v1/sandboxes", script(root, "reuse", over, token)),
+        ]
+        (health_p50, health_rate), (reuse_p50, reuse_rate) = await asyncio.to_thread(interleaved, runs, connections)
         figures[f"c{connections}"] = {
             "reuse_p50_ms": reuse_p50,
             "reuse_per_s": reuse_rate,
@@ -155,8 +171,8 @@ def floor_rows(report: Report, root: Path, nats_url: str, chat: str) -> dict[str
         _until_answers(f"{base}/noop")
         plain = script(root, "plain", [chat])
         for connections in (1, CHATS):
-            noop_p50, noop_rate = wrk(f"{base}/noop", plain, connections)
-            get_p50, get_rate = wrk(f"{base}/get", plain, connections)
+            runs = [(f"{base}/noop", plain), (f"{base}/get", plain)]
+            (noop_p50, noop_rate), (get_p50, get_rate) = interleaved(runs, connections)
             figures[f"c{connections}"] = {
                 "get_p50_ms": get_p50,
                 "get_per_s": get_rate,
@@ -183,9 +199,12 @@ def floor_rows(report: Report, root: Path, nats_url: str, chat: str) -> dict[str
 
 async def measure(name: str, base: str, root: Path, chats: list[str]) -> None:
     for connections, over in ((1, chats[:1]), (CHATS, chats)):
-        health_p50, health_rate = wrk(f"{base}/api/v1/health", script(root, "health", over), connections)
-        get_p50, get_rate = wrk(f"{base}/api/v1/sandboxes", script(root, "get", over), connections)
-        reuse_p50, reuse_rate = wrk(f"{base}/api/v1/sandboxes", script(root, "reuse", over), connections)
+        runs = [
+            (f"{base}/api/v1/health", script(root, "health", over)),
+            (f"{base}/api/v1/sandboxes", script(root, "get", over)),
+            (f"{base}/api/v1/sandboxes", script(root, "reuse", over)),
+        ]
+        (health_p50, health_rate), (get_p50, get_rate), (reuse_p50, reuse_rate) = interleaved(runs, connections)
         print(
             f"{name} c={connections:<2} chats={len(over):<2} reuse p50 {reuse_p50:6.2f} ms {reuse_rate:6.0f}/s | "
             f"GET chat p50 {get_p50:6.2f} ms {get_rate:6.0f}/s | "
@@ -231,7 +250,7 @@ async def main(before_tree: Path | None) -> None:
                 for chat in chats:
                     created = await http.post("/api/v1/sandboxes", json={"chat_id": chat})
                     created.raise_for_status()
-            print(f"{CHATS} chats running; wrk for {SECONDS}s per figure", flush=True)
+            print(f"{CHATS} chats running; wrk for {SECONDS}s per figure, in {ROUNDS} interleaved windows", flush=True)
             await measure("after ", base, root, chats)
             await asyncio.to_thread(floor_rows, new_report(), root, server.url, chats[0])
             if before_tree is not None:
