@@ -149,9 +149,17 @@ class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     activity_interval_seconds: PositiveSeconds = 5.0
 
 
+# An engine makes only so many containers a second however many it is given at once (see
+# services/runtime/create_gate.py).
+DEFAULT_MAX_CONCURRENT_CREATES = 4
+
+
 class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     node_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] = msgspec.field(default_factory=_hostname)
     max_in_flight: PositiveInt = 32
+    # Container creates this runtime has in the engine at once; more wait their turn, a
+    # session's before a warm pool refill (stops and the rest are not held behind them).
+    max_concurrent_creates: PositiveInt = DEFAULT_MAX_CONCURRENT_CREATES
     # Live sessions this node may hold; 0: the engine's memory divided by sandbox.memory_limit.
     max_sessions: Annotated[int, msgspec.Meta(ge=0)] = 0
     # A command redelivered this often (transient failures, another node's session) ends with

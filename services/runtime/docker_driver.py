@@ -39,7 +39,9 @@ from services.runtime.containers import (
     ContainerSpec,
     Mount,
 )
+from services.runtime.create_gate import CreateGate
 from services.runtime.slots import SlotMounts
+from shared.config import DEFAULT_MAX_CONCURRENT_CREATES
 from shared.errors import DockerUnavailable, SandboxPauseFailed, SandboxStartFailed, SandboxStopFailed
 from shared.telemetry import Telemetry, elapsed_ms
 from shared.telemetry import disabled as telemetry_disabled
@@ -167,8 +169,10 @@ class DockerDriver:
         telemetry: Telemetry | None = None,
         events_client: Callable[[], docker.DockerClient] | None = None,
         slots: SlotMounts | None = None,
+        max_concurrent_creates: int = DEFAULT_MAX_CONCURRENT_CREATES,
     ) -> None:
         self._client = client
+        self._creates = CreateGate(max_concurrent_creates)  # see create_gate.py
         self.slots = slots  # where warm containers get their chat's directory; None: no pool
         # The event stream holds a connection for as long as it runs: one of its own when we
         # know how to make one, else one of the client's pool.
@@ -185,6 +189,7 @@ class DockerDriver:
         max_workers: int = 16,
         telemetry: Telemetry | None = None,
         slots: SlotMounts | None = None,
+        max_concurrent_creates: int = DEFAULT_MAX_CONCURRENT_CREATES,
     ) -> DockerDriver:
         try:
             client = docker.DockerClient.from_env(timeout=int(timeout_seconds), max_pool_size=max_workers)
@@ -196,6 +201,7 @@ class DockerDriver:
             telemetry=telemetry,
             events_client=lambda: docker.DockerClient.from_env(max_pool_size=1),
             slots=slots,
+            max_concurrent_creates=max_concurrent_creates,
         )
 
     async def _instrumented(
@@ -247,9 +253,10 @@ class DockerDriver:
 
     async def ensure_running(self, spec: ContainerSpec) -> str:
         attributes = {"chat.id": spec.labels.get(LABEL_CHAT, ""), "session.id": spec.labels.get(LABEL_SESSION, "")}
-        result: str = await self._instrumented(
-            "create", "adapter.docker.create_sandbox", attributes, self._ensure_running, spec
-        )
+        async with self._creates.turn(refill=spec.labels.get(LABEL_POOL) == "true"):
+            result: str = await self._instrumented(
+                "create", "adapter.docker.create_sandbox", attributes, self._ensure_running, spec
+            )
         return result
 
     def _prepare_mounts(self, spec: ContainerSpec) -> list[DockerMount]:

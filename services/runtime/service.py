@@ -208,7 +208,10 @@ async def _docker(stack: contextlib.AsyncExitStack, settings: Settings, telemetr
             log.warning("warm pool off, every create is cold: %s", why)
     try:
         engine = DockerDriver.from_env(
-            settings.runtime.docker_timeout_seconds, telemetry=telemetry, slots=slots if why is None else None
+            settings.runtime.docker_timeout_seconds,
+            telemetry=telemetry,
+            slots=slots if why is None else None,
+            max_concurrent_creates=settings.runtime.max_concurrent_creates,
         )
         stack.callback(engine.close)
         await engine.ping()

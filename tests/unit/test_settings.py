@@ -46,6 +46,7 @@ def test_a_file_is_read_and_variables_win(tmp_path: Path) -> None:
         ({"SANDBOXD_HTTP_PORT": "eighty"}, ["http.port", "SANDBOXD_HTTP_PORT", "int"]),
         ({"SANDBOXD_HTTP_PORT": "70000"}, ["http.port", "65535"]),
         ({"SANDBOXD_SANDBOX_CPUS": "0"}, ["sandbox.cpus"]),
+        ({"SANDBOXD_RUNTIME_MAX_CONCURRENT_CREATES": "0"}, ["runtime.max_concurrent_creates", ">= 1"]),
         ({"SANDBOXD_HTTP_PROT": "1"}, ["SANDBOXD_HTTP_PROT", "did you mean SANDBOXD_HTTP_PORT"]),
         ({"SANDBOXD_CONFIG": "/nonexistent/sandboxd.toml"}, ["SANDBOXD_CONFIG", "/nonexistent/sandboxd.toml"]),
     ],
