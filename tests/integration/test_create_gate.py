@@ -4,46 +4,30 @@ in the runtime, not in the engine, while a stop goes straight in."""
 from __future__ import annotations
 
 import asyncio
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import docker
-from docker.errors import NotFound
 
 from services.runtime.containers import ContainerIdentity, ContainerSpec, container_spec
 from services.runtime.docker_driver import DockerDriver
 from services.runtime.service import running_runtime
 from shared.config import DEFAULT_MAX_CONCURRENT_CREATES, Settings
-from shared.contracts import SessionRecord, SessionStatus
+from shared.contracts import SessionStatus
 from tests.conftest import settings_for
+from tests.integration.test_container_deaths import gone
 from tests.support.nats_server import NatsServer
 from tests.support.processes import make_sandbox_dirs
+from tests.support.records import session_record
 
 
 def spec_for(settings: Settings) -> ContainerSpec:
-    chat, session_id, node = str(uuid.uuid4()), str(uuid.uuid4()), settings.runtime.node_id
-    now = datetime.now(UTC)
-    record = SessionRecord(
-        session_id=session_id,
-        chat_id=chat,
-        node_id=node,
-        container_id=None,
-        image=settings.sandbox.image,
-        status=SessionStatus.PROVISIONING,
-        created_at=now,
-        expires_at=now + timedelta(hours=1),
-        updated_at=now,
+    """A new session's container spec on the test's node."""
+    node = settings.runtime.node_id
+    record = session_record(
+        now=datetime.now(UTC), status=SessionStatus.PROVISIONING, node_id=node, image=settings.sandbox.image
     )
-    return container_spec(ContainerIdentity(chat, session_id, node), record, settings.sandbox)
-
-
-def exists(client: docker.DockerClient, name: str) -> bool:
-    try:
-        client.containers.get(name)
-    except NotFound:
-        return False
-    return True
+    return container_spec(ContainerIdentity(record.chat_id, record.session_id, node), record, settings.sandbox)
 
 
 async def test_a_create_beyond_the_limit_waits_and_a_stop_does_not(
@@ -58,10 +42,10 @@ async def test_a_create_beyond_the_limit_waits_and_a_stop_does_not(
             create = asyncio.create_task(driver.ensure_running(waiting))
             await asyncio.sleep(1.0)
             assert not create.done()
-            assert not await asyncio.to_thread(exists, docker_client, waiting.name), "it waited outside the engine"
+            assert await asyncio.to_thread(gone, docker_client, waiting.name), "it waited outside the engine"
             # A stop is not held behind the creates.
             await asyncio.wait_for(driver.remove(running.identity, 0), 30)
-            assert not await asyncio.to_thread(exists, docker_client, running.name)
+            assert await asyncio.to_thread(gone, docker_client, running.name)
         container_id = await asyncio.wait_for(create, 60)
         found = await asyncio.to_thread(docker_client.containers.get, container_id)
         assert found.name == waiting.name
